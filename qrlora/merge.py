@@ -1,0 +1,133 @@
+"""Merging adapters into a denoiser: delta form, residual form, and live MoE merges.
+
+Delta form (default; exact for every static method, no residual file):
+    ``W_merged = W + sum_i w_i dW_i``
+Residual form (the published route): ``W_merged = W_res + s * basis + sum_i w_i dW_i``, which for QR-LoRA is
+``W_res + s Q (R + sum_i w_i dR_i)``; valid only when every adapter holds the same frozen basis (checked).
+MoE adapters depend on the token, so they stay live layers, each path scaled by its weight.
+
+``Merger`` snapshots the original weights of every layer it touches, so re-merging with other weights always
+starts from the originals and never accumulates rounding error.
+"""
+from __future__ import annotations
+
+from typing import Mapping, Sequence
+
+import torch
+from torch import nn
+
+from .checkpoint import AdapterFile
+from .errors import UserError
+from .inject import attach_adapter, set_adapter_weights
+
+BASIS_RTOL = 1e-4  # bases computed on different devices differ by rounding only
+
+
+def check_compatible(adapters: Sequence[AdapterFile]) -> None:
+    """Refuse adapters trained on different base models or components, naming the files."""
+    first = adapters[0]
+    for other in adapters[1:]:
+        if other.component != first.component:
+            raise UserError(f"{other.path} adapts the {other.component}, {first.path} the {first.component}")
+        if first.base_model and other.base_model and first.base_model != other.base_model:
+            raise UserError(
+                f"{other.path} was trained on {other.base_model}, {first.path} on {first.base_model}: different base models"
+            )
+        if first.backbone and other.backbone and first.backbone != other.backbone:
+            raise UserError(f"{other.path} is a {other.backbone} adapter, {first.path} a {first.backbone} adapter")
+
+
+def check_shared_basis(adapters: Sequence[AdapterFile]) -> None:
+    """Residual form needs one basis for all: raise naming the first layer whose frozen basis differs."""
+    first = adapters[0]
+    for other in adapters[1:]:
+        if first.method.basis != other.method.basis:
+            raise UserError(
+                f"{other.path} ({other.config.method}) and {first.path} ({first.config.method}) store different bases; "
+                "residual form needs shared Q and R, use the delta form (omit --residual_path)"
+            )
+        for p, named in first.layers.items():
+            if p not in other.layers:
+                continue
+            for name in first.method.basis:
+                a, b = named[name], other.layers[p][name]
+                if a.shape != b.shape or not torch.allclose(a, b, rtol=BASIS_RTOL, atol=BASIS_RTOL * float(a.abs().max())):
+                    raise UserError(
+                        f"layer {p}: {name} differs between {first.path} and {other.path}; residual form needs shared "
+                        "Q and R (same base model, rank, method and seed): use the delta form (omit --residual_path)"
+                    )
+
+
+class Merger:
+    """Folds static adapters into a denoiser's weights and keeps MoE adapters live, re-mergeable at any weights.
+
+    Args:
+        model: the denoiser (``pipe.transformer`` or ``pipe.unet``).
+        adapters: adapter files; static ones are folded, MoE ones attached as live adapters.
+        residual: optional ``{P: W_res}``; when given, static layers merge in residual form.
+    """
+
+    def __init__(self, model: nn.Module, adapters: Sequence[AdapterFile], residual: Mapping[str, torch.Tensor] | None = None):
+        if not adapters:
+            raise UserError("no adapters to merge")
+        check_compatible(adapters)
+        self.model = model
+        self.adapters = list(adapters)
+        self.static = [i for i, a in enumerate(adapters) if a.method.static]
+        self.live = [i for i, a in enumerate(adapters) if not a.method.static]
+        self.residual = residual
+        if residual is not None:
+            if self.live:
+                raise UserError(f"{adapters[self.live[0]].path}: MoE adapters merge live; residual form is for static adapters")
+            check_shared_basis([adapters[i] for i in self.static])
+        self._deltas = {i: adapters[i].delta_weights() for i in self.static}
+        self._originals: dict[str, torch.Tensor] = {}
+        for i in self.static:
+            for p, dW in self._deltas[i].items():
+                layer = self._linear(p, adapters[i].path)
+                if tuple(layer.weight.shape) != tuple(dW.shape):
+                    raise UserError(
+                        f"{adapters[i].path}: layer {p} changes a {tuple(dW.shape)} weight, the model has "
+                        f"{tuple(layer.weight.shape)} (different base model or rank?)"
+                    )
+                if residual is not None and p not in residual:
+                    raise UserError(f"residual file has no layer {p} (computed for another model, rank or method?)")
+                self._originals.setdefault(p, layer.weight.detach().to("cpu", copy=True))
+        for i in self.live:
+            a = adapters[i]
+            attach_adapter(model, a.config, a.layers, adapter_name=f"merge_{i}", weight=0.0, source=a.path)
+
+    def _linear(self, path: str, source: str) -> nn.Module:
+        try:
+            module = self.model.get_submodule(path)
+        except AttributeError:
+            raise UserError(f"{source}: layer {path} does not exist in this model (different base model?)") from None
+        return getattr(module, "base_layer", module)
+
+    @torch.no_grad()
+    def merge(self, weights: Sequence[float]) -> nn.Module:
+        """Set the model to ``W + sum_i w_i dW_i`` (one weight per adapter, in the order given)."""
+        if len(weights) != len(self.adapters):
+            raise UserError(f"{len(weights)} weights for {len(self.adapters)} adapters")
+        for p, original in self._originals.items():
+            layer = self._linear(p, "")
+            if self.residual is not None:
+                first = self.adapters[self.static[0]]
+                named = next(self.adapters[i].layers[p] for i in self.static if p in self.adapters[i].layers)
+                merged = self.residual[p].float() + first.config.scale * first.method.basis_product(named)
+            else:
+                merged = original.float()
+            for i in self.static:
+                if p in self._deltas[i] and weights[i] != 0:
+                    merged = merged + weights[i] * self._deltas[i][p]
+            layer.weight.copy_(merged.to(layer.weight.dtype))
+        set_adapter_weights(self.model, {f"merge_{i}": weights[i] for i in self.live})
+        return self.model
+
+    @torch.no_grad()
+    def restore(self) -> nn.Module:
+        """Put the original weights back and silence live adapters."""
+        for p, original in self._originals.items():
+            self._linear(p, "").weight.copy_(original)
+        set_adapter_weights(self.model, {f"merge_{i}": 0.0 for i in self.live})
+        return self.model
