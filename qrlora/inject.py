@@ -165,7 +165,6 @@ def attach_adapter(
                     f"(different base model or rank?)"
                 )
         checked.append(path)
-    model.requires_grad_(False)
     for path in checked:
         layer = _wrap(model, path)
         device = layer.base_layer.weight.device

@@ -31,7 +31,7 @@ class AdapterState(nn.Module):
         self._masks: dict[str, torch.Tensor] = {}
         for name in self.method.trainable:
             mask = self.method.grad_mask(name, self.tensors())
-            if mask is not None:
+            if mask is not None and trainable:
                 # Masking the gradient (not the forward) keeps the constraint free on the hot path and keeps
                 # masked entries out of gradient clipping and optimizer moments; apply_constraints_ is the guard.
                 self._masks[name] = mask
