@@ -1,0 +1,71 @@
+"""FLUX.1 (double- and single-stream MMDiT): packed 2x2 latents, image/text position ids, guidance embedding."""
+from __future__ import annotations
+
+import torch
+
+from .base import FlowMatchingBackbone
+
+
+def pack_latents(latents: torch.Tensor) -> torch.Tensor:
+    """(B, C, h, w) -> (B, h/2 * w/2, 4C): FLUX's 2x2 patch tokens."""
+    b, c, h, w = latents.shape
+    return latents.view(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5).reshape(b, (h // 2) * (w // 2), c * 4)
+
+
+def unpack_latents(tokens: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """Inverse of ``pack_latents``: (B, h/2 * w/2, 4C) -> (B, C, h, w)."""
+    b, _, d = tokens.shape
+    c = d // 4
+    return tokens.view(b, h // 2, w // 2, c, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(b, c, h, w)
+
+
+def image_ids(h: int, w: int, device, dtype) -> torch.Tensor:
+    """Position ids (h/2 * w/2, 3) of the packed image tokens: (0, row, column)."""
+    ids = torch.zeros(h // 2, w // 2, 3, device=device, dtype=dtype)
+    ids[..., 1] = torch.arange(h // 2, device=device, dtype=dtype)[:, None]
+    ids[..., 2] = torch.arange(w // 2, device=device, dtype=dtype)[None, :]
+    return ids.reshape(-1, 3)
+
+
+class Flux(FlowMatchingBackbone):
+    name = "flux"
+    pipeline_class = "FluxPipeline"
+    denoiser_class = "FluxTransformer2DModel"
+    default_model = "black-forest-labs/FLUX.1-dev"
+    # As published for FLUX: attention and feed-forward of both streams; names match in double and single blocks.
+    default_targets = (
+        "attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0",
+        "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out",
+        "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2",
+    )
+    default_weighting_scheme = "none"
+    default_max_sequence_length = 512
+    text_encoder_names = ("text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2")
+
+    def encode_prompts(self, text_pipeline, prompts, device, args):
+        embeds, pooled, text_ids = text_pipeline.encode_prompt(
+            prompt=prompts, prompt_2=None, device=device, max_sequence_length=args.max_sequence_length
+        )
+        return {"prompt_embeds": embeds, "pooled_prompt_embeds": pooled, "text_ids": text_ids}  # text_ids (L, 3)
+
+    def batch_cond(self, table, prompt_ids):
+        return {k: (v if k == "text_ids" else v[prompt_ids]) for k, v in table.items()}
+
+    def pipeline_prompt_kwargs(self, positive, negative):
+        return {"prompt_embeds": positive["prompt_embeds"], "pooled_prompt_embeds": positive["pooled_prompt_embeds"]}
+
+    def predict(self, denoiser, noisy, timesteps, cond, args):
+        b, _, h, w = noisy.shape
+        config = getattr(denoiser, "module", denoiser).config
+        guidance = torch.full((b,), float(args.guidance_scale), device=noisy.device) if config.guidance_embeds else None
+        tokens = denoiser(
+            hidden_states=pack_latents(noisy),
+            timestep=timesteps / 1000,  # FLUX embeds t in [0, 1]
+            guidance=guidance,
+            pooled_projections=cond["pooled_prompt_embeds"],
+            encoder_hidden_states=cond["prompt_embeds"],
+            txt_ids=cond["text_ids"],
+            img_ids=image_ids(h, w, noisy.device, noisy.dtype),
+            return_dict=False,
+        )[0]
+        return unpack_latents(tokens, h, w)

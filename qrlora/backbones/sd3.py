@@ -1,0 +1,40 @@
+"""Stable Diffusion 3 (MMDiT): ``SD3Transformer2DModel``, two CLIP encoders + T5, flow matching."""
+from __future__ import annotations
+
+from .base import FlowMatchingBackbone
+
+
+class SD3(FlowMatchingBackbone):
+    name = "sd3"
+    pipeline_class = "StableDiffusion3Pipeline"
+    denoiser_class = "SD3Transformer2DModel"
+    default_model = "stabilityai/stable-diffusion-3-medium-diffusers"
+    # The eight attention projections of every joint block (image and context streams), as published.
+    default_targets = (
+        "attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0",
+        "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out",
+    )
+    default_weighting_scheme = "logit_normal"
+    default_max_sequence_length = 77
+    text_encoder_names = ("text_encoder", "text_encoder_2", "text_encoder_3", "tokenizer", "tokenizer_2", "tokenizer_3")
+
+    def encode_prompts(self, text_pipeline, prompts, device, args):
+        embeds, _, pooled, _ = text_pipeline.encode_prompt(
+            prompt=prompts, prompt_2=None, prompt_3=None, device=device, do_classifier_free_guidance=False,
+            max_sequence_length=args.max_sequence_length,
+        )
+        return {"prompt_embeds": embeds, "pooled_prompt_embeds": pooled}  # (P, L, D), (P, 2 * proj)
+
+    def pipeline_prompt_kwargs(self, positive, negative):
+        return {
+            "prompt_embeds": positive["prompt_embeds"],
+            "pooled_prompt_embeds": positive["pooled_prompt_embeds"],
+            "negative_prompt_embeds": negative["prompt_embeds"],
+            "negative_pooled_prompt_embeds": negative["pooled_prompt_embeds"],
+        }
+
+    def predict(self, denoiser, noisy, timesteps, cond, args):
+        return denoiser(
+            hidden_states=noisy, timestep=timesteps, encoder_hidden_states=cond["prompt_embeds"],
+            pooled_projections=cond["pooled_prompt_embeds"], return_dict=False,
+        )[0]

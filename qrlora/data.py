@@ -1,0 +1,116 @@
+"""DreamBooth data: instance (and optional class) images, preprocessed once with PIL, plus their prompt ids.
+
+Preprocessing (resize, crop, flip) is decided once when the dataset is built, from a seeded generator, as the
+diffusers SD3/FLUX DreamBooth scripts do: the data a step sees then depends only on the sampler order, so a run
+resumed from a checkpoint continues bit-identically.
+"""
+from __future__ import annotations
+
+import random
+import warnings
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+from torch.utils.data import Dataset
+
+from .errors import UserError
+
+IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
+
+
+def list_images(folder: str | Path, flag: str) -> list[Image.Image]:
+    """Readable RGB images of ``folder`` in name order; unreadable files are skipped with one warning.
+
+    Raises:
+        UserError: naming ``flag`` when the folder is missing, empty, or holds no readable image.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise UserError(f"{flag}: folder {folder} does not exist")
+    files = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
+    if not files:
+        raise UserError(f"{flag}: folder {folder} is empty")
+    images, unreadable = [], []
+    for path in files:
+        try:
+            with Image.open(path) as img:
+                images.append(ImageOps.exif_transpose(img).convert("RGB"))
+        except (UnidentifiedImageError, OSError):
+            unreadable.append(path.name)
+    if unreadable:
+        warnings.warn(f"{flag}: skipped {len(unreadable)} unreadable file(s) in {folder}: {', '.join(unreadable)}", stacklevel=2)
+    if not images:
+        raise UserError(f"{flag}: folder {folder} holds no readable image")
+    return images
+
+
+def to_training_tensor(image: Image.Image, resolution: int, center_crop: bool, flip: bool, rng: random.Random) -> torch.Tensor:
+    """Resize the short side to ``resolution``, crop a square (center or seeded random), optionally mirror.
+
+    Returns a (3, resolution, resolution) float tensor in [-1, 1].
+    """
+    w, h = image.size
+    scale = resolution / min(w, h)
+    image = image.resize((max(resolution, round(w * scale)), max(resolution, round(h * scale))), Image.BICUBIC)
+    w, h = image.size
+    if center_crop:
+        left, top = (w - resolution) // 2, (h - resolution) // 2
+    else:
+        left, top = rng.randint(0, w - resolution), rng.randint(0, h - resolution)
+    image = image.crop((left, top, left + resolution, top + resolution))
+    if flip:
+        image = ImageOps.mirror(image)
+    array = np.asarray(image, dtype=np.float32) / 127.5 - 1.0  # (H, W, 3)
+    return torch.from_numpy(array).permute(2, 0, 1).contiguous()
+
+
+class DreamBoothDataset(Dataset):
+    """Instance images with prompt id 0, repeated ``repeats`` times; class images (prior preservation) with id 1.
+
+    Items are dicts with ``pixels`` (3, H, W) or, after ``cache``, ``latents``; and ``prompt_id``.
+    """
+
+    def __init__(self, instance_dir, *, resolution: int, center_crop: bool = False, random_flip: bool = False,
+                 repeats: int = 1, class_dir=None, num_class_images: int = 0, seed: int = 0):
+        rng = random.Random(seed)
+
+        def prepare(images):
+            return [to_training_tensor(img, resolution, center_crop, random_flip and rng.random() < 0.5, rng) for img in images]
+
+        self.instance = prepare(list_images(instance_dir, "--instance_data_dir")) * max(1, repeats)
+        self.klass = []
+        if class_dir is not None:
+            self.klass = prepare(list_images(class_dir, "--class_data_dir")[: num_class_images or None])
+        self.key = "pixels"
+
+    def __len__(self) -> int:
+        return max(len(self.instance), len(self.klass))
+
+    def __getitem__(self, index: int) -> dict:
+        item = {self.key: self.instance[index % len(self.instance)], "prompt_id": 0}
+        if self.klass:
+            item["class_" + self.key] = self.klass[index % len(self.klass)]
+            item["class_prompt_id"] = 1
+        return item
+
+    @torch.no_grad()
+    def cache(self, encode: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        """Replace every image by its latent (``encode``: (1, 3, H, W) -> (1, C, h, w)), computed once."""
+        unique = {}
+        self.instance = [unique.setdefault(id(t), encode(t.unsqueeze(0))[0].cpu()) for t in self.instance]
+        self.klass = [encode(t.unsqueeze(0))[0].cpu() for t in self.klass]
+        self.key = "latents"
+
+
+def collate(examples: list[dict]) -> dict:
+    """Stack a batch; with prior preservation the class half follows the instance half (as diffusers does)."""
+    key = "latents" if "latents" in examples[0] else "pixels"
+    values = [e[key] for e in examples]
+    ids = [e["prompt_id"] for e in examples]
+    if "class_" + key in examples[0]:
+        values += [e["class_" + key] for e in examples]
+        ids += [e["class_prompt_id"] for e in examples]
+    return {key: torch.stack(values), "prompt_ids": torch.tensor(ids, dtype=torch.long)}

@@ -1,0 +1,380 @@
+"""The one DreamBooth trainer: any backbone (SD3, FLUX, SDXL) x any method of the registry, driven by accelerate.
+
+    accelerate launch -m qrlora.train --pretrained_model_name_or_path MODEL --instance_data_dir DIR \
+        --instance_prompt "a photo of sks dog" --rank 64 --lora_init_method triu_deltaR --output_dir OUT
+
+The backbone comes from the pipeline's ``model_index.json`` (``--backbone`` checks it). Flag names follow
+diffusers' DreamBooth LoRA scripts where they exist.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import shutil
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import ProjectConfiguration, set_seed
+from diffusers.optimization import get_scheduler
+from diffusers.training_utils import free_memory
+from tqdm.auto import tqdm
+
+from .backbones import BACKBONES, detect_backbone
+from .checkpoint import ADAPTER_FILENAME, adapter_from_model, adapter_metadata, load_adapter, save_adapter
+from .data import DreamBoothDataset, collate
+from .errors import UserError, cli_entry
+from .inject import inject_adapters, trainable_parameters
+from .layers import adapter_layers, apply_constraints_, cast_base_model_
+from .methods import METHODS, AdapterConfig
+from .prior import generate_class_images
+
+logger = logging.getLogger("qrlora.train")
+DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m qrlora.train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    g = p.add_argument_group("model")
+    g.add_argument("--pretrained_model_name_or_path", required=True, help="diffusers pipeline folder or hub id")
+    g.add_argument("--backbone", choices=list(BACKBONES), help="expected backbone (default: from model_index.json)")
+    g.add_argument("--pretrained_vae_model_name_or_path", help="a separate VAE (e.g. SDXL's fp16-safe VAE)")
+    g.add_argument("--base_precision", choices=["fp32", "bf16", "fp16", "fp8", "nf4"], help="dtype of the frozen base weights (default: the mixed precision)")
+    g = p.add_argument_group("data")
+    g.add_argument("--instance_data_dir", required=True)
+    g.add_argument("--instance_prompt", required=True)
+    g.add_argument("--with_prior_preservation", action="store_true")
+    g.add_argument("--class_data_dir")
+    g.add_argument("--class_prompt")
+    g.add_argument("--num_class_images", type=int, default=100)
+    g.add_argument("--prior_loss_weight", type=float, default=1.0)
+    g.add_argument("--resolution", type=int, default=512)
+    g.add_argument("--center_crop", action="store_true")
+    g.add_argument("--random_flip", action="store_true")
+    g.add_argument("--repeats", type=int, default=1)
+    g.add_argument("--cache_latents", action="store_true")
+    g.add_argument("--max_sequence_length", type=int, help="T5 prompt length (default: 77 SD3, 512 FLUX)")
+    g = p.add_argument_group("adapter")
+    g.add_argument("--rank", type=int, default=4)
+    g.add_argument("--lora_alpha", type=float, help="default: rank (scale 1)")
+    g.add_argument("--lora_layers", help="comma-separated target suffixes (default: the backbone's published set)")
+    g.add_argument("--lora_blocks", help="comma-separated block names to restrict targets to (e.g. up_blocks.0.attentions.0)")
+    g.add_argument("--lora_init_method", choices=list(METHODS), default="deltaR")
+    g.add_argument("--use_zero_init", action=argparse.BooleanOptionalAction, default=True, help="zero coefficients at init (identity)")
+    g.add_argument("--delta_scale", type=float, default=0.01, help="std of the coefficients with --no-use_zero_init")
+    g.add_argument("--moe_num_experts", type=int, default=8)
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--train_batch_size", type=int, default=1)
+    g.add_argument("--gradient_accumulation_steps", type=int, default=1)
+    g.add_argument("--max_train_steps", type=int)
+    g.add_argument("--num_train_epochs", type=int, default=1)
+    g.add_argument("--learning_rate", type=float, default=1e-4)
+    g.add_argument("--scale_lr", action="store_true")
+    g.add_argument("--lr_scheduler", default="constant")
+    g.add_argument("--lr_warmup_steps", type=int, default=0)
+    g.add_argument("--lr_num_cycles", type=int, default=1)
+    g.add_argument("--lr_power", type=float, default=1.0)
+    g.add_argument("--optimizer", choices=["AdamW", "prodigy"], default="AdamW", type=lambda s: {"adamw": "AdamW"}.get(s.lower(), s.lower()))
+    g.add_argument("--use_8bit_adam", action="store_true")
+    g.add_argument("--adam_beta1", type=float, default=0.9)
+    g.add_argument("--adam_beta2", type=float, default=0.999)
+    g.add_argument("--adam_weight_decay", type=float, default=1e-4)
+    g.add_argument("--adam_epsilon", type=float, default=1e-8)
+    g.add_argument("--max_grad_norm", type=float, default=1.0)
+    g.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], default="no")
+    g.add_argument("--gradient_checkpointing", action="store_true")
+    g.add_argument("--seed", type=int, default=0)
+    g = p.add_argument_group("objective")
+    g.add_argument("--weighting_scheme", choices=["sigma_sqrt", "logit_normal", "mode", "cosmap", "none"], help="default: the backbone's")
+    g.add_argument("--logit_mean", type=float, default=0.0)
+    g.add_argument("--logit_std", type=float, default=1.0)
+    g.add_argument("--mode_scale", type=float, default=1.29)
+    g.add_argument("--precondition_outputs", type=int, choices=[0, 1], help="x0-preconditioned flow loss (default 1 on SD3 as diffusers, 0 on FLUX)")
+    g.add_argument("--guidance_scale", type=float, default=1.0, help="FLUX guidance embedding during training")
+    g.add_argument("--snr_gamma", type=float, help="SDXL min-SNR weighting")
+    g = p.add_argument_group("validation, logging and checkpoints")
+    g.add_argument("--output_dir", default="qrlora-output")
+    g.add_argument("--validation_prompt")
+    g.add_argument("--num_validation_images", type=int, default=4)
+    g.add_argument("--validation_epochs", type=int, default=50)
+    g.add_argument("--validation_inference_steps", type=int, default=28)
+    g.add_argument("--report_to", choices=["tensorboard", "none"], default="none")
+    g.add_argument("--logging_dir", default="logs")
+    g.add_argument("--checkpointing_steps", type=int, default=500)
+    g.add_argument("--checkpoints_total_limit", type=int)
+    g.add_argument("--resume_from_checkpoint", help="a checkpoint-N folder, or 'latest'")
+    args = p.parse_args(argv)
+    if args.rank < 1:
+        p.error(f"--rank must be a positive integer, got {args.rank}")
+    if args.with_prior_preservation and not (args.class_data_dir and args.class_prompt):
+        p.error("--with_prior_preservation needs --class_data_dir and --class_prompt")
+    return args
+
+
+def checkpoints(output_dir: Path) -> list[Path]:
+    """``checkpoint-N`` folders in step order."""
+    found = [d for d in output_dir.glob("checkpoint-*") if d.is_dir() and d.name.split("-")[-1].isdigit()]
+    return sorted(found, key=lambda d: int(d.name.split("-")[-1]))
+
+
+def resolve_resume(args, output_dir: Path) -> Path | None:
+    """The checkpoint to resume from; refuse to overwrite another run's files in ``output_dir``."""
+    existing = checkpoints(output_dir)
+    if not args.resume_from_checkpoint:
+        if existing or (output_dir / ADAPTER_FILENAME).exists():
+            held = existing[-1].name if existing else ADAPTER_FILENAME
+            raise UserError(f"--output_dir {output_dir} already holds another run's {held}; pass "
+                            "--resume_from_checkpoint latest or choose another --output_dir")
+        return None
+    if args.resume_from_checkpoint == "latest":
+        return existing[-1] if existing else None
+    path = Path(args.resume_from_checkpoint)
+    path = path if path.is_dir() else output_dir / path
+    if not (path / ADAPTER_FILENAME).is_file():
+        raise UserError(f"--resume_from_checkpoint: {args.resume_from_checkpoint} is not a checkpoint folder")
+    return path
+
+
+def epoch_batches(n: int, batch_size: int, seed: int, epoch: int, rank: int, world: int) -> list[list[int]]:
+    """This process's batches of one epoch: a permutation seeded by (seed, epoch), dealt across processes.
+
+    Depends only on its arguments, so a resumed run sees exactly the batches the uninterrupted run would.
+    """
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch)).tolist()
+    per_step = batch_size * world
+    steps = math.ceil(n / per_step)
+    order = (order * math.ceil(steps * per_step / n))[: steps * per_step]
+    return [order[(s * world + rank) * batch_size:(s * world + rank + 1) * batch_size] for s in range(steps)]
+
+
+def build_optimizer(args, params):
+    """AdamW (optionally bitsandbytes 8-bit) or Prodigy; a clear error when the package is missing."""
+    kwargs = dict(lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2), weight_decay=args.adam_weight_decay, eps=args.adam_epsilon)
+    if args.optimizer == "prodigy":
+        try:
+            import prodigyopt
+        except ImportError:
+            raise UserError("--optimizer prodigy needs the prodigyopt package: pip install prodigyopt") from None
+        return prodigyopt.Prodigy(params, **kwargs)
+    if args.use_8bit_adam:
+        try:
+            import bitsandbytes as bnb
+        except ImportError:
+            raise UserError("--use_8bit_adam needs the bitsandbytes package: pip install bitsandbytes") from None
+        return bnb.optim.AdamW8bit(params, **kwargs)
+    return torch.optim.AdamW(params, **kwargs)
+
+
+def base_dtype(args, weight_dtype: torch.dtype) -> torch.dtype | None:
+    """dtype to load the frozen base denoiser in; fp8/nf4 need their libraries and a GPU."""
+    if args.base_precision in ("fp8", "nf4"):
+        lib = "torchao" if args.base_precision == "fp8" else "bitsandbytes"
+        raise UserError(f"--base_precision {args.base_precision} needs {lib} and a CUDA GPU; not available here "
+                        "(use bf16, which the adapter path never touches)")
+    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}.get(args.base_precision, weight_dtype)
+
+
+@cli_entry
+def main(argv=None) -> Path:
+    args = parse_args(argv)
+    # ---- 1. Check every input before loading anything heavy ------------------------------------------
+    backbone = detect_backbone(args.pretrained_model_name_or_path, args.backbone)
+    args.weighting_scheme = args.weighting_scheme or backbone.default_weighting_scheme
+    args.max_sequence_length = args.max_sequence_length or getattr(backbone, "default_max_sequence_length", 77)
+    if args.precondition_outputs is None:
+        args.precondition_outputs = int(backbone.name == "sd3")
+    targets = args.lora_layers.split(",") if args.lora_layers else list(backbone.default_targets)
+    blocks = args.lora_blocks.split(",") if args.lora_blocks else None
+    config = AdapterConfig(method=args.lora_init_method, rank=args.rank, alpha=args.lora_alpha, use_zero_init=args.use_zero_init,
+                           delta_scale=args.delta_scale, num_experts=args.moe_num_experts, seed=args.seed)
+    output_dir = Path(args.output_dir)
+    resume_from = resolve_resume(args, output_dir)
+    dataset = DreamBoothDataset(args.instance_data_dir, resolution=args.resolution, center_crop=args.center_crop,
+                                random_flip=args.random_flip, repeats=args.repeats, seed=args.seed)
+
+    # ---- 2. Accelerator: devices, processes, mixed precision, trackers ------------------------------
+    accelerator = Accelerator(
+        gradient_accumulation_steps=args.gradient_accumulation_steps, mixed_precision=args.mixed_precision,
+        log_with=None if args.report_to == "none" else args.report_to,
+        project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / args.logging_dir)),
+    )
+    logging.basicConfig(format="%(levelname)s %(name)s: %(message)s", level=logging.INFO if accelerator.is_main_process else logging.WARNING)
+    set_seed(args.seed, device_specific=True)  # noise differs per process; frozen bases never use this RNG
+    weight_dtype = DTYPES[accelerator.mixed_precision]
+    if accelerator.is_main_process:
+        output_dir.mkdir(parents=True, exist_ok=True)
+
+    # ---- 3. Prior preservation: class images, generated with the base pipeline where missing -------
+    if args.with_prior_preservation:
+        if accelerator.is_main_process:
+            generate_class_images(backbone, args, accelerator.device, weight_dtype)
+        accelerator.wait_for_everyone()
+        dataset = DreamBoothDataset(args.instance_data_dir, resolution=args.resolution, center_crop=args.center_crop,
+                                    random_flip=args.random_flip, repeats=args.repeats, seed=args.seed,
+                                    class_dir=args.class_data_dir, num_class_images=args.num_class_images)
+
+    # ---- 4. Load the parts; encode every prompt once and free the text encoders ---------------------
+    parts = backbone.load(args.pretrained_model_name_or_path, vae_path=args.pretrained_vae_model_name_or_path,
+                          denoiser_dtype=base_dtype(args, weight_dtype), text_dtype=weight_dtype)
+    text = parts.text_pipeline.to(accelerator.device)
+    prompts = [args.instance_prompt] + ([args.class_prompt] if args.with_prior_preservation else [])
+    with torch.no_grad():
+        cond_table = backbone.encode_prompts(text, prompts, accelerator.device, args)
+        validation_cond = None
+        if args.validation_prompt:
+            validation_cond = (backbone.encode_prompts(text, [args.validation_prompt], accelerator.device, args),
+                               backbone.encode_prompts(text, [""], accelerator.device, args))
+    del text, parts.text_pipeline
+    free_memory()
+    vae = parts.vae.to(accelerator.device, dtype=torch.float32 if backbone.name == "sdxl" else weight_dtype).requires_grad_(False)
+    if args.cache_latents:
+        dataset.cache(lambda px: backbone.latents_from_pixels(vae, px))
+
+    # ---- 5. Adapters: decompose in float32 from the weights as loaded, then cast the base -----------
+    denoiser = parts.denoiser
+    report = inject_adapters(denoiser, config, targets, blocks=blocks, progress=accelerator.is_main_process)
+    logger.info(str(report))
+    cast_base_model_(denoiser, weight_dtype).to(accelerator.device)
+    if args.gradient_checkpointing:
+        denoiser.enable_gradient_checkpointing()
+    metadata = adapter_metadata(config, component=backbone.denoiser_name, backbone=backbone.name,
+                                base_model=args.pretrained_model_name_or_path, targets=targets,
+                                extra={"lora_blocks": json.dumps(blocks or []), "instance_prompt": args.instance_prompt})
+
+    # ---- 6. Optimizer and schedule ------------------------------------------------------------------
+    world = accelerator.num_processes
+    batches_per_epoch = len(epoch_batches(len(dataset), args.train_batch_size, args.seed, 0, 0, world))
+    updates_per_epoch = math.ceil(batches_per_epoch / args.gradient_accumulation_steps)
+    max_steps = args.max_train_steps or args.num_train_epochs * updates_per_epoch
+    num_epochs = math.ceil(max_steps / updates_per_epoch)
+    if args.scale_lr:
+        args.learning_rate *= args.gradient_accumulation_steps * args.train_batch_size * world
+    optimizer = build_optimizer(args, trainable_parameters(denoiser))
+    lr_scheduler = get_scheduler(args.lr_scheduler, optimizer=optimizer, num_warmup_steps=args.lr_warmup_steps * world,
+                                 num_training_steps=max_steps * world, num_cycles=args.lr_num_cycles, power=args.lr_power)
+    denoiser, optimizer, lr_scheduler = accelerator.prepare(denoiser, optimizer, lr_scheduler)
+    model = accelerator.unwrap_model(denoiser)
+
+    # ---- 7. Checkpoints hold the adapter file (not the base weights) plus accelerate's state -------
+    def save_hook(models, weights, folder):
+        if accelerator.is_main_process:
+            save_adapter(Path(folder) / ADAPTER_FILENAME, adapter_from_model(model, config, metadata, component=backbone.denoiser_name))
+        while weights:
+            weights.pop()
+
+    def load_hook(models, folder):
+        saved = load_adapter(Path(folder) / ADAPTER_FILENAME)
+        with torch.no_grad():
+            for path, layer in adapter_layers(model):
+                for name, value in layer.adapters["default"].tensors().items():
+                    value.copy_(saved.layers[path][name])
+        models.clear()
+
+    accelerator.register_save_state_pre_hook(save_hook)
+    accelerator.register_load_state_pre_hook(load_hook)
+    global_step = 0
+    if resume_from is not None:
+        accelerator.load_state(str(resume_from))
+        global_step = int(resume_from.name.split("-")[-1])
+        logger.info("resumed from %s", resume_from)
+    if accelerator.is_main_process and args.report_to != "none":
+        accelerator.init_trackers("qrlora", config={k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))})
+
+    def save_checkpoint(step: int) -> None:
+        if accelerator.is_main_process and args.checkpoints_total_limit:
+            for old in checkpoints(output_dir)[: max(0, len(checkpoints(output_dir)) - args.checkpoints_total_limit + 1)]:
+                shutil.rmtree(old)
+        accelerator.save_state(str(output_dir / f"checkpoint-{step}"))
+        accelerator.wait_for_everyone()
+
+    # ---- 8. Train -------------------------------------------------------------------------------------
+    progress = tqdm(total=max_steps, initial=global_step, desc="steps", disable=not accelerator.is_local_main_process)
+    denoiser.train()
+    first_epoch, skip = divmod(global_step, updates_per_epoch)
+    for epoch in range(first_epoch, num_epochs):
+        batches = epoch_batches(len(dataset), args.train_batch_size, args.seed, epoch, accelerator.process_index, world)
+        for indices in batches[skip * args.gradient_accumulation_steps:] if epoch == first_epoch else batches:
+            batch = collate([dataset[i] for i in indices])
+            with accelerator.accumulate(denoiser):
+                if "latents" in batch:
+                    latents = batch["latents"].to(accelerator.device, weight_dtype)
+                else:
+                    with torch.no_grad():
+                        latents = backbone.latents_from_pixels(vae, batch["pixels"].to(accelerator.device)).to(weight_dtype)
+                cond = backbone.batch_cond(cond_table, batch["prompt_ids"].to(accelerator.device))
+                per_sample = backbone.loss_per_sample(denoiser, latents, cond, parts.scheduler, args)
+                if args.with_prior_preservation:
+                    instance, prior = per_sample.chunk(2)
+                    loss = instance.mean() + args.prior_loss_weight * prior.mean()
+                else:
+                    loss = per_sample.mean()
+                reduced = accelerator.reduce(loss.detach(), "mean") if world > 1 else loss.detach()
+                if not torch.isfinite(reduced):
+                    kept = checkpoints(output_dir)
+                    raise UserError(f"loss is {reduced.item()} at step {global_step + 1}; training stopped, "
+                                    f"last good checkpoint: {kept[-1] if kept else 'none (no checkpoint saved yet)'}")
+                accelerator.backward(loss)
+                if accelerator.sync_gradients and args.max_grad_norm > 0:
+                    accelerator.clip_grad_norm_(trainable_parameters(model), args.max_grad_norm)
+                optimizer.step()
+                lr_scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                apply_constraints_(model)  # triu_deltaR: dR stays exactly upper-triangular
+            if accelerator.sync_gradients:
+                global_step += 1
+                progress.update(1)
+                logs = {"loss": reduced.item(), "lr": lr_scheduler.get_last_lr()[0]}
+                progress.set_postfix(**logs)
+                accelerator.log(logs, step=global_step)
+                if global_step % args.checkpointing_steps == 0 and global_step < max_steps:
+                    save_checkpoint(global_step)
+            if global_step >= max_steps:
+                break
+        skip = 0
+        if validation_cond and accelerator.is_main_process and epoch % args.validation_epochs == 0 and global_step < max_steps:
+            run_validation(backbone, args, model, vae, parts.scheduler, validation_cond, global_step, accelerator, weight_dtype)
+
+    # ---- 9. Final adapter file (main process only), last validation ---------------------------------
+    accelerator.wait_for_everyone()
+    final = output_dir / ADAPTER_FILENAME
+    if accelerator.is_main_process:
+        save_adapter(final, adapter_from_model(model, config, metadata, component=backbone.denoiser_name))
+        logger.info("saved %s", final)
+        if validation_cond:
+            run_validation(backbone, args, model, vae, parts.scheduler, validation_cond, global_step, accelerator, weight_dtype)
+    accelerator.end_training()
+    return final
+
+
+def run_validation(backbone, args, model, vae, scheduler, cond, step, accelerator, dtype) -> list[Path]:
+    """Images of the validation prompt with the adapted denoiser, saved under ``output_dir/validation``."""
+    was_training = model.training
+    model.eval()
+    pipe = backbone.inference_pipeline(args.pretrained_model_name_or_path, model, dtype=dtype, with_text=False,
+                                       vae=vae, scheduler=scheduler).to(accelerator.device)
+    pipe.set_progress_bar_config(disable=True)
+    generator = torch.Generator(device="cpu").manual_seed(args.seed)
+    folder = Path(args.output_dir) / "validation"
+    folder.mkdir(parents=True, exist_ok=True)
+    saved = []
+    with torch.no_grad(), accelerator.autocast():
+        for i in range(args.num_validation_images):
+            image = pipe(**backbone.pipeline_prompt_kwargs(*cond), height=args.resolution, width=args.resolution,
+                         num_inference_steps=args.validation_inference_steps, generator=generator).images[0]
+            saved.append(folder / f"step{step:06d}_{i}.png")
+            image.save(saved[-1])
+    for tracker in accelerator.trackers:
+        if tracker.name == "tensorboard":
+            import numpy as np
+            from PIL import Image
+
+            tracker.writer.add_images("validation", np.stack([np.asarray(Image.open(p)) for p in saved]), step, dataformats="NHWC")
+    del pipe
+    model.train(was_training)
+    return saved
+
+
+if __name__ == "__main__":
+    main()
