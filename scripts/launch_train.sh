@@ -1,0 +1,70 @@
+#!/usr/bin/env bash
+# The body of every training wrapper. A wrapper sets BACKBONE, METHOD, TASK (sty|cnt) and optionally
+# DEFAULT_STEPS / METHOD_FLAGS, then runs:  launch_train.sh WRAPPER_PATH GPU_IDS RANK [trainer flags...]
+# Extra trainer flags come last, so they override the defaults below (argparse keeps the last value).
+set -euo pipefail
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
+
+WRAPPER="$1"; shift
+(( $# >= 2 )) || die "usage: bash ${WRAPPER#$REPO_ROOT/} GPU_IDS RANK [extra trainer flags...]"
+select_devices "$1"
+RANK_ARG="$2"; shift 2
+[[ "$RANK_ARG" =~ ^[1-9][0-9]*$ ]] || die "RANK must be a positive integer, got '$RANK_ARG'"
+
+case "$BACKBONE" in
+  sd3)  DEFAULT_MODEL="stabilityai/stable-diffusion-3-medium-diffusers"; EXP_ROOT="exps_SD3" ;;
+  flux) DEFAULT_MODEL="black-forest-labs/FLUX.1-dev"; EXP_ROOT="exps_flux" ;;
+  sdxl) DEFAULT_MODEL="stabilityai/stable-diffusion-xl-base-1.0"; EXP_ROOT="exps_SDXL" ;;
+  *) die "unknown BACKBONE '$BACKBONE'" ;;
+esac
+# Published defaults: a style image (trigger <s>) and a content subject (trigger <c>) from assets/.
+case "$TASK" in
+  sty) DEFAULT_INSTANCE_DIR="$REPO_ROOT/assets/sty/swirl_painting"; TRIGGER="s"
+       PROMPT="a landscape in <s> style"; VALIDATION="a cat in <s> style" ;;
+  cnt) DEFAULT_INSTANCE_DIR="$REPO_ROOT/assets/cnt/cat"; TRIGGER="c"
+       PROMPT="a photo of a <c> cat"; VALIDATION="a photo of a <c> cat on the beach" ;;
+  *) die "unknown TASK '$TASK'" ;;
+esac
+
+MODEL_NAME="${MODEL_NAME:-$DEFAULT_MODEL}"
+INSTANCE_DIR="${INSTANCE_DIR:-$DEFAULT_INSTANCE_DIR}"
+MAX_TRAIN_STEPS="${MAX_TRAIN_STEPS:-${DEFAULT_STEPS:-1000}}"
+RESOLUTION="${RESOLUTION:-512}"
+MIXED_PRECISION="${MIXED_PRECISION:-bf16}"
+RUN_NAME="$(date +%Y%m%d-%H%M%S)-${TRIGGER}-${RANK_ARG}"
+[[ "$BACKBONE" == flux ]] || RUN_NAME="${RUN_NAME}-${METHOD}"   # published layout: exps_flux/<date-time>-<trigger>-<rank>
+OUTPUT_DIR="${OUTPUT_DIR:-$EXP_ROOT/$RUN_NAME}"
+
+mkdir -p "$OUTPUT_DIR"
+cp "$WRAPPER" "$OUTPUT_DIR/"   # the run folder keeps the wrapper that launched it
+
+# One process: run the trainer directly (accelerate needs no launcher for it, and user errors stay one line).
+# Several: accelerate's launcher starts one data-parallel process per GPU id.
+LAUNCH=(python)
+if (( NUM_PROCESSES > 1 )); then
+  LAUNCH=(python -m accelerate.commands.launch "${ACCELERATE_DEVICE_FLAGS[@]}" --num_processes "$NUM_PROCESSES"
+          --num_machines 1 --mixed_precision "$MIXED_PRECISION" --dynamo_backend no)
+fi
+
+exec "${LAUNCH[@]}" -m qrlora.train \
+  --backbone "$BACKBONE" \
+  --pretrained_model_name_or_path "$MODEL_NAME" \
+  --instance_data_dir "$INSTANCE_DIR" \
+  --instance_prompt "$PROMPT" \
+  --validation_prompt "$VALIDATION" \
+  --output_dir "$OUTPUT_DIR" \
+  --rank "$RANK_ARG" \
+  --lora_init_method "$METHOD" \
+  --resolution "$RESOLUTION" \
+  --train_batch_size 1 \
+  --gradient_accumulation_steps 1 \
+  --learning_rate 1e-4 \
+  --lr_scheduler constant \
+  --lr_warmup_steps 0 \
+  --max_train_steps "$MAX_TRAIN_STEPS" \
+  --checkpointing_steps 250 \
+  --validation_epochs 250 \
+  --mixed_precision "$MIXED_PRECISION" \
+  --seed 0 \
+  ${METHOD_FLAGS:-} \
+  "$@"
