@@ -131,3 +131,9 @@ class Merger:
             self._linear(p, "").weight.copy_(original)
         set_adapter_weights(self.model, {f"merge_{i}": 0.0 for i in self.live})
         return self.model
+
+
+if __name__ == "__main__":
+    from .inference import merge_main
+
+    merge_main()

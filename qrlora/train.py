@@ -41,7 +41,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--pretrained_model_name_or_path", required=True, help="diffusers pipeline folder or hub id")
     g.add_argument("--backbone", choices=list(BACKBONES), help="expected backbone (default: from model_index.json)")
     g.add_argument("--pretrained_vae_model_name_or_path", help="a separate VAE (e.g. SDXL's fp16-safe VAE)")
-    g.add_argument("--base_precision", choices=["fp32", "bf16", "fp16", "fp8", "nf4"], help="dtype of the frozen base weights (default: the mixed precision)")
+    g.add_argument("--base_precision", choices=["fp32", "bf16", "fp16", "fp8", "nf4"], help="load the frozen base weights in this dtype (default: as stored, then cast to the mixed precision)")
     g = p.add_argument_group("data")
     g.add_argument("--instance_data_dir", required=True)
     g.add_argument("--instance_prompt", required=True)
@@ -167,13 +167,17 @@ def build_optimizer(args, params):
     return torch.optim.AdamW(params, **kwargs)
 
 
-def base_dtype(args, weight_dtype: torch.dtype) -> torch.dtype | None:
-    """dtype to load the frozen base denoiser in; fp8/nf4 need their libraries and a GPU."""
+def base_dtype(args) -> torch.dtype | None:
+    """dtype to load the frozen base denoiser in: as stored unless ``--base_precision`` asks for less memory.
+
+    The bases are decomposed from the weights as loaded, so a bf16 base gives (slightly) different Q and R than
+    the stored fp32 weights; adapters meant to share Q and R must use the same setting.
+    """
     if args.base_precision in ("fp8", "nf4"):
         lib = "torchao" if args.base_precision == "fp8" else "bitsandbytes"
         raise UserError(f"--base_precision {args.base_precision} needs {lib} and a CUDA GPU; not available here "
                         "(use bf16, which the adapter path never touches)")
-    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}.get(args.base_precision, weight_dtype)
+    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}.get(args.base_precision)
 
 
 @cli_entry
@@ -217,7 +221,7 @@ def main(argv=None) -> Path:
 
     # ---- 4. Load the parts; encode every prompt once and free the text encoders ---------------------
     parts = backbone.load(args.pretrained_model_name_or_path, vae_path=args.pretrained_vae_model_name_or_path,
-                          denoiser_dtype=base_dtype(args, weight_dtype), text_dtype=weight_dtype)
+                          denoiser_dtype=base_dtype(args), text_dtype=weight_dtype)
     text = parts.text_pipeline.to(accelerator.device)
     prompts = [args.instance_prompt] + ([args.class_prompt] if args.with_prior_preservation else [])
     with torch.no_grad():

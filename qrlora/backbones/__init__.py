@@ -5,8 +5,9 @@ from ..errors import UserError
 from .base import Backbone, read_model_index
 from .flux import Flux
 from .sd3 import SD3
+from .sdxl import SDXL
 
-BACKBONES: dict[str, Backbone] = {b.name: b for b in (SD3(), Flux())}
+BACKBONES: dict[str, Backbone] = {b.name: b for b in (SD3(), Flux(), SDXL())}
 
 
 def backbone_for_pipeline_class(class_name: str) -> Backbone | None:

@@ -1,0 +1,176 @@
+"""Merge inference: combine adapters with chosen weights and render images (published scripts + ``qrlora.merge``).
+
+Every published inference entry point (``flux_dir/inference_merge_residual.py``, ``SD3_dir/inference_ica.py``,
+``SD3_dir/inference_moe.py``, ``SD3_dir/inference.sh``) is ``grid_main``: a style and a content adapter, a grid
+of weights (the product of two comma lists), one PNG per pair and ``grid.png``. ``python -m qrlora.merge`` is
+``merge_main``: any number of adapters with one weight each, optional ``--save_merged``.
+
+Everything is checked before anything is written, so bad input leaves the output folder untouched.
+"""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+from PIL import Image, ImageDraw, ImageFont
+from tqdm.auto import tqdm
+
+from .backbones import detect_backbone
+from .checkpoint import AdapterFile, load_adapter, load_residual
+from .errors import UserError, cli_entry
+from .merge import Merger
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16}
+
+
+def parse_weights(text: str, flag: str) -> list[float]:
+    """``"0,0.5,1.0"`` -> ``[0.0, 0.5, 1.0]``; a ``UserError`` naming ``flag`` if it does not parse."""
+    try:
+        values = [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise UserError(f"{flag}: '{text}' is not a comma-separated list of numbers") from None
+    if not values:
+        raise UserError(f"{flag}: no weights given")
+    return values
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def add_render_arguments(p: argparse.ArgumentParser, backbone_default_steps: int = 28) -> None:
+    g = p.add_argument_group("rendering")
+    g.add_argument("--prompt", default="a photo of a <c> cat in <s> style")
+    g.add_argument("--num_inference_steps", type=int, default=backbone_default_steps)
+    g.add_argument("--guidance_scale", type=float, help="default: the pipeline's")
+    g.add_argument("--height", type=int, default=1024)
+    g.add_argument("--width", type=int, default=1024)
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--dtype", choices=list(DTYPES), help="default: bfloat16 on a GPU, float32 on the CPU")
+    g.add_argument("--device", help="default: cuda if available, else cpu")
+    g.add_argument("--max_sequence_length", type=int, help="T5 prompt length (default: the pipeline's)")
+    g.add_argument("--output_dir", default="inference_output")
+
+
+class MergedPipeline:
+    """A diffusers pipeline whose denoiser holds a ``Merger`` over the given adapters."""
+
+    def __init__(self, model_path: str, adapters: list[AdapterFile], residual_path: str | None, args):
+        self.backbone = detect_backbone(model_path)
+        for adapter in adapters:
+            if adapter.backbone and adapter.backbone != self.backbone.name:
+                raise UserError(f"{adapter.path} is a {adapter.backbone} adapter, {model_path} a {self.backbone.name} pipeline")
+            if adapter.component != self.backbone.denoiser_name:
+                raise UserError(f"{adapter.path} adapts a {adapter.component}, {model_path} has a {self.backbone.denoiser_name}")
+        residual = load_residual(residual_path) if residual_path else None
+        self.device = args.device or default_device()
+        dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if self.device.startswith("cuda") else torch.float32)
+        self.pipe = self.backbone.pipeline_cls().from_pretrained(model_path, torch_dtype=dtype)
+        self.denoiser = getattr(self.pipe, self.backbone.denoiser_name)
+        self.merger = Merger(self.denoiser, adapters, residual=residual)
+        self.pipe.to(self.device)
+        self.pipe.set_progress_bar_config(disable=True)
+
+    def render(self, weights: list[float], args) -> Image.Image:
+        """One image at these adapter weights; the seed fixes the starting noise, so only the weights differ."""
+        self.merger.merge(weights)
+        kwargs = dict(prompt=args.prompt, num_inference_steps=args.num_inference_steps, height=args.height, width=args.width,
+                      generator=torch.Generator(device="cpu").manual_seed(args.seed))
+        if args.guidance_scale is not None:
+            kwargs["guidance_scale"] = args.guidance_scale
+        if args.max_sequence_length:
+            kwargs["max_sequence_length"] = args.max_sequence_length
+        with torch.no_grad():
+            return self.pipe(**kwargs).images[0]
+
+
+def label_grid(images: dict[tuple[float, float], Image.Image], style_weights, content_weights) -> Image.Image:
+    """Columns = style weight, rows = content weight, weights written on the axes."""
+    w, h = next(iter(images.values())).size
+    font = ImageFont.load_default(size=max(10, min(w, h) // 6))
+    margin = max(40, font.size * 4)
+    grid = Image.new("RGB", (margin + w * len(style_weights), margin + h * len(content_weights)), "white")
+    draw = ImageDraw.Draw(grid)
+    draw.text((4, 2), "content \u2193 / style \u2192", fill="black", font=ImageFont.load_default(size=max(8, font.size // 2)))
+    for col, s in enumerate(style_weights):
+        draw.text((margin + col * w + w // 2, margin // 2), f"s={s:.2f}", fill="black", font=font, anchor="mm")
+    for row, c in enumerate(content_weights):
+        draw.text((margin // 2, margin + row * h + h // 2), f"c={c:.2f}", fill="black", font=font, anchor="mm")
+        for col, s in enumerate(style_weights):
+            grid.paste(images[(s, c)], (margin + col * w, margin + row * h))
+    return grid
+
+
+def grid_parser(description: str, backbone_default_steps: int = 28) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--model_path", required=True, help="diffusers pipeline folder or hub id")
+    p.add_argument("--style_lora_path", required=True)
+    p.add_argument("--content_lora_path", required=True)
+    p.add_argument("--residual_path", help="residual file: merge in residual form (default: delta form, no file needed)")
+    p.add_argument("--style_weights", default="0.0,0.5,1.0", help="comma list")
+    p.add_argument("--content_weights", default="0.0,0.5,1.0", help="comma list")
+    add_render_arguments(p, backbone_default_steps)
+    return p
+
+
+@cli_entry
+def grid_main(argv=None, description: str = "Merge a style and a content adapter over a grid of weights.") -> list[Path]:
+    """The published inference scripts: render ``inference_s{s:.2f}_c{c:.2f}.png`` for every weight pair + ``grid.png``."""
+    args = grid_parser(description).parse_args(argv)
+    style_weights = parse_weights(args.style_weights, "--style_weights")
+    content_weights = parse_weights(args.content_weights, "--content_weights")
+    adapters = [load_adapter(args.style_lora_path), load_adapter(args.content_lora_path)]
+    merged = MergedPipeline(args.model_path, adapters, args.residual_path, args)
+    images = {}
+    for c in tqdm(content_weights, desc="content weights"):
+        for s in style_weights:
+            images[(s, c)] = merged.render([s, c], args)
+    out = Path(args.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    for (s, c), image in images.items():
+        written.append(out / f"inference_s{s:.2f}_c{c:.2f}.png")
+        image.save(written[-1])
+    label_grid(images, style_weights, content_weights).save(out / "grid.png")
+    written.append(out / "grid.png")
+    print(f"wrote {len(images)} images and grid.png to {out}")
+    return written
+
+
+@cli_entry
+def merge_main(argv=None) -> Path | None:
+    """``python -m qrlora.merge``: any adapters, one weight each; render a prompt and/or save the merged denoiser."""
+    p = argparse.ArgumentParser(prog="python -m qrlora.merge", description=merge_main.__doc__)
+    p.add_argument("--model_path", required=True)
+    p.add_argument("--adapters", nargs="+", required=True, help="adapter files (static methods mixed; MoE live)")
+    p.add_argument("--weights", help="comma list, one per adapter (default: all 1.0)")
+    p.add_argument("--residual_path", help="merge in residual form (adapters must share Q and R)")
+    p.add_argument("--save_merged", help="write the merged denoiser here in the diffusers layout (static adapters only)")
+    p.add_argument("--no_render", action="store_true", help="skip rendering the prompt")
+    add_render_arguments(p)
+    args = p.parse_args(argv)
+    weights = parse_weights(args.weights, "--weights") if args.weights else [1.0] * len(args.adapters)
+    if len(weights) != len(args.adapters):
+        raise UserError(f"--weights: {len(weights)} weights for {len(args.adapters)} adapters")
+    adapters = [load_adapter(a) for a in args.adapters]
+    if args.save_merged:
+        live = [a.path for a in adapters if not a.method.static]
+        if live:
+            raise UserError(f"--save_merged: {live[0]} is an MoE adapter; it cannot be folded into weights (render it live)")
+        if Path(args.save_merged).exists() and any(Path(args.save_merged).iterdir()):
+            raise UserError(f"--save_merged: {args.save_merged} exists and is not empty; choose a new folder")
+    merged = MergedPipeline(args.model_path, adapters, args.residual_path, args)
+    merged.merger.merge(weights)
+    if args.save_merged:
+        merged.denoiser.save_pretrained(args.save_merged)
+        print(f"saved the merged {merged.backbone.denoiser_name} to {args.save_merged}")
+    if args.no_render:
+        return None
+    out = Path(args.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / ("merged_" + "_".join(f"{w:.2f}" for w in weights) + ".png")
+    merged.render(weights, args).save(path)
+    print(f"wrote {path}")
+    return path

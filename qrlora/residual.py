@@ -1,0 +1,113 @@
+"""Residual files ``P.residual.weight = W - s * basis`` (the published merge route needs them).
+
+Two ways to get one: from the base model alone for a method/rank/seed (``save_flux_residual.py``,
+``save_SD3_residual.py``), or from the bases stored in an adapter file (``extract_residual_from_checkpoint.py``),
+which is exact for every static method, ICA included, because the file holds the very basis it was trained on.
+"""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from .backbones import BACKBONES, detect_backbone
+from .checkpoint import AdapterFile, adapter_metadata, load_adapter, residuals_from_adapter, save_residual
+from .errors import UserError, cli_entry
+from .inject import find_target_modules
+from .inference import DTYPES
+from .methods import METHODS, AdapterConfig, get_method
+
+
+def residual_filename(backbone: str) -> str:
+    return f"{backbone}_residual_weights.safetensors"
+
+
+def _refuse_overwrite(path: Path, overwrite: bool) -> None:
+    if path.exists() and not overwrite:
+        raise UserError(f"{path} already exists; pass --overwrite to replace it")
+
+
+def base_residuals(denoiser, config: AdapterConfig, targets, blocks=None) -> dict[str, torch.Tensor]:
+    """``W - s * basis`` for every targeted Linear, the basis initialised exactly as training would."""
+    method = get_method(config.method)
+    if not method.static:
+        raise UserError(f"--lora_init_method {config.method}: residual files are for static methods")
+    out = {}
+    for path in tqdm(find_target_modules(denoiser, targets, blocks), desc="residuals", unit="layer"):
+        weight = denoiser.get_submodule(path).weight.detach()
+        if config.rank > min(weight.shape):
+            raise UserError(f"--rank {config.rank} exceeds min(out, in) = {min(weight.shape)} of layer {path}")
+        tensors = method.initialize(weight, config, path)
+        out[path] = weight.float() - config.scale * method.basis_product(tensors)
+    return out
+
+
+@cli_entry
+def save_base_residual_main(argv=None, backbone_name: str | None = None) -> Path:
+    """Residual of every targeted layer of the base model, for a method, rank and seed."""
+    p = argparse.ArgumentParser(description=save_base_residual_main.__doc__)
+    p.add_argument("--model_path", "--pretrained_model_name_or_path", dest="model_path",
+                   default=BACKBONES[backbone_name].default_model if backbone_name else None, required=backbone_name is None)
+    p.add_argument("--rank", type=int, default=64)
+    p.add_argument("--lora_alpha", type=float)
+    p.add_argument("--lora_init_method", choices=[m for m in METHODS if METHODS[m].static], default="triu_deltaR")
+    p.add_argument("--lora_layers", help="comma-separated targets (default: the backbone's)")
+    p.add_argument("--lora_blocks")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--output_dir", default=".")
+    p.add_argument("--overwrite", action="store_true")
+    args = p.parse_args(argv)
+    backbone = detect_backbone(args.model_path, backbone_name)
+    out = Path(args.output_dir) / residual_filename(backbone.name)
+    _refuse_overwrite(out, args.overwrite)
+    config = AdapterConfig(method=args.lora_init_method, rank=args.rank, alpha=args.lora_alpha, seed=args.seed)
+    targets = args.lora_layers.split(",") if args.lora_layers else list(backbone.default_targets)
+    denoiser = backbone.load_denoiser(args.model_path).to(args.device)
+    residuals = base_residuals(denoiser, config, targets, args.lora_blocks.split(",") if args.lora_blocks else None)
+    meta = adapter_metadata(config, component=backbone.denoiser_name, backbone=backbone.name, base_model=args.model_path, targets=targets)
+    save_residual(out, residuals, {**meta, "format": "qrlora-residual"})
+    print(f"wrote {len(residuals)} residual layers to {out}")
+    return out
+
+
+def infer_backbone(adapter: AdapterFile) -> str:
+    """Backbone of an adapter file: from metadata, else from its keys (published files carry none)."""
+    if adapter.backbone:
+        return adapter.backbone
+    if adapter.component == "unet":
+        return "sdxl"
+    return "flux" if any(p.startswith("single_transformer_blocks.") for p in adapter.layers) else "sd3"
+
+
+@cli_entry
+def extract_main(argv=None) -> Path:
+    """The residual from the bases stored in an adapter file (exact for every static method, FLUX/SD3/SDXL)."""
+    p = argparse.ArgumentParser(description=extract_main.__doc__)
+    p.add_argument("--model_path", required=True)
+    p.add_argument("--lora_path", required=True)
+    p.add_argument("--output_dir", required=True)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", choices=list(DTYPES), default="float32", help="dtype to load the base weights in")
+    p.add_argument("--overwrite", action="store_true")
+    args = p.parse_args(argv)
+    adapter = load_adapter(args.lora_path)
+    if not adapter.method.static:
+        raise UserError(f"{args.lora_path}: {adapter.config.method} adapters have no residual form (merge them live)")
+    backbone = detect_backbone(args.model_path, infer_backbone(adapter))
+    out = Path(args.output_dir) / residual_filename(backbone.name)
+    _refuse_overwrite(out, args.overwrite)
+    denoiser = backbone.load_denoiser(args.model_path, DTYPES[args.dtype]).to(args.device)
+    weights = {}
+    for path in adapter.layers:
+        try:
+            weights[path] = denoiser.get_submodule(path).weight.detach().float().cpu()
+        except AttributeError:
+            raise UserError(f"{args.lora_path}: layer {path} does not exist in {args.model_path}") from None
+    residuals = residuals_from_adapter(adapter, weights)
+    save_residual(out, residuals, {"format": "qrlora-residual", "source_adapter": str(args.lora_path),
+                                   "base_model": args.model_path, "backbone": backbone.name})
+    print(f"wrote {len(residuals)} residual layers to {out}")
+    return out
