@@ -93,7 +93,7 @@ def label_grid(images: dict[tuple[float, float], Image.Image], style_weights, co
     margin = max(40, font.size * 4)
     grid = Image.new("RGB", (margin + w * len(style_weights), margin + h * len(content_weights)), "white")
     draw = ImageDraw.Draw(grid)
-    draw.text((4, 2), "content \u2193 / style \u2192", fill="black", font=ImageFont.load_default(size=max(8, font.size // 2)))
+    draw.text((4, 2), "rows: content, columns: style", fill="black", font=ImageFont.load_default(size=max(8, font.size // 2)))
     for col, s in enumerate(style_weights):
         draw.text((margin + col * w + w // 2, margin // 2), f"s={s:.2f}", fill="black", font=font, anchor="mm")
     for row, c in enumerate(content_weights):

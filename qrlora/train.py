@@ -30,6 +30,7 @@ from .inject import inject_adapters, trainable_parameters
 from .layers import adapter_layers, apply_constraints_, cast_base_model_
 from .methods import METHODS, AdapterConfig
 from .prior import generate_class_images
+from .quantize import LIBRARIES, check_available, quantize_base_
 
 logger = logging.getLogger("qrlora.train")
 DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -171,12 +172,12 @@ def base_dtype(args) -> torch.dtype | None:
     """dtype to load the frozen base denoiser in: as stored unless ``--base_precision`` asks for less memory.
 
     The bases are decomposed from the weights as loaded, so a bf16 base gives (slightly) different Q and R than
-    the stored fp32 weights; adapters meant to share Q and R must use the same setting.
+    the stored fp32 weights; adapters meant to share Q and R must use the same setting. fp8 / nf4 load in bf16,
+    decompose, then quantize the base (``qrlora.quantize``).
     """
-    if args.base_precision in ("fp8", "nf4"):
-        lib = "torchao" if args.base_precision == "fp8" else "bitsandbytes"
-        raise UserError(f"--base_precision {args.base_precision} needs {lib} and a CUDA GPU; not available here "
-                        "(use bf16, which the adapter path never touches)")
+    if args.base_precision in LIBRARIES:
+        check_available(args.base_precision)
+        return torch.bfloat16
     return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}.get(args.base_precision)
 
 
@@ -195,6 +196,7 @@ def main(argv=None) -> Path:
                            delta_scale=args.delta_scale, num_experts=args.moe_num_experts, seed=args.seed)
     output_dir = Path(args.output_dir)
     resume_from = resolve_resume(args, output_dir)
+    base_dtype(args)  # fail now, not after loading, when fp8 / nf4 cannot work here
     dataset = DreamBoothDataset(args.instance_data_dir, resolution=args.resolution, center_crop=args.center_crop,
                                 random_flip=args.random_flip, repeats=args.repeats, seed=args.seed)
 
@@ -241,6 +243,8 @@ def main(argv=None) -> Path:
     report = inject_adapters(denoiser, config, targets, blocks=blocks, progress=accelerator.is_main_process)
     logger.info(str(report))
     cast_base_model_(denoiser, weight_dtype).to(accelerator.device)
+    if args.base_precision in LIBRARIES:
+        quantize_base_(denoiser, args.base_precision)
     if args.gradient_checkpointing:
         denoiser.enable_gradient_checkpointing()
     metadata = adapter_metadata(config, component=backbone.denoiser_name, backbone=backbone.name,

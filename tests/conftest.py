@@ -47,3 +47,41 @@ def run_script(args: list[str], env: dict | None = None, check: bool = True) -> 
 
 def error_lines(stderr: str) -> list[str]:
     return [line for line in stderr.splitlines() if line.startswith("error:")]
+
+
+DENOISER = {"sd3": ("SD3Transformer2DModel", "transformer"), "flux": ("FluxTransformer2DModel", "transformer"),
+            "sdxl": ("UNet2DConditionModel", "unet")}
+ADAPTER_TARGETS = {"sd3": ["attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0", "attn.add_q_proj"],
+                   "flux": ["attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0", "attn.add_q_proj"],
+                   "sdxl": ["attn1.to_q", "attn1.to_k", "attn2.to_v", "attn2.to_out.0"]}
+
+
+def load_denoiser(model_dir, backbone):
+    import diffusers
+
+    cls, sub = DENOISER[backbone]
+    return getattr(diffusers, cls).from_pretrained(model_dir, subfolder=sub)
+
+
+def make_adapter(model_dir, backbone, path, method="triu_deltaR", rank=4, seed=0, noise=0.3, num_experts=2):
+    """An adapter as training would leave it: bases from the real weights, coefficients moved (seeded noise)."""
+    import torch
+
+    from qrlora.checkpoint import adapter_from_model, adapter_metadata, save_adapter
+    from qrlora.inject import inject_adapters
+    from qrlora.layers import apply_constraints_
+    from qrlora.methods import AdapterConfig
+
+    denoiser = load_denoiser(model_dir, backbone)
+    cfg = AdapterConfig(method=method, rank=rank, num_experts=num_experts)
+    inject_adapters(denoiser, cfg, ADAPTER_TARGETS[backbone])
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in denoiser.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn(p.shape, generator=gen) * noise)
+    apply_constraints_(denoiser)
+    meta = adapter_metadata(cfg, component=DENOISER[backbone][1], backbone=backbone, base_model=str(model_dir),
+                            targets=ADAPTER_TARGETS[backbone])
+    save_adapter(path, adapter_from_model(denoiser, cfg, meta, component=DENOISER[backbone][1]))
+    return path

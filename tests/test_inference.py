@@ -9,42 +9,12 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
-from conftest import REPO, error_lines, run_script
-from qrlora.checkpoint import adapter_from_model, adapter_metadata, load_adapter, load_residual, save_adapter
+from conftest import error_lines, load_denoiser, make_adapter, run_script
+from qrlora.checkpoint import load_adapter, load_residual, save_adapter
 from qrlora.inference import grid_main, merge_main
-from qrlora.inject import inject_adapters
-from qrlora.methods import METHODS, AdapterConfig, get_method
+from qrlora.methods import METHODS, get_method
 
 RENDER = ["--height", "64", "--width", "64", "--num_inference_steps", "2", "--dtype", "float32", "--device", "cpu"]
-DENOISER = {"sd3": ("SD3Transformer2DModel", "transformer"), "flux": ("FluxTransformer2DModel", "transformer")}
-
-
-def load_denoiser(model_dir, backbone):
-    import diffusers
-
-    cls, sub = DENOISER[backbone]
-    return getattr(diffusers, cls).from_pretrained(model_dir, subfolder=sub)
-
-
-def make_adapter(model_dir, backbone, path, method="triu_deltaR", rank=4, seed=0, noise=0.3, num_experts=2):
-    """An adapter as training would leave it: bases from the real weights, coefficients moved (seeded)."""
-    denoiser = load_denoiser(model_dir, backbone)
-    cfg = AdapterConfig(method=method, rank=rank, num_experts=num_experts)
-    targets = ["attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0", "attn.add_q_proj"]
-    inject_adapters(denoiser, cfg, targets)
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in denoiser.named_parameters():
-            if p.requires_grad:
-                p.add_(torch.randn(p.shape, generator=gen) * noise)
-        from qrlora.layers import apply_constraints_
-
-        apply_constraints_(denoiser)
-    meta = adapter_metadata(cfg, component="transformer", backbone=backbone, base_model=str(model_dir), targets=targets)
-    save_adapter(path, adapter_from_model(denoiser, cfg, meta))
-    return path
-
-
 def pixels(path):
     return np.asarray(Image.open(path).convert("RGB"), dtype=np.int16)
 

@@ -13,7 +13,7 @@ import torch
 from diffusers import AutoencoderKL, EulerDiscreteScheduler, UNet2DConditionModel
 from safetensors import safe_open
 
-from conftest import error_lines, run_script
+from conftest import error_lines, make_adapter, run_script
 from qrlora.backbones import BACKBONES
 from qrlora.checkpoint import ADAPTER_FILENAME, load_adapter
 from qrlora.errors import UserError
@@ -166,3 +166,29 @@ def test_unknown_block_is_refused(tiny_sdxl, tmp_path):
     errors = error_lines(proc.stderr)
     assert proc.returncode != 0 and len(errors) == 1 and "Traceback" not in proc.stderr
     assert "--lora_blocks" in errors[0] and "up_blocks.7" in errors[0]
+
+
+def test_merge_wrapper_and_export_match_diffusers(tiny_sdxl, tmp_path):
+    """SDXL_dir/inference_merge.sh end to end; the exported LoRA (keys under unet.) loads in diffusers, same image."""
+    import numpy as np
+    from diffusers import StableDiffusionXLPipeline
+    from PIL import Image
+
+    style = make_adapter(tiny_sdxl, "sdxl", tmp_path / "s.safetensors", seed=1, noise=0.1)
+    content = make_adapter(tiny_sdxl, "sdxl", tmp_path / "c.safetensors", method="svd", seed=2, noise=0.1)
+    env = {"MODEL_NAME": str(tiny_sdxl), "STYLE_LORA": str(style), "CONTENT_LORA": str(content), "STYLE_WEIGHTS": "0,0.8",
+           "CONTENT_WEIGHTS": "1", "STEPS": "2", "HEIGHT": "64", "WIDTH": "64", "OUTPUT_DIR": str(tmp_path / "out"), "DTYPE": "float32"}
+    run_script(["bash", "SDXL_dir/inference_merge.sh", "cpu"], env=env)
+    assert (tmp_path / "out" / "grid.png").is_file()
+    for src, name in ((style, "style"), (content, "content")):
+        run_script(["python", "-m", "qrlora.export", str(src), str(tmp_path / f"{name}.lora.safetensors")])
+    with safe_open(str(tmp_path / "style.lora.safetensors"), "pt") as f:
+        assert all(k.startswith("unet.") for k in f.keys())
+    pipe = StableDiffusionXLPipeline.from_pretrained(tiny_sdxl, torch_dtype=torch.float32)
+    pipe.load_lora_weights(str(tmp_path / "style.lora.safetensors"), adapter_name="style")
+    pipe.load_lora_weights(str(tmp_path / "content.lora.safetensors"), adapter_name="content")
+    pipe.set_adapters(["style", "content"], adapter_weights=[0.8, 1.0])
+    theirs = pipe(prompt="a photo of a <c> cat in <s> style", height=64, width=64, num_inference_steps=2,
+                  generator=torch.Generator().manual_seed(0)).images[0]
+    ours = Image.open(tmp_path / "out" / "inference_s0.80_c1.00.png")
+    assert np.abs(np.asarray(ours, dtype=np.int16) - np.asarray(theirs, dtype=np.int16)).max() <= 1

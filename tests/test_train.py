@@ -99,6 +99,32 @@ def test_every_method_trains_on_flux(tiny_flux, tmp_path, method):
     check_adapter_file(final, tiny_flux, method, rank, "flux")
 
 
+def test_flux_memory_options(tiny_flux, tmp_path):
+    """bf16 base, bf16 autocast, gradient checkpointing and cached latents together; the base really is bf16."""
+    from qrlora import train
+
+    seen = {}
+    original = train.cast_base_model_
+
+    def spy(model, dtype):
+        seen["dtype"] = dtype
+        return original(model, dtype)
+
+    train.cast_base_model_ = spy
+    try:
+        final = train.main(["--pretrained_model_name_or_path", str(tiny_flux), "--instance_data_dir", str(REPO / "assets/cnt/cat"),
+                            "--instance_prompt", "a photo of a <c> cat", "--resolution", "64", "--max_train_steps", "2",
+                            "--max_sequence_length", "16", "--output_dir", str(tmp_path), "--base_precision", "bf16",
+                            "--mixed_precision", "bf16", "--gradient_checkpointing", "--cache_latents",
+                            "--lora_init_method", "triu_deltaR"])
+    finally:
+        train.cast_base_model_ = original
+    assert seen["dtype"] == torch.bfloat16
+    adapter = load_adapter(final)
+    assert all(t.dtype == torch.float32 for named in adapter.layers.values() for t in named.values())
+    assert any(torch.count_nonzero(named["delta_r"]) for named in adapter.layers.values())
+
+
 def train_args(model, out, steps, *extra):
     return ["--pretrained_model_name_or_path", str(model), "--instance_data_dir", str(REPO / "assets/cnt/cat"),
             "--instance_prompt", "a photo of a <c> cat", "--resolution", "64", "--max_train_steps", str(steps),
@@ -142,7 +168,7 @@ def test_wrong_backbone_for_wrapper(tiny_sd3, tiny_flux, tmp_path):
 
 
 @pytest.mark.parametrize("case", ["missing_model", "not_a_pipeline", "missing_instance", "empty_instance",
-                                  "unreadable_only", "bad_rank", "rank_too_big", "existing_run"])
+                                  "unreadable_only", "bad_rank", "rank_too_big", "existing_run", "nf4_unavailable"])
 def test_bad_input_is_one_line(tiny_sd3, tmp_path, case):
     from qrlora.train import main
 
@@ -151,7 +177,8 @@ def test_bad_input_is_one_line(tiny_sd3, tmp_path, case):
         args[args.index(flag) + 1] = value
     expect = {"missing_model": "cannot find", "not_a_pipeline": "model_index.json", "missing_instance": "does not exist",
               "empty_instance": "is empty", "unreadable_only": "no readable image", "bad_rank": "--rank",
-              "rank_too_big": "exceeds", "existing_run": "already holds"}[case]
+              "rank_too_big": "exceeds", "existing_run": "already holds",
+              "nf4_unavailable": "--base_precision nf4 needs"}[case]
     if case == "missing_model":
         set_flag("--pretrained_model_name_or_path", str(tmp_path / "nope"))
     elif case == "not_a_pipeline":
@@ -169,6 +196,9 @@ def test_bad_input_is_one_line(tiny_sd3, tmp_path, case):
         args += ["--rank", "0"]
     elif case == "rank_too_big":
         args += ["--rank", "64"]
+    elif case == "nf4_unavailable":
+        pytest.importorskip("torch").cuda.is_available() and pytest.skip("a GPU is present: nf4 may work here")
+        args += ["--base_precision", "nf4"]
     elif case == "existing_run":
         (tmp_path / "out" / "checkpoint-250").mkdir(parents=True)
         (tmp_path / "out" / ADAPTER_FILENAME).write_bytes(b"user file")

@@ -1,0 +1,93 @@
+#!/usr/bin/env bash
+# QR-LoRA end to end, CPU only, offline, in a few minutes on 2 cores (see README):
+#   1. build a tiny random SD3 pipeline (python -m qrlora.tiny)
+#   2. train a content and a style QR-LoRA adapter through the real wrappers, on assets/cnt and assets/sty
+#      (and a plain-LoRA pair in the same trainer, for the disentanglement comparison)
+#   3. extract the residual from the content adapter
+#   4. render a 3x3 style x content weight grid in residual form and in delta form, and check they agree
+#   5. plot the adapters' similarity (QR-LoRA pair against the plain-LoRA pair)
+# Environment overrides: DEMO_DIR (demo_output), STEPS (30 training steps per adapter), RANK (4).
+set -euo pipefail
+cd "$(dirname "$0")"
+source scripts/common.sh
+
+DEMO_DIR="${DEMO_DIR:-demo_output}"
+STEPS="${STEPS:-30}"
+RANK="${RANK:-4}"
+export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"   # tiny models: one thread per process is fastest
+export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
+
+# The demo owns DEMO_DIR: it rebuilds a folder it made before, and never touches anything else.
+if [[ -e "$DEMO_DIR" && ! -e "$DEMO_DIR/.qrlora-demo" ]]; then
+  die "$DEMO_DIR exists and was not made by demo.sh; set DEMO_DIR to a new folder"
+fi
+rm -rf "$DEMO_DIR"; mkdir -p "$DEMO_DIR"; touch "$DEMO_DIR/.qrlora-demo"
+start=$(date +%s)
+step() { echo; echo "== [$(( $(date +%s) - start ))s] $*"; }
+
+step "1/5 tiny SD3 pipeline"
+python -m qrlora.tiny --backbone sd3 --output "$DEMO_DIR/tiny-sd3"
+MODEL="$DEMO_DIR/tiny-sd3"
+
+train() {  # train WRAPPER OUTPUT [extra flags]
+  local wrapper="$1" out="$2"; shift 2
+  MODEL_NAME="$MODEL" OUTPUT_DIR="$DEMO_DIR/$out" MAX_TRAIN_STEPS="$STEPS" RESOLUTION=64 MIXED_PRECISION=no \
+    bash "$wrapper" cpu "$RANK" --learning_rate 1e-3 --validation_inference_steps 4 --num_validation_images 1 "$@" \
+    2> "$DEMO_DIR/$out.log" || { tail -n 5 "$DEMO_DIR/$out.log" >&2; die "training $out failed (log: $DEMO_DIR/$out.log)"; }
+  grep -ho "triu_deltaR rank.*\|lora rank.*" "$DEMO_DIR/$out.log" | head -n 1 || true
+}
+step "2/5 training: content and style (triu_deltaR), then the plain-LoRA pair"
+train SD3_dir/train_deltaR_cnt.sh content
+train SD3_dir/train_deltaR_sty.sh style
+train SD3_dir/train_deltaR_cnt.sh lora_content --lora_init_method lora
+train SD3_dir/train_deltaR_sty.sh lora_style --lora_init_method lora
+CONTENT="$DEMO_DIR/content/pytorch_lora_weights.safetensors"
+STYLE="$DEMO_DIR/style/pytorch_lora_weights.safetensors"
+
+step "3/5 residual from the content adapter's stored Q and R"
+python SD3_dir/extract_residual_from_checkpoint.py --model_path "$MODEL" --lora_path "$CONTENT" \
+  --output_dir "$DEMO_DIR/residual"
+
+step "4/5 3x3 weight grids: residual form and delta form"
+render() {  # render OUT [RESIDUAL]
+  MODEL_NAME="$MODEL" STYLE_LORA="$STYLE" CONTENT_LORA="$CONTENT" RESIDUAL="${2:-}" STEPS=8 HEIGHT=64 WIDTH=64 \
+    DTYPE=float32 OUTPUT_DIR="$DEMO_DIR/$1" bash SD3_dir/inference.sh cpu 2>/dev/null
+}
+render grid_residual "$DEMO_DIR/residual/sd3_residual_weights.safetensors"
+render grid_delta
+python - "$DEMO_DIR/grid_residual" "$DEMO_DIR/grid_delta" <<'PY'
+import sys
+from pathlib import Path
+import numpy as np
+from PIL import Image
+a, b = map(Path, sys.argv[1:3])
+names = sorted(p.name for p in a.glob("inference_s*_c*.png"))
+diff = max(int(np.abs(np.asarray(Image.open(a / n), dtype=np.int16) - np.asarray(Image.open(b / n), dtype=np.int16)).max()) for n in names)
+verdict = "agree" if diff <= 1 else "DISAGREE"
+print(f"residual form and delta form {verdict}: {len(names)} images, max pixel difference {diff}/255")
+sys.exit(0 if diff <= 1 else 1)
+PY
+
+step "5/5 similarity: content vs style (Q, R, dR), then dW against the plain-LoRA pair"
+similarity() {  # similarity OUT [env...]
+  local out="$1"; shift
+  env LORA1_PATH="$CONTENT" LORA2_PATH="$STYLE" LORA1_NAME=content LORA2_NAME=style OUTPUT_DIR="$DEMO_DIR/$out" "$@" \
+    bash test/visualize_qrlora_similarity.sh cpu > "$DEMO_DIR/$out.log" 2>&1 \
+    || { tail -n 5 "$DEMO_DIR/$out.log" >&2; die "similarity analysis failed (log: $DEMO_DIR/$out.log)"; }
+}
+similarity similarity
+similarity similarity_vs_lora BASELINE1_PATH="$DEMO_DIR/lora_content/pytorch_lora_weights.safetensors" \
+  BASELINE2_PATH="$DEMO_DIR/lora_style/pytorch_lora_weights.safetensors"
+grep -A6 "^dW similarity" "$DEMO_DIR/similarity_vs_lora.log" || true
+
+step "done in $(( $(date +%s) - start ))s. Everything is under $DEMO_DIR/:"
+cat <<MSG
+  tiny-sd3/                          the tiny SD3 pipeline (diffusers layout)
+  content/, style/                   adapters (pytorch_lora_weights.safetensors), validation images, wrapper copy
+  lora_content/, lora_style/         the plain-LoRA baseline pair from the same trainer
+  residual/                          sd3_residual_weights.safetensors (W - s Q R)
+  grid_residual/grid.png             3x3 style x content grid, residual form
+  grid_delta/grid.png                the same grid, delta form (no residual file)
+  similarity/                        per-layer cosine / CKA / NMI of Q, R, dR, dW: plots, JSON, summary
+  similarity_vs_lora/                dW similarity of the QR-LoRA pair beside the plain-LoRA pair (paper figure)
+MSG

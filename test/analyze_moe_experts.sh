@@ -1,0 +1,54 @@
+#!/usr/bin/env bash
+# MoE expert usage of an adapter during sampling: heatmap (layers x experts), per-step curve, JSON.
+#
+#   bash test/analyze_moe_experts.sh GPU [extra flags for test/analyze_moe_experts.py]
+#
+#   GPU           a GPU id (sets CUDA_VISIBLE_DEVICES) or `cpu`
+#   MODEL_PATH    base pipeline folder or hub id (default: SD3)
+#   LORA_PATH     MoE adapter (default: exps_SD3/moe/pytorch_lora_weights.safetensors)
+#   PROMPT        one prompt (default: "a cat in <s> style"; empty: none); ignored when PROMPTS_FILE is set
+#                 (extra --prompt flags add to it)
+#   PROMPTS_FILE  text file, one prompt per line
+#   NUM_STEPS     denoising steps per prompt (default: 10)
+#   OUTPUT_DIR    default: output_vis/moe_experts-<date>
+#   PYTHON        interpreter (default: python)
+#
+# Example: LORA_PATH=moe.safetensors bash test/analyze_moe_experts.sh 0 --prompt "a dog in <s> style"
+set -euo pipefail
+
+if [[ $# -lt 1 ]]; then
+    echo "usage: bash $0 GPU|cpu [extra flags]" >&2
+    exit 2
+fi
+GPU="$1"
+shift
+if [[ "$GPU" == "cpu" ]]; then
+    export CUDA_VISIBLE_DEVICES=""
+else
+    export CUDA_VISIBLE_DEVICES="$GPU"
+fi
+
+REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+PYTHON="${PYTHON:-python}"
+MODEL_PATH="${MODEL_PATH:-SD3}"
+LORA_PATH="${LORA_PATH:-exps_SD3/moe/pytorch_lora_weights.safetensors}"
+PROMPT="${PROMPT-a cat in <s> style}"  # PROMPT= (empty): only the --prompt flags given after GPU
+PROMPTS_FILE="${PROMPTS_FILE:-}"
+NUM_STEPS="${NUM_STEPS:-10}"
+OUTPUT_DIR="${OUTPUT_DIR:-output_vis/moe_experts-$(date +%Y%m%d-%H%M%S)}"
+
+args=(
+    --model_path "$MODEL_PATH"
+    --lora_path "$LORA_PATH"
+    --num_inference_steps "$NUM_STEPS"
+    --output_dir "$OUTPUT_DIR"
+)
+if [[ -n "$PROMPTS_FILE" ]]; then
+    args+=(--prompts_file "$PROMPTS_FILE")
+elif [[ -n "$PROMPT" ]]; then
+    args+=(--prompt "$PROMPT")
+fi
+
+echo "OUTPUT_DIR: $OUTPUT_DIR"
+export PYTHONPATH="$REPO_ROOT${PYTHONPATH:+:$PYTHONPATH}"
+"$PYTHON" "$REPO_ROOT/test/analyze_moe_experts.py" "${args[@]}" "$@"

@@ -1,0 +1,31 @@
+"""Per-layer similarity of two ICA adapters (--lora_init_method ica): mixing A, sources S0, trained dS and dW.
+
+The same analysis as test/visualize_qrlora_similarity.py (qrlora.analysis), restricted to ICA files.
+
+    python test/analyze_sd3_ica_similarity.py --lora1_path cnt/pytorch_lora_weights.safetensors \
+        --lora2_path sty/pytorch_lora_weights.safetensors --output_dir ica_similarity_analysis --fixed_scale
+"""
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout, uninstalled
+
+from qrlora import analysis  # noqa: E402
+from qrlora.errors import cli_entry  # noqa: E402
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description="Analyze the similarity between two SD3 ICA-LoRA weight files")
+    analysis.add_similarity_arguments(parser, lora1_name="Content", lora2_name="Style",
+                                      output_dir="ica_similarity_analysis")
+    return parser.parse_args(argv)
+
+
+@cli_entry
+def main(argv=None):
+    analysis.run_similarity_cli(parse_args(argv), require_method=("ica",))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,32 @@
+"""Per-layer similarity of two adapters (cosine, linear CKA, NMI of Q, R, dR, dW ...), or with --compare the
+paper's figure: dW similarity of a QR-LoRA pair next to a plain-LoRA pair. All the work is in qrlora.analysis.
+
+    python test/visualize_qrlora_similarity.py --lora1_path sty/pytorch_lora_weights.safetensors \
+        --lora2_path cnt/pytorch_lora_weights.safetensors --lora1_name sty --lora2_name cnt --output_dir out --fixed_scale
+"""
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout, uninstalled
+
+from qrlora import analysis  # noqa: E402
+from qrlora.errors import cli_entry  # noqa: E402
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(
+        description="Analyze the similarity between two QR-LoRA (or LoRA, ICA, SVD, MoE ...) adapter files, layer by layer"
+    )
+    analysis.add_similarity_arguments(parser, lora1_name="style", lora2_name="content",
+                                      output_dir="deltaR_similarity_analysis")
+    return parser.parse_args(argv)
+
+
+@cli_entry
+def main(argv=None):
+    analysis.run_similarity_cli(parse_args(argv))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,64 @@
+#!/usr/bin/env bash
+# Per-layer similarity (cosine, linear CKA, NMI) of two adapter files: figures + JSON.
+#
+#   bash test/visualize_qrlora_similarity.sh GPU [extra flags for test/visualize_qrlora_similarity.py]
+#
+#   GPU           a GPU id (sets CUDA_VISIBLE_DEVICES) or `cpu`
+#   LORA1_PATH    first adapter  (default: exps_SD3/sty/pytorch_lora_weights.safetensors)
+#   LORA2_PATH    second adapter (default: exps_SD3/cnt/pytorch_lora_weights.safetensors)
+#   LORA1_NAME    label of the first  (default: sty)
+#   LORA2_NAME    label of the second (default: cnt)
+#   OUTPUT_DIR    default: output_vis/qrlora_sim-<date>
+#   FIXED_SCALE   1 (default): fixed metric axes; 0: automatic axes
+#   BINS          NMI histogram bins (default: 64)
+#   BASELINE1_PATH, BASELINE2_PATH   if both set: --compare mode against this plain-LoRA pair (paper figure)
+#   PYTHON        interpreter (default: python)
+#
+# Example: LORA1_PATH=a.safetensors LORA2_PATH=b.safetensors bash test/visualize_qrlora_similarity.sh 0 --bins 32
+set -euo pipefail
+
+if [[ $# -lt 1 ]]; then
+    echo "usage: bash $0 GPU|cpu [extra flags]" >&2
+    exit 2
+fi
+GPU="$1"
+shift
+if [[ "$GPU" == "cpu" ]]; then
+    export CUDA_VISIBLE_DEVICES=""
+else
+    export CUDA_VISIBLE_DEVICES="$GPU"
+fi
+
+REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+PYTHON="${PYTHON:-python}"
+LORA1_PATH="${LORA1_PATH:-exps_SD3/sty/pytorch_lora_weights.safetensors}"
+LORA2_PATH="${LORA2_PATH:-exps_SD3/cnt/pytorch_lora_weights.safetensors}"
+LORA1_NAME="${LORA1_NAME:-sty}"
+LORA2_NAME="${LORA2_NAME:-cnt}"
+OUTPUT_DIR="${OUTPUT_DIR:-output_vis/qrlora_sim-$(date +%Y%m%d-%H%M%S)}"
+FIXED_SCALE="${FIXED_SCALE:-1}"
+BINS="${BINS:-64}"
+BASELINE1_PATH="${BASELINE1_PATH:-}"
+BASELINE2_PATH="${BASELINE2_PATH:-}"
+
+args=(
+    --lora1_path "$LORA1_PATH"
+    --lora2_path "$LORA2_PATH"
+    --lora1_name "$LORA1_NAME"
+    --lora2_name "$LORA2_NAME"
+    --output_dir "$OUTPUT_DIR"
+    --bins "$BINS"
+)
+if [[ "$FIXED_SCALE" == "1" ]]; then
+    args+=(--fixed_scale)
+fi
+if [[ -n "$BASELINE1_PATH" || -n "$BASELINE2_PATH" ]]; then
+    args+=(--compare --baseline1_path "$BASELINE1_PATH" --baseline2_path "$BASELINE2_PATH")
+fi
+
+mkdir -p "$OUTPUT_DIR"
+cp "${BASH_SOURCE[0]}" "$OUTPUT_DIR/vis_script.sh"  # what produced these figures, next to them
+echo "OUTPUT_DIR: $OUTPUT_DIR"
+
+export PYTHONPATH="$REPO_ROOT${PYTHONPATH:+:$PYTHONPATH}"
+"$PYTHON" "$REPO_ROOT/test/visualize_qrlora_similarity.py" "${args[@]}" "$@"

@@ -1,0 +1,22 @@
+"""The README's first command, end to end (fewer training steps than the default to keep CI short)."""
+from pathlib import Path
+
+from conftest import run_script
+
+
+def test_demo_end_to_end(tmp_path):
+    demo = tmp_path / "demo"
+    proc = run_script(["bash", "demo.sh"], env={"DEMO_DIR": str(demo), "STEPS": "3"})
+    assert "residual form and delta form agree" in proc.stdout
+    for rel in ("content/pytorch_lora_weights.safetensors", "style/pytorch_lora_weights.safetensors",
+                "residual/sd3_residual_weights.safetensors", "grid_residual/grid.png", "grid_delta/grid.png",
+                "grid_delta/inference_s0.50_c1.00.png", "similarity/all_statistics_summary.json"):
+        assert (demo / rel).is_file(), rel
+    assert list((demo / "similarity").glob("*.png"))
+    # A folder the demo did not make is never touched.
+    foreign = tmp_path / "mine"
+    foreign.mkdir()
+    (foreign / "keep.txt").write_text("x")
+    proc = run_script(["bash", "demo.sh"], env={"DEMO_DIR": str(foreign)}, check=False)
+    assert proc.returncode != 0 and "not made by demo.sh" in proc.stderr
+    assert sorted(p.name for p in foreign.iterdir()) == ["keep.txt"]
