@@ -9,6 +9,7 @@ diffusers' DreamBooth LoRA scripts where they exist.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import logging
 import math
@@ -111,6 +112,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error(f"--rank must be a positive integer, got {args.rank}")
     if args.with_prior_preservation and not (args.class_data_dir and args.class_prompt):
         p.error("--with_prior_preservation needs --class_data_dir and --class_prompt")
+    if args.report_to == "tensorboard" and importlib.util.find_spec("tensorboard") is None:
+        p.error("--report_to tensorboard needs the tensorboard package: pip install tensorboard")
     return args
 
 

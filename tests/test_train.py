@@ -9,6 +9,7 @@ import sys
 
 import pytest
 import torch
+from PIL import Image
 from safetensors import safe_open
 
 from conftest import REPO, error_lines, run_script
@@ -168,7 +169,7 @@ def test_wrong_backbone_for_wrapper(tiny_sd3, tiny_flux, tmp_path):
 
 
 @pytest.mark.parametrize("case", ["missing_model", "not_a_pipeline", "missing_instance", "empty_instance",
-                                  "unreadable_only", "bad_rank", "rank_too_big", "existing_run", "nf4_unavailable"])
+                                  "unreadable_only", "bad_rank", "rank_too_big", "existing_run", "nf4_unavailable", "prodigy_missing"])
 def test_bad_input_is_one_line(tiny_sd3, tmp_path, case):
     from qrlora.train import main
 
@@ -178,7 +179,7 @@ def test_bad_input_is_one_line(tiny_sd3, tmp_path, case):
     expect = {"missing_model": "cannot find", "not_a_pipeline": "model_index.json", "missing_instance": "does not exist",
               "empty_instance": "is empty", "unreadable_only": "no readable image", "bad_rank": "--rank",
               "rank_too_big": "exceeds", "existing_run": "already holds",
-              "nf4_unavailable": "--base_precision nf4 needs"}[case]
+              "nf4_unavailable": "--base_precision nf4 needs", "prodigy_missing": "prodigyopt"}[case]
     if case == "missing_model":
         set_flag("--pretrained_model_name_or_path", str(tmp_path / "nope"))
     elif case == "not_a_pipeline":
@@ -199,6 +200,9 @@ def test_bad_input_is_one_line(tiny_sd3, tmp_path, case):
     elif case == "nf4_unavailable":
         pytest.importorskip("torch").cuda.is_available() and pytest.skip("a GPU is present: nf4 may work here")
         args += ["--base_precision", "nf4"]
+    elif case == "prodigy_missing":
+        pytest.importorskip("importlib").util.find_spec("prodigyopt") and pytest.skip("prodigyopt is installed")
+        args += ["--optimizer", "prodigy"]
     elif case == "existing_run":
         (tmp_path / "out" / "checkpoint-250").mkdir(parents=True)
         (tmp_path / "out" / ADAPTER_FILENAME).write_bytes(b"user file")
@@ -208,6 +212,20 @@ def test_bad_input_is_one_line(tiny_sd3, tmp_path, case):
     assert len(errors) == 1 and expect in errors[0], proc.stderr[-2000:]
     if case == "existing_run":
         assert (tmp_path / "out" / ADAPTER_FILENAME).read_bytes() == b"user file"
+
+
+def test_prior_preservation_generates_missing_class_images(tiny_sd3, tmp_path):
+    from qrlora.train import main
+
+    class_dir = tmp_path / "class"
+    class_dir.mkdir()
+    shutil.copy(REPO / "assets/cnt/cat/cat_0.jpg", class_dir / "existing.jpg")  # one there, two to generate
+    final = main(train_args(tiny_sd3, tmp_path / "out", 2, "--with_prior_preservation", "--class_data_dir", str(class_dir),
+                            "--class_prompt", "a photo of a cat", "--num_class_images", "3",
+                            "--validation_inference_steps", "2", "--train_batch_size", "2"))
+    generated = sorted(p for p in class_dir.iterdir() if p.suffix == ".png")
+    assert len(generated) == 2 and all(Image.open(p).size == (64, 64) for p in generated)
+    assert any(torch.count_nonzero(t["delta_r"]) for t in load_adapter(final).layers.values())
 
 
 def test_unreadable_files_are_skipped_with_one_warning(tmp_path):
