@@ -80,22 +80,29 @@ class Merger:
             if self.live:
                 raise UserError(f"{adapters[self.live[0]].path}: MoE adapters merge live; residual form is for static adapters")
             check_shared_basis([adapters[i] for i in self.static])
-        self._deltas = {i: adapters[i].delta_weights() for i in self.static}
+        # Low-rank factors (B, A) with B A = dW, kept small: a dense dW per adapter and layer would cost as much
+        # memory as the targeted weights themselves (about 20 GiB per adapter on FLUX.1-dev in float32).
+        self._factors = {i: self._adapter_factors(adapters[i]) for i in self.static}
         self._originals: dict[str, torch.Tensor] = {}
         for i in self.static:
-            for p, dW in self._deltas[i].items():
+            for p, (B, A) in self._factors[i].items():
                 layer = self._linear(p, adapters[i].path)
-                if tuple(layer.weight.shape) != tuple(dW.shape):
+                if tuple(layer.weight.shape) != (B.shape[0], A.shape[1]):
                     raise UserError(
-                        f"{adapters[i].path}: layer {p} changes a {tuple(dW.shape)} weight, the model has "
+                        f"{adapters[i].path}: layer {p} changes a {(B.shape[0], A.shape[1])} weight, the model has "
                         f"{tuple(layer.weight.shape)} (different base model or rank?)"
                     )
                 if residual is not None and p not in residual:
                     raise UserError(f"residual file has no layer {p} (computed for another model, rank or method?)")
+                # The original in its own dtype, on the CPU: re-merging always starts from it.
                 self._originals.setdefault(p, layer.weight.detach().to("cpu", copy=True))
         for i in self.live:
             a = adapters[i]
             attach_adapter(model, a.config, a.layers, adapter_name=f"merge_{i}", weight=0.0, source=a.path)
+
+    @staticmethod
+    def _adapter_factors(adapter: AdapterFile) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        return {p: adapter.method.lora_factors(t, adapter.config.scale) for p, t in adapter.layers.items()}
 
     def _linear(self, path: str, source: str) -> nn.Module:
         try:
@@ -104,6 +111,15 @@ class Merger:
             raise UserError(f"{source}: layer {path} does not exist in this model (different base model?)") from None
         return getattr(module, "base_layer", module)
 
+    def _start(self, path: str, original: torch.Tensor, device) -> torch.Tensor:
+        """The float32 weight the adapters are added to: ``W`` (delta form) or ``W_res + s * basis`` (residual form)."""
+        if self.residual is None:
+            return original.to(device, torch.float32, copy=True)
+        first = self.adapters[self.static[0]]
+        named = next(self.adapters[i].layers[path] for i in self.static if path in self.adapters[i].layers)
+        basis = first.method.basis_product({k: v.to(device) for k, v in named.items()})
+        return self.residual[path].to(device, torch.float32, copy=True).add_(basis, alpha=first.config.scale)
+
     @torch.no_grad()
     def merge(self, weights: Sequence[float]) -> nn.Module:
         """Set the model to ``W + sum_i w_i dW_i`` (one weight per adapter, in the order given)."""
@@ -111,16 +127,13 @@ class Merger:
             raise UserError(f"{len(weights)} weights for {len(self.adapters)} adapters")
         for p, original in self._originals.items():
             layer = self._linear(p, "")
-            if self.residual is not None:
-                first = self.adapters[self.static[0]]
-                named = next(self.adapters[i].layers[p] for i in self.static if p in self.adapters[i].layers)
-                merged = self.residual[p].float() + first.config.scale * first.method.basis_product(named)
-            else:
-                merged = original.float()
+            device = layer.weight.device
+            merged = self._start(p, original, device)  # (out, in) float32, one layer at a time
             for i in self.static:
-                if p in self._deltas[i] and weights[i] != 0:
-                    merged = merged + weights[i] * self._deltas[i][p]
-            layer.weight.copy_(merged.to(layer.weight.dtype))
+                if p in self._factors[i] and weights[i] != 0:
+                    B, A = self._factors[i][p]
+                    merged.addmm_(B.to(device), A.to(device), alpha=weights[i])
+            layer.weight.copy_(merged)
         set_adapter_weights(self.model, {f"merge_{i}": weights[i] for i in self.live})
         return self.model
 

@@ -64,7 +64,7 @@ def test_train_step_smoke(tmp_path):
     for v in by_name.values():
         assert "error" not in v, v.get("error")
         for key in ("step_seconds_median", "peak_rss_mib", "trainable_params", "step_time_ratio", "peak_memory_ratio",
-                    "trainable_param_ratio", "init_seconds"):
+                    "trainable_param_ratio", "init_seconds", "step_gflops", "step_flops_ratio"):
             assert key in v, key
     ours = by_name["deltaR"]
     assert ours["param_ratio_exact"] is True
@@ -114,13 +114,10 @@ def test_gpu_flux_python_without_gpu(tmp_path):
     assert not (tmp_path / "g.json").exists()
 
 
-def test_gpu_flux_logic_on_tiny_cpu_model():
+def test_gpu_flux_logic_on_tiny_cpu_model(monkeypatch):
     """The GPU script's init and training code on a tiny FLUX config on the CPU, in-process (no timing)."""
-    sys.path.insert(0, str(BENCH))
-    try:
-        import gpu_flux
-    finally:
-        sys.path.remove(str(BENCH))
+    monkeypatch.setattr(sys, "path", [str(BENCH), *sys.path])  # restored after the test
+    import gpu_flux
     size = gpu_flux.SIZES["tiny-cpu"]
     init = gpu_flux.run_init("cpu", True, size)
     assert init["layers"] == sum(init["counts"].values()) == 15

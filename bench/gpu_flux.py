@@ -1,0 +1,367 @@
+"""FLUX.1-dev-sized GPU benchmark: init time of every targeted layer, then training step time and peak memory.
+
+A ``FluxTransformer2DModel`` built from the published FLUX.1-dev config (19 double + 38 single blocks, width
+3072, ~11.9 B parameters) with random bf16 weights (no download; built on the meta device, then materialised
+on the GPU and filled with ``N(0, 1/in)`` weights, zero biases, unit norms). Three parts, each in its own
+process so that every peak memory is its own:
+
+1. ``init``: QR-LoRA initialisation of all 342 targeted layers at rank 64, ours (``inject_adapters``, measured
+   on the whole model) against the published algorithm (full SVD, dense core, dense QR; one layer of each
+   distinct shape timed, multiplied by the layer count) and PEFT's ``pissa_niter_4`` SVD (same extrapolation).
+2. ``train``: one training step at 512 px (4096 latent pixels packed into 1024 image tokens, 512 T5 tokens),
+   batch 1, gradient checkpointing, bf16 autocast with float32 trainable parameters (what diffusers' FLUX
+   DreamBooth LoRA script does), AdamW; ``triu_deltaR`` against PEFT LoRA (``add_adapter``) at rank 64 and
+   the same targets. Median step time after warm-up, ``torch.cuda.max_memory_allocated``.
+3. the same two variants on a quantized base (``qrlora.quantize.quantize_base_``: NF4 with bitsandbytes, else
+   fp8 with torchao; every frozen Linear), when either library is installed; skipped with a note otherwise.
+   Ours decomposes the bf16 weights first, then quantizes; PEFT's base is quantized before ``add_adapter``.
+
+Runs in well under 8 minutes on an H100/H200. Without a CUDA GPU it prints a message and exits 0 (use
+``bench/gpu_flux.sh``). ``--tiny-cpu`` runs the same code on a tiny FLUX config on the CPU (a logic check only,
+used by the test suite; its numbers mean nothing).
+
+    bash bench/gpu_flux.sh                  # or: python bench/gpu_flux.py [--output PATH]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _common as C  # noqa: E402
+
+NO_GPU_MESSAGE = "bench/gpu_flux.py: no CUDA GPU available (torch.cuda.is_available() is False); nothing to measure."
+RANK = 64
+TINY_CONFIG = dict(patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=16,
+                   num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=16, guidance_embeds=True,
+                   axes_dims_rope=(4, 6, 6))
+SIZES = {
+    # latent side (512 px / 8 = 64 -> 32 x 32 packed tokens), text tokens, warm-up and timed steps
+    "gpu": dict(latent=64, text_len=512, warmup=2, steps=5, rank=RANK),
+    "tiny-cpu": dict(latent=8, text_len=8, warmup=1, steps=1, rank=4),
+}
+TRAIN_VARIANTS = ["peft_lora", "triu_deltaR"]  # + the same two on a quantized base, "+nf4" or "+fp8"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Model with random bf16 weights
+# ---------------------------------------------------------------------------------------------------------
+def build_flux(device: str, tiny: bool):
+    import torch
+    from diffusers import FluxTransformer2DModel
+
+    cfg = TINY_CONFIG if tiny else C.FLUX_DEV_CONFIG
+    with torch.device("meta"):
+        model = FluxTransformer2DModel(**cfg)
+    model = model.to(torch.bfloat16).to_empty(device=device)
+    gen = torch.Generator(device=device).manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() >= 2:
+                p.normal_(0.0, p.shape[-1] ** -0.5, generator=gen)
+            elif "norm" in name and name.endswith("weight"):
+                p.fill_(1.0)
+            else:
+                p.zero_()
+        for _, b in model.named_buffers():
+            b.zero_()
+    return model
+
+
+def _sync(device: str):
+    import torch
+
+    return torch.cuda.synchronize if device == "cuda" else None
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Part 1: init time
+# ---------------------------------------------------------------------------------------------------------
+def run_init(device: str, tiny: bool, size: dict) -> dict:
+    import torch
+    from collections import Counter
+
+    from decompose import peft_pissa_niter_4_init, published_init, ours_init
+    from qrlora.inject import find_target_modules, inject_adapters
+    from qrlora.methods import AdapterConfig
+
+    sync = _sync(device)
+    rank = size["rank"]
+    model = build_flux(device, tiny)
+    paths = find_target_modules(model, C.DEFAULT_TARGETS)
+    shapes = Counter(tuple(model.get_submodule(p).weight.shape) for p in paths)
+    first_of = {}
+    for p in paths:
+        first_of.setdefault(tuple(model.get_submodule(p).weight.shape), p)
+    warm = torch.randn(256, 192, device=device)
+    for fn in (published_init, peft_pissa_niter_4_init, ours_init):  # cuSOLVER / cuBLAS handles, kernels
+        fn(warm, 8, 1.0)
+    per_shape = {}
+    for shape, path in first_of.items():
+        W = model.get_submodule(path).weight.detach().float()  # decompose in float32, as both codes do
+        row = {}
+        for name, fn in (("published", published_init), ("peft_pissa_niter_4", peft_pissa_niter_4_init), ("ours", ours_init)):
+            row[name] = C.timed(lambda: fn(W, rank, 1.0), sync)[0]
+        per_shape[C.shape_str(shape)] = row
+        del W
+    extrapolated = {name: sum(per_shape[C.shape_str(s)][name] * n for s, n in shapes.items())
+                    for name in ("published", "peft_pissa_niter_4", "ours")}
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    seconds, report = C.timed(lambda: inject_adapters(model, AdapterConfig(method="triu_deltaR", rank=rank), C.DEFAULT_TARGETS), sync)
+    return {
+        "part": "init",
+        "layers": len(paths),
+        "counts": {C.shape_str(s): n for s, n in shapes.items()},
+        "per_shape_seconds": per_shape,
+        "extrapolated_seconds": extrapolated,
+        "ours_inject_all_layers_seconds": seconds,
+        "speedup_ours_inject_vs_published": extrapolated["published"] / seconds,
+        "speedup_ours_vs_published_per_shape_sum": extrapolated["published"] / extrapolated["ours"],
+        "speedup_peft_vs_published": extrapolated["published"] / extrapolated["peft_pissa_niter_4"],
+        "trainable_params": report.trainable_params,
+    }
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Parts 2-3: training step
+# ---------------------------------------------------------------------------------------------------------
+def _quantize(model, precision: str) -> int:
+    """Store every frozen base Linear in ``precision`` with the library's own ``qrlora.quantize.quantize_base_``
+    (PEFT's variant gets the very same call before its adapters are added). Returns the number of Linears."""
+    from torch import nn
+
+    from qrlora.quantize import quantize_base_
+
+    count = sum(type(m) is nn.Linear for m in model.modules())
+    quantize_base_(model, precision)
+    return count
+
+
+def run_train(variant: str, device: str, tiny: bool, size: dict) -> dict:
+    import torch
+
+    from qrlora.inject import inject_adapters
+    from qrlora.layers import apply_constraints_
+    from qrlora.methods import AdapterConfig
+
+    sync = _sync(device)
+    method, _, quant = variant.partition("+")
+    rank = size["rank"]
+    model = build_flux(device, tiny)
+    quantized = 0
+    if method == "peft_lora":
+        from peft import LoraConfig
+
+        if quant:
+            quantized = _quantize(model, quant)
+        model.requires_grad_(False)
+        init_s, _ = C.timed(lambda: model.add_adapter(
+            LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian", target_modules=C.DEFAULT_TARGETS)), sync)
+        constrain = None
+    else:
+        # Ours decomposes the bf16 weights as loaded, before quantization (quantized weights cannot be decomposed).
+        init_s, _ = C.timed(lambda: inject_adapters(model, AdapterConfig(method=method, rank=rank), C.DEFAULT_TARGETS), sync)
+        if quant:
+            quantized = _quantize(model, quant)
+        constrain = apply_constraints_
+    params = [p for p in model.parameters() if p.requires_grad]
+    for p in params:  # trainable parameters in float32 (diffusers' cast_training_params)
+        p.data = p.data.float()
+    trainable = sum(p.numel() for p in params)
+    model.enable_gradient_checkpointing()
+    model.train()
+    optimizer = torch.optim.AdamW(params, lr=1e-4)
+
+    cfg = TINY_CONFIG if tiny else C.FLUX_DEV_CONFIG
+    side = size["latent"] // 2  # FLUX packs 2 x 2 latent patches into one token
+    gen = torch.Generator(device=device).manual_seed(1)
+    tokens, text_len = side * side, size["text_len"]
+    latents = torch.randn(1, tokens, cfg["in_channels"], device=device, generator=gen, dtype=torch.bfloat16)
+    noise = torch.randn(latents.shape, device=device, generator=gen, dtype=torch.bfloat16)
+    text = torch.randn(1, text_len, cfg["joint_attention_dim"], device=device, generator=gen, dtype=torch.bfloat16)
+    pooled = torch.randn(1, cfg["pooled_projection_dim"], device=device, generator=gen, dtype=torch.bfloat16)
+    img_ids = torch.zeros(side, side, 3, device=device)
+    img_ids[..., 1] += torch.arange(side, device=device)[:, None]
+    img_ids[..., 2] += torch.arange(side, device=device)[None, :]
+    img_ids = img_ids.reshape(tokens, 3)
+    txt_ids = torch.zeros(text_len, 3, device=device)
+    t = torch.tensor([0.5], device=device)
+    noisy = ((1 - t) * latents.float() + t * noise.float()).to(torch.bfloat16)
+    target = (noise.float() - latents.float())
+    guidance = torch.tensor([3.5], device=device)
+    amp_device = "cuda" if device == "cuda" else "cpu"
+
+    def step():
+        with torch.autocast(amp_device, dtype=torch.bfloat16):
+            pred = model(hidden_states=noisy, encoder_hidden_states=text, pooled_projections=pooled, timestep=t,
+                         img_ids=img_ids, txt_ids=txt_ids, guidance=guidance, return_dict=False)[0]
+        loss = torch.nn.functional.mse_loss(pred.float(), target)
+        loss.backward()
+        optimizer.step()
+        if constrain is not None:
+            constrain(model)
+        optimizer.zero_grad(set_to_none=True)
+
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    for _ in range(size["warmup"]):
+        step()
+    times = [C.timed(step, sync)[0] for _ in range(size["steps"])]
+    out = {"part": "train", "variant": variant, "rank": rank, "init_seconds": init_s, "trainable_params": trainable,
+           "quantized_linears": quantized, "step_seconds": times, "step_seconds_median": C.median(times)}
+    if device == "cuda":
+        out["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
+    else:
+        out["peak_memory_gib"] = C.peak_rss_mib() / 1024
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Parent
+# ---------------------------------------------------------------------------------------------------------
+def spawn(part: str, device: str, tiny: bool, workdir: Path, timeout: float) -> dict:
+    out = workdir / f"{part.replace('+', '_')}.json"
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--part", part, "--device", device, "--json-out", str(out)]
+    if tiny:
+        cmd.append("--tiny-cpu")
+    print(f"[gpu_flux] {part} ...", file=sys.stderr, flush=True)
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {"part": part, "error": f"timed out after {timeout:.0f} s"}
+    if proc.returncode != 0:
+        return {"part": part, "error": f"exit {proc.returncode}: {(proc.stderr or proc.stdout)[-2000:]}"}
+    return json.loads(out.read_text())
+
+
+def _quantized_precision() -> tuple[str | None, str]:
+    """The first of nf4 (bitsandbytes), fp8 (torchao) that this machine can run, or None and why not."""
+    try:
+        from qrlora.quantize import check_available
+    except ImportError as err:
+        return None, f"qrlora.quantize unavailable ({err})"
+    reasons = []
+    for precision in ("nf4", "fp8"):
+        try:
+            check_available(precision)
+            return precision, ""
+        except Exception as err:  # noqa: BLE001 - UserError or a broken install: not available
+            reasons.append(str(err).splitlines()[0] if str(err) else type(err).__name__)
+    return None, "; ".join(reasons)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--output", type=Path, default=None, help="JSON path (default bench/results/gpu_flux.json)")
+    p.add_argument("--tiny-cpu", action="store_true", help="tiny FLUX config on the CPU: a logic check, not a benchmark")
+    p.add_argument("--no-quantized", action="store_true", help="skip the quantized-base variants")
+    p.add_argument("--part", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--device", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--json-out", type=Path, default=None, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    size = SIZES["tiny-cpu" if args.tiny_cpu else "gpu"]
+
+    if args.part:  # child
+        result = run_init(args.device, args.tiny_cpu, size) if args.part == "init" else \
+            run_train(args.part, args.device, args.tiny_cpu, size)
+        C.write_json(args.json_out, result)
+        return 0
+
+    import torch
+
+    if args.tiny_cpu:
+        device = "cpu"
+    elif not torch.cuda.is_available():
+        print(NO_GPU_MESSAGE)
+        return 0
+    else:
+        device = "cuda"
+    output = args.output or C.default_output("gpu_flux_tiny_cpu" if args.tiny_cpu else "gpu_flux")
+    info = C.machine_info()
+    variants = list(TRAIN_VARIANTS)
+    skipped = {}
+    if args.no_quantized:
+        skipped["quantized base"] = "--no-quantized"
+    elif device != "cuda":
+        skipped["quantized base"] = "needs a CUDA GPU"
+    else:
+        precision, reason = _quantized_precision()
+        if precision:
+            variants += [f"{v}+{precision}" for v in TRAIN_VARIANTS]
+        else:
+            skipped["quantized base"] = reason
+    timeout = 600 if device == "cuda" else 300
+    with tempfile.TemporaryDirectory() as tmp:
+        results = [spawn("init", device, args.tiny_cpu, Path(tmp), timeout)]
+        results += [spawn(v, device, args.tiny_cpu, Path(tmp), timeout) for v in variants]
+    init = results[0]
+    train = {r.get("variant", r["part"]): r for r in results[1:]}
+    for quant in ("", "+nf4", "+fp8"):
+        base, ours = train.get("peft_lora" + quant), train.get("triu_deltaR" + quant)
+        if base and ours and "error" not in base and "error" not in ours:
+            ours["step_time_ratio"] = ours["step_seconds_median"] / base["step_seconds_median"]
+            ours["peak_memory_ratio"] = ours["peak_memory_gib"] / base["peak_memory_gib"]
+            ours["trainable_param_ratio"] = ours["trainable_params"] / base["trainable_params"]
+    cfg = TINY_CONFIG if args.tiny_cpu else C.FLUX_DEV_CONFIG
+    payload = {
+        "benchmark": "gpu_flux",
+        "mode": "tiny-cpu" if args.tiny_cpu else "gpu",
+        "device": device,
+        "model": {"class": "FluxTransformer2DModel", "config": cfg, "weights": "random bf16 (no download)"},
+        "resolution_px": size["latent"] * 8,
+        "rank": size["rank"],
+        "gradient_checkpointing": True,
+        "precision": "bf16 base, bf16 autocast, float32 trainable parameters",
+        "timing": f"median of {size['steps']} steps after {size['warmup']} warm-up steps, one process per variant",
+        "machine": info,
+        "git_revision": C.git_revision(),
+        "skipped": skipped,
+        "init": init,
+        "train": list(train.values()),
+    }
+    C.write_json(output, payload)
+    print(render(payload))
+    print(f"\nJSON: {output}")
+    return 0
+
+
+def render(payload: dict) -> str:
+    m, init = payload["machine"], payload["init"]
+    lines = [f"## FLUX.1-dev-sized transformer ({payload['model']['weights']}), rank {payload['rank']}, "
+             f"{payload['mode']} on {m.get('gpu', m['cpu'])}, {m['date']}", ""]
+    if "error" in init:
+        lines.append(f"init FAILED: {init['error']}")
+    else:
+        e = init["extrapolated_seconds"]
+        lines += [f"Init of all {init['layers']} targeted layers:", "",
+                  C.markdown_table(["route", "seconds", "speedup vs published"], [
+                      ["published (full SVD + dense QR), per shape x count", e["published"], 1.0],
+                      ["PEFT pissa_niter_4 SVD + our QR, per shape x count", e["peft_pissa_niter_4"],
+                       init["speedup_peft_vs_published"]],
+                      ["ours, per shape x count", e["ours"], init["speedup_ours_vs_published_per_shape_sum"]],
+                      ["ours, inject_adapters on the whole model (measured)", init["ours_inject_all_layers_seconds"],
+                       init["speedup_ours_inject_vs_published"]],
+                  ]), ""]
+    rows = []
+    for r in payload["train"]:
+        if "error" in r:
+            rows.append([r["part"], "FAILED: " + r["error"].splitlines()[-1][:120], None, None, None, None, None])
+            continue
+        rows.append([r["variant"], r["step_seconds_median"], r.get("step_time_ratio"), r["peak_memory_gib"],
+                     r.get("peak_memory_ratio"), r["trainable_params"], r.get("trainable_param_ratio")])
+    lines += [f"Training step, {payload['resolution_px']} px, batch 1, gradient checkpointing, {payload['precision']}; "
+              f"{payload['timing']}:", "",
+              C.markdown_table(["variant", "step s", "step vs PEFT", "peak GiB", "peak vs PEFT", "trainable params",
+                                "params vs PEFT"], rows)]
+    for what, why in payload["skipped"].items():
+        lines.append(f"\nskipped {what}: {why}")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

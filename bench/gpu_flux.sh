@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# FLUX.1-dev-sized benchmark on one NVIDIA GPU: init time of every targeted layer (ours vs the published
+# algorithm), then training step time and peak GPU memory at 512 px, batch 1, gradient checkpointing, rank 64,
+# triu_deltaR vs PEFT LoRA (and on an NF4 / fp8 quantized base when bitsandbytes / torchao is installed).
+# Random bf16 weights built from the published config: nothing is downloaded. Prints a table, writes bench/results/gpu_flux.json
+# (or the path given with --output). Under 8 minutes on an H100/H200-class GPU.
+#
+#   bash bench/gpu_flux.sh [--output PATH] [--no-quantized]
+#
+# On a machine without an NVIDIA GPU it says so and exits 0.
+set -euo pipefail
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+python="${PYTHON:-python}"
+
+if ! command -v nvidia-smi >/dev/null 2>&1 || ! nvidia-smi -L >/dev/null 2>&1; then
+    echo "bench/gpu_flux.sh: no NVIDIA GPU found (nvidia-smi missing or sees no device); skipping the FLUX GPU benchmark."
+    exit 0
+fi
+if ! "$python" -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)' >/dev/null 2>&1; then
+    echo "bench/gpu_flux.sh: nvidia-smi sees a GPU but this torch has no CUDA (torch.cuda.is_available() is False); skipping."
+    exit 0
+fi
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+exec "$python" "$here/gpu_flux.py" "$@"
