@@ -16,19 +16,10 @@
 # Example: LORA_PATH=moe.safetensors bash test/analyze_moe_experts.sh 0 --prompt "a dog in <s> style"
 set -euo pipefail
 
-if [[ $# -lt 1 ]]; then
-    echo "usage: bash $0 GPU|cpu [extra flags]" >&2
-    exit 2
-fi
-GPU="$1"
+source "$(dirname "${BASH_SOURCE[0]}")/../scripts/common.sh"   # select_devices, REPO_ROOT, PYTHONPATH
+(( $# >= 1 )) || die "usage: bash $0 GPU|cpu [extra flags]"
+select_devices "$1"
 shift
-if [[ "$GPU" == "cpu" ]]; then
-    export CUDA_VISIBLE_DEVICES=""
-else
-    export CUDA_VISIBLE_DEVICES="$GPU"
-fi
-
-REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 PYTHON="${PYTHON:-python}"
 MODEL_PATH="${MODEL_PATH:-SD3}"
 LORA_PATH="${LORA_PATH:-exps_SD3/moe/pytorch_lora_weights.safetensors}"
@@ -50,5 +41,4 @@ elif [[ -n "$PROMPT" ]]; then
 fi
 
 echo "OUTPUT_DIR: $OUTPUT_DIR"
-export PYTHONPATH="$REPO_ROOT${PYTHONPATH:+:$PYTHONPATH}"
 "$PYTHON" "$REPO_ROOT/test/analyze_moe_experts.py" "${args[@]}" "$@"

@@ -17,19 +17,10 @@
 # Example: LORA1_PATH=a.safetensors LORA2_PATH=b.safetensors bash test/visualize_qrlora_similarity.sh 0 --bins 32
 set -euo pipefail
 
-if [[ $# -lt 1 ]]; then
-    echo "usage: bash $0 GPU|cpu [extra flags]" >&2
-    exit 2
-fi
-GPU="$1"
+source "$(dirname "${BASH_SOURCE[0]}")/../scripts/common.sh"   # select_devices, REPO_ROOT, PYTHONPATH
+(( $# >= 1 )) || die "usage: bash $0 GPU|cpu [extra flags]"
+select_devices "$1"
 shift
-if [[ "$GPU" == "cpu" ]]; then
-    export CUDA_VISIBLE_DEVICES=""
-else
-    export CUDA_VISIBLE_DEVICES="$GPU"
-fi
-
-REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 PYTHON="${PYTHON:-python}"
 LORA1_PATH="${LORA1_PATH:-exps_SD3/sty/pytorch_lora_weights.safetensors}"
 LORA2_PATH="${LORA2_PATH:-exps_SD3/cnt/pytorch_lora_weights.safetensors}"
@@ -60,5 +51,4 @@ mkdir -p "$OUTPUT_DIR"
 cp "${BASH_SOURCE[0]}" "$OUTPUT_DIR/vis_script.sh"  # what produced these figures, next to them
 echo "OUTPUT_DIR: $OUTPUT_DIR"
 
-export PYTHONPATH="$REPO_ROOT${PYTHONPATH:+:$PYTHONPATH}"
 "$PYTHON" "$REPO_ROOT/test/visualize_qrlora_similarity.py" "${args[@]}" "$@"
