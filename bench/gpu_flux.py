@@ -105,7 +105,7 @@ def run_init(device: str, tiny: bool, size: dict) -> dict:
         W = model.get_submodule(path).weight.detach().float()  # decompose in float32, as both codes do
         row = {}
         for name, fn in (("published", published_init), ("peft_pissa_niter_4", peft_pissa_niter_4_init), ("ours", ours_init)):
-            row[name] = C.timed(lambda: fn(W, rank, 1.0), sync)[0]
+            row[name] = C.timed(lambda fn=fn, W=W: fn(W, rank, 1.0), sync)[0]
         per_shape[C.shape_str(shape)] = row
         del W
     extrapolated = {name: sum(per_shape[C.shape_str(s)][name] * n for s, n in shapes.items())

@@ -1,5 +1,4 @@
 """The README's first command, end to end (fewer training steps than the default to keep CI short)."""
-from pathlib import Path
 
 from conftest import run_script
 

@@ -4,7 +4,6 @@ import torch
 from torch import nn
 
 from qrlora.checkpoint import (
-    AdapterFile,
     adapter_from_model,
     adapter_metadata,
     export_lora,

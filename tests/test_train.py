@@ -2,9 +2,7 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
 import sys
 
 import pytest
@@ -14,8 +12,7 @@ from safetensors import safe_open
 
 from conftest import REPO, error_lines, run_script
 from qrlora.checkpoint import ADAPTER_FILENAME, load_adapter
-from qrlora.errors import UserError
-from qrlora.methods import AdapterConfig, get_method
+from qrlora.methods import get_method
 
 FAST = ["--validation_inference_steps", "1", "--num_validation_images", "1"]
 SD3_WRAPPERS = {
@@ -171,9 +168,8 @@ def test_wrong_backbone_for_wrapper(tiny_sd3, tiny_flux, tmp_path):
 @pytest.mark.parametrize("case", ["missing_model", "not_a_pipeline", "missing_instance", "empty_instance",
                                   "unreadable_only", "bad_rank", "rank_too_big", "existing_run", "nf4_unavailable", "prodigy_missing"])
 def test_bad_input_is_one_line(tiny_sd3, tmp_path, case):
-    from qrlora.train import main
-
     args = train_args(tiny_sd3, tmp_path / "out", 1)
+
     def set_flag(flag, value):
         args[args.index(flag) + 1] = value
     expect = {"missing_model": "cannot find", "not_a_pipeline": "model_index.json", "missing_instance": "does not exist",
