@@ -1,8 +1,10 @@
 """QR-LoRA: QR-decomposed adapters for text-to-image diffusion models (FLUX.1, SD3, SDXL).
 
 The library modules, by job: ``decompose`` (float32 math), ``methods`` (the registry), ``layers`` (the adapter
-layer), ``inject`` (targeting), ``checkpoint`` (files), ``merge`` (merges), ``backbones`` (model families),
-``train`` (the trainer), ``analysis`` (similarity), ``tiny`` (offline test pipelines).
+layer), ``inject`` (targeting), ``checkpoint`` (files), ``merge`` (merges), ``residual`` / ``export`` (residual and
+LoRA files), ``inference`` (merge rendering), ``backbones`` (model families), ``data`` / ``prior`` (DreamBooth
+images), ``train`` (the trainer), ``quantize`` (fp8 / nf4 base), ``analysis`` (similarity, expert usage),
+``tiny`` (offline test pipelines), ``errors`` (one-line CLI errors).
 """
 from .methods import METHODS, AdapterConfig, get_method
 
