@@ -48,6 +48,26 @@ def find_target_modules(
     return sorted(set(selected), key=order.__getitem__)
 
 
+def validated_targets(model: nn.Module, config: AdapterConfig, targets: Sequence[str],
+                      blocks: Sequence[str] | None = None) -> list[str]:
+    """Target paths for ``config``, checked before any decomposition starts.
+
+    Raises:
+        UserError: a rank below 1, an MoE rank not divisible by the experts, a target or block that matches
+            nothing, or a rank above ``min(out, in)`` of a layer (named).
+    """
+    if config.rank < 1:
+        raise UserError(f"--rank must be a positive integer, got {config.rank}")
+    if config.method == "moe" and config.rank % config.num_experts:
+        raise UserError(f"--rank {config.rank} is not divisible by --moe_num_experts {config.num_experts}")
+    paths = find_target_modules(model, targets, blocks)
+    for path in paths:
+        out_features, in_features = model.get_submodule(path).weight.shape
+        if config.rank > min(out_features, in_features):
+            raise UserError(f"--rank {config.rank} exceeds min(out, in) = {min(out_features, in_features)} of layer {path}")
+    return paths
+
+
 @dataclass
 class InjectionReport:
     """What an injection adapted: layer paths, trainable parameters, and LoRA's count at the same rank."""
@@ -101,19 +121,7 @@ def inject_adapters(
     cast of the base model). Freezes the whole base model; only the adapters' parameters train.
     """
     method = get_method(config.method)
-    if config.rank < 1:
-        raise UserError(f"--rank must be a positive integer, got {config.rank}")
-    if method.name == "moe" and config.rank % config.num_experts:
-        raise UserError(
-            f"--rank {config.rank} is not divisible by --moe_num_experts {config.num_experts}"
-        )
-    paths = find_target_modules(model, targets, blocks)
-    for path in paths:
-        out_features, in_features = model.get_submodule(path).weight.shape
-        if config.rank > min(out_features, in_features):
-            raise UserError(
-                f"--rank {config.rank} exceeds min(out, in) = {min(out_features, in_features)} of layer {path}"
-            )
+    paths = validated_targets(model, config, targets, blocks)
     model.requires_grad_(False)
     report = InjectionReport(method=method.name, rank=config.rank)
     for path in tqdm(paths, desc=f"init {method.name}", disable=not progress, unit="layer"):

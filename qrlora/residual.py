@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 from .backbones import BACKBONES, detect_backbone
 from .checkpoint import AdapterFile, adapter_metadata, load_adapter, residuals_from_adapter, save_residual
 from .errors import UserError, cli_entry
-from .inject import find_target_modules
+from .inject import validated_targets
 from .inference import DTYPES
 from .methods import METHODS, AdapterConfig, get_method
 
@@ -35,10 +35,8 @@ def base_residuals(denoiser, config: AdapterConfig, targets, blocks=None) -> dic
     if not method.static:
         raise UserError(f"--lora_init_method {config.method}: residual files are for static methods")
     out = {}
-    for path in tqdm(find_target_modules(denoiser, targets, blocks), desc="residuals", unit="layer"):
+    for path in tqdm(validated_targets(denoiser, config, targets, blocks), desc="residuals", unit="layer"):
         weight = denoiser.get_submodule(path).weight.detach()
-        if config.rank > min(weight.shape):
-            raise UserError(f"--rank {config.rank} exceeds min(out, in) = {min(weight.shape)} of layer {path}")
         tensors = method.initialize(weight, config, path)
         out[path] = weight.float() - config.scale * method.basis_product(tensors)
     return out

@@ -262,7 +262,8 @@ def main(argv=None) -> Path:
     num_epochs = math.ceil(max_steps / updates_per_epoch)
     if args.scale_lr:
         args.learning_rate *= args.gradient_accumulation_steps * args.train_batch_size * world
-    optimizer = build_optimizer(args, trainable_parameters(denoiser))
+    params = trainable_parameters(denoiser)  # the adapters' parameters, collected once (not on every step)
+    optimizer = build_optimizer(args, params)
     lr_scheduler = get_scheduler(args.lr_scheduler, optimizer=optimizer, num_warmup_steps=args.lr_warmup_steps * world,
                                  num_training_steps=max_steps * world, num_cycles=args.lr_num_cycles, power=args.lr_power)
     denoiser, optimizer, lr_scheduler = accelerator.prepare(denoiser, optimizer, lr_scheduler)
@@ -295,7 +296,8 @@ def main(argv=None) -> Path:
 
     def save_checkpoint(step: int) -> None:
         if accelerator.is_main_process and args.checkpoints_total_limit:
-            for old in checkpoints(output_dir)[: max(0, len(checkpoints(output_dir)) - args.checkpoints_total_limit + 1)]:
+            existing = checkpoints(output_dir)
+            for old in existing[: max(0, len(existing) - args.checkpoints_total_limit + 1)]:
                 shutil.rmtree(old)
         accelerator.save_state(str(output_dir / f"checkpoint-{step}"))
         accelerator.wait_for_everyone()
@@ -328,7 +330,7 @@ def main(argv=None) -> Path:
                                     f"last good checkpoint: {kept[-1] if kept else 'none (no checkpoint saved yet)'}")
                 accelerator.backward(loss)
                 if accelerator.sync_gradients and args.max_grad_norm > 0:
-                    accelerator.clip_grad_norm_(trainable_parameters(model), args.max_grad_norm)
+                    accelerator.clip_grad_norm_(params, args.max_grad_norm)
                 optimizer.step()
                 lr_scheduler.step()
                 optimizer.zero_grad(set_to_none=True)

@@ -73,8 +73,8 @@ class Backbone:
              text_dtype: torch.dtype = torch.float32) -> Components:
         """Load the denoiser (as stored, or in ``denoiser_dtype``), the VAE, the scheduler, and the text parts."""
         vae = diffusers.AutoencoderKL.from_pretrained(vae_path or model_path, subfolder=None if vae_path else "vae")
-        scheduler_config = diffusers.DiffusionPipeline.load_config(model_path, subfolder="scheduler") if not Path(model_path).is_dir() \
-            else json.loads((Path(model_path) / "scheduler" / "scheduler_config.json").read_text())
+        # Any scheduler class reads ``scheduler/scheduler_config.json`` (folder or hub id); ``_class_name`` picks the real one.
+        scheduler_config = diffusers.DDPMScheduler.load_config(model_path, subfolder="scheduler")
         scheduler = getattr(diffusers, scheduler_config["_class_name"]).from_config(scheduler_config)
         text_pipeline = self.pipeline_cls().from_pretrained(
             model_path, torch_dtype=text_dtype, **{self.denoiser_name: None, "vae": None}
