@@ -235,10 +235,10 @@ def test_unreadable_files_are_skipped_with_one_warning(tmp_path):
 
 
 def test_non_finite_loss_stops_and_keeps_last_checkpoint(tiny_sd3, tmp_path, monkeypatch):
-    from qrlora.backbones.base import FlowMatchingBackbone
+    from qrlora.backbones.base import Backbone
     from qrlora.train import main
 
-    original = FlowMatchingBackbone.loss_per_sample
+    original = Backbone.training_loss
     calls = {"n": 0}
 
     def poisoned(self, *a, **k):
@@ -246,7 +246,7 @@ def test_non_finite_loss_stops_and_keeps_last_checkpoint(tiny_sd3, tmp_path, mon
         loss = original(self, *a, **k)
         return loss * float("nan") if calls["n"] == 3 else loss
 
-    monkeypatch.setattr(FlowMatchingBackbone, "loss_per_sample", poisoned)
+    monkeypatch.setattr(Backbone, "training_loss", poisoned)
     with pytest.raises(SystemExit) as exc:
         main(train_args(tiny_sd3, tmp_path, 4))
     assert exc.value.code == 2
