@@ -9,13 +9,12 @@ import shutil
 
 import pytest
 import torch
-from diffusers import AutoencoderKL, EulerDiscreteScheduler, UNet2DConditionModel
+from diffusers import AutoencoderKL, UNet2DConditionModel
 from safetensors import safe_open
 
 from conftest import error_lines, make_adapter, run_script
 from qrlora.backbones import BACKBONES
 from qrlora.checkpoint import ADAPTER_FILENAME, load_adapter
-from qrlora.errors import UserError
 from qrlora.inject import find_target_modules
 from qrlora.methods import get_method
 

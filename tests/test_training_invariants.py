@@ -18,7 +18,7 @@ from PIL import Image
 
 from conftest import REPO, run_script
 from qrlora.backbones import BACKBONES
-from qrlora.checkpoint import ADAPTER_FILENAME, load_adapter
+from qrlora.checkpoint import load_adapter
 from qrlora.data import DreamBoothDataset, collate
 from qrlora.inject import inject_adapters
 from qrlora.layers import AdapterState, adapter_layers
