@@ -109,6 +109,7 @@ def main(argv=None) -> list[Path]:
         raise UserError(f"--output_dir: {out / taken[0]} is not empty; pass --overwrite or choose a new folder")
 
     # 2. Render each strategy, 3. score all images together.
+    args.seed = seeds[0]  # ZipLoRA samples its recordings with the first seed
     for name in strategies:
         render_strategy(name, adapters, args, style_weights, content_weights, seeds, out / name)
     written = evaluate_folders([str(out / name) for name in strategies], args, out)
