@@ -21,7 +21,7 @@ from .ziplora import add_ziplora_arguments, column_scaled_adapter, learn_from_ar
 
 
 class DirectMerge:
-    """Today's weighted addition, unchanged (``Merger``)."""
+    """The weighted addition of ``merge.Merger``, exactly as ``Merger`` computes it."""
 
     pair_only = False
     folds_weights = True

@@ -148,7 +148,7 @@ def learn_mergers(pipe, denoiser: nn.Module, content: AdapterFile, style: Adapte
         content_calls = record_calls(pipe, denoiser, content_prompt, call_kwargs)
         set_adapter_weights(denoiser, {CONTENT: 0.0, STYLE: 1.0})
         style_calls = record_calls(pipe, denoiser, style_prompt, call_kwargs)
-        # 2. Both adapters on, each through its column scales m (initialised to 1 = today's direct merge).
+        # 2. Both adapters on, each through its column scales m (initialised to 1: the direct merge).
         for _, layer in adapter_layers(denoiser):
             for name in (CONTENT, STYLE):
                 if name in layer.adapters:

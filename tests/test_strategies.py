@@ -52,7 +52,7 @@ def test_direct_strategy_is_the_plain_merger_bit_for_bit(tiny_sd3, mixed_pair, t
     grid_main(["--model_path", str(tiny_sd3), "--style_lora_path", str(style), "--content_lora_path", str(content),
                "--style_weights", "0.5", "--content_weights", "1", "--merge_strategy", "direct", *RENDER,
                "--output_dir", str(tmp_path)])
-    pipe = _tiny_pipe(tiny_sd3)  # the route before strategies existed: Merger on the denoiser, then the pipeline
+    pipe = _tiny_pipe(tiny_sd3)  # the plain route: Merger on the denoiser, then the pipeline
     Merger(pipe.transformer, [load_adapter(style), load_adapter(content)]).merge([0.5, 1.0])
     assert np.array_equal(pixels(_call(pipe)), pixels(tmp_path / "inference_s0.50_c1.00.png"))
     manifest = json.loads((tmp_path / "manifest.json").read_text())
