@@ -4,7 +4,9 @@ The library modules, by job: ``decompose`` (float32 math), ``methods`` (the regi
 layer), ``inject`` (targeting), ``checkpoint`` (files), ``merge`` (merges), ``residual`` / ``export`` (residual and
 LoRA files), ``inference`` (merge rendering), ``backbones`` (model families), ``data`` / ``prior`` (DreamBooth
 images), ``train`` (the trainer), ``quantize`` (fp8 / nf4 base), ``analysis`` (similarity, expert usage),
-``tiny`` (offline test pipelines), ``errors`` (one-line CLI errors).
+``tiny`` (offline test pipelines), ``errors`` (one-line CLI errors), ``strategies`` / ``ziplora`` / ``klora`` (merge
+strategies), ``evaluate`` (CLIP / DINO scores), ``compare`` (the comparison command), ``tiny_scorers`` (offline CLIP
+and DINO models).
 """
 from .methods import METHODS, AdapterConfig, get_method
 
