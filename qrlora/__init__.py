@@ -10,5 +10,5 @@ and DINO models).
 """
 from .methods import METHODS, AdapterConfig, get_method
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 __all__ = ["METHODS", "AdapterConfig", "get_method", "__version__"]
