@@ -145,14 +145,21 @@ def test_resume_continues_exactly(tiny_sd3, tmp_path):
 
 
 def test_two_processes_on_cpu(tiny_sd3, tmp_path):
-    out = tmp_path / "ddp"
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2", "--num_machines", "1",
-           "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "qrlora.train",
-           *train_args(tiny_sd3, out, 2), "--lora_init_method", "ica"]
-    run_script(cmd)
-    files = sorted(p.name for p in out.iterdir())
+    """Two data-parallel processes; only the main one validates, and that changes nothing either process trains."""
+    def launch(out, *extra):
+        run_script([sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2", "--num_machines", "1",
+                    "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "qrlora.train",
+                    *train_args(tiny_sd3, out, 4), "--lora_init_method", "ica", "--checkpointing_steps", "100", *extra])
+        return out / ADAPTER_FILENAME
+
+    plain = launch(tmp_path / "ddp")
+    files = sorted(p.name for p in (tmp_path / "ddp").iterdir())
     assert files == [ADAPTER_FILENAME]  # one writer, no stray temporary files
-    check_adapter_file(out / ADAPTER_FILENAME, tiny_sd3, "ica", 4, "sd3")
+    check_adapter_file(plain, tiny_sd3, "ica", 4, "sd3")
+    validated = launch(tmp_path / "ddp_validated", "--validation_prompt", "a <c> cat", "--validation_epochs", "1",
+                       "--num_validation_images", "1", "--validation_inference_steps", "2")
+    a, b = load_adapter(plain), load_adapter(validated)
+    assert all(torch.equal(t, b.layers[p][n]) for p, named in a.layers.items() for n, t in named.items())
 
 
 # ---- bad input: one clear line, non-zero exit, nothing overwritten -----------------------------------
