@@ -37,7 +37,12 @@ import _common as C  # noqa: E402
 
 TARGET_STEP_RATIO = 0.95  # deltaR / triu_deltaR / svd step time vs PEFT LoRA
 TARGET_MEMORY_RATIO = 1.0
-R_BY_IN_METHODS = ("deltaR", "triu_deltaR", "svd")  # train an r x in matrix: params = in / (in + out) of LoRA's
+
+def r_by_in_methods(rank: int) -> list[str]:
+    """Methods that train one r x in matrix (params = in / (in + out) of LoRA's), asked of the registry."""
+    from qrlora.methods import METHODS, AdapterConfig
+
+    return [name for name, m in METHODS.items() if m.trains_r_by_in(AdapterConfig(method=name, rank=rank, num_experts=1))]
 
 SIZES = {
     # name: transformer blocks, heads, head dim, latent side (px / 8), text tokens, extra warm-up steps (after
@@ -249,12 +254,12 @@ def summarise(results: list[dict]) -> dict:
         if r["train_peak_rss_mib"] and base["train_peak_rss_mib"]:
             r["train_peak_memory_ratio"] = r["train_peak_rss_mib"] / base["train_peak_rss_mib"]
         r["trainable_param_ratio"] = r["trainable_params"] / base["trainable_params"]
-        if r["variant"] in R_BY_IN_METHODS:
+        if r["variant"] in r_by_in_methods(r["rank"]):
             # exact integer check: ours * sum(in + out) == lora * sum(in)
             r["expected_param_ratio"] = r["sum_in"] / (r["sum_in"] + r["sum_out"])
             r["param_ratio_exact"] = r["trainable_params"] * (r["sum_in"] + r["sum_out"]) == base["trainable_params"] * r["sum_in"]
     verdict = {}
-    for name in R_BY_IN_METHODS:
+    for name in r_by_in_methods(base["rank"]):
         r = next((x for x in results if x["variant"] == name and "error" not in x), None)
         if r is None:
             continue
@@ -329,7 +334,7 @@ def main(argv=None) -> dict | None:
         "busy_starts": sum(r.get("idle_gate", {}).get("busy_starts", 0) for r in results),
         "git_revision": C.git_revision(),
         "targets": {"step_time_ratio_max": TARGET_STEP_RATIO, "peak_memory_ratio_max": TARGET_MEMORY_RATIO,
-                    "param_ratio": "sum(in) / sum(in + out) for " + ", ".join(R_BY_IN_METHODS)},
+                    "param_ratio": "sum(in) / sum(in + out) for " + ", ".join(r_by_in_methods(rank))},
         "variants": results,
         "verdict": verdict,
     }

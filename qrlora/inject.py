@@ -52,14 +52,11 @@ def validated_targets(model: nn.Module, config: AdapterConfig, targets: Sequence
                       blocks: Sequence[str] | None = None) -> list[str]:
     """Target paths for ``config``, checked before any decomposition starts.
 
+    ``AdapterConfig`` has already checked itself (rank, alpha, experts); what is left depends on the model.
+
     Raises:
-        UserError: a rank below 1, an MoE rank not divisible by the experts, a target or block that matches
-            nothing, or a rank above ``min(out, in)`` of a layer (named).
+        UserError: a target or block that matches nothing, or a rank above ``min(out, in)`` of a layer (named).
     """
-    if config.rank < 1:
-        raise UserError(f"--rank must be a positive integer, got {config.rank}")
-    if config.method == "moe" and config.rank % config.num_experts:
-        raise UserError(f"--rank {config.rank} is not divisible by --moe_num_experts {config.num_experts}")
     paths = find_target_modules(model, targets, blocks)
     for path in paths:
         out_features, in_features = model.get_submodule(path).weight.shape

@@ -14,6 +14,7 @@ from typing import Mapping
 import torch
 
 from . import decompose
+from .errors import UserError
 
 Tensors = Mapping[str, torch.Tensor]
 
@@ -29,6 +30,20 @@ class AdapterConfig:
     delta_scale: float = 0.01  # std of the coefficients when use_zero_init is off (published default)
     num_experts: int = 8  # moe only
     seed: int = 0  # seeds ica, moe gates, lora A and non-zero coefficient init, per layer
+
+    def __post_init__(self):
+        """Validate as PEFT's ``LoraConfig`` does: a config that exists is one the methods can use."""
+        method = get_method(self.method)
+        if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 1:
+            raise UserError(f"--rank must be a positive integer, got {self.rank!r}")
+        if self.alpha is not None and not (math.isfinite(self.alpha) and self.alpha > 0):
+            raise UserError(f"--lora_alpha must be a positive number, got {self.alpha!r}")
+        if method.uses_experts:
+            if self.num_experts < 1 or self.rank % self.num_experts:
+                raise UserError(f"--rank {self.rank} must be a multiple of --moe_num_experts {self.num_experts} "
+                                f"(each expert owns rank / experts directions)")
+        if not (math.isfinite(self.delta_scale) and self.delta_scale >= 0):
+            raise UserError(f"--delta_scale must be a non-negative number, got {self.delta_scale!r}")
 
     @property
     def lora_alpha(self) -> float:
@@ -59,8 +74,13 @@ class Method:
 
     name: str = ""
     static: bool = True  # dW independent of the input, so it folds into W
+    uses_experts: bool = False  # the rank is split across --moe_num_experts experts with a gate
     trainable: tuple[str, ...] = ()
     basis: tuple[str, ...] = ()  # frozen tensors adapters must share to merge in residual form
+    # The tensors' names in the paper's notation, in the order reports show them (file keys keep the published
+    # q / base_r / delta_r layout): what plots and reports call them.
+    math_names: Mapping[str, str] = {}
+    display_name: str = ""  # how reports label an adapter of this method
 
     # ---- initialisation -------------------------------------------------------------------------------
     def initialize(self, weight: torch.Tensor, cfg: AdapterConfig, layer_name: str) -> dict[str, torch.Tensor]:
@@ -100,10 +120,23 @@ class Method:
         """The shape of every tensor for a layer of weight shape (out, in): what a file must hold to fit."""
         raise NotImplementedError
 
+    def export_rank(self, cfg: AdapterConfig) -> int:
+        """Rank of the standard LoRA this method exports to (the width of ``lora_factors``)."""
+        return cfg.rank
+
+    def trains_r_by_in(self, cfg: AdapterConfig, out_features: int = 7, in_features: int = 5) -> bool:
+        """True when the trainable tensors are one ``r x in`` matrix (half of LoRA's parameters when square)."""
+        shapes = self.shapes(out_features, in_features, cfg)
+        return [shapes[n] for n in self.trainable] == [(cfg.rank, in_features)]
+
     def trainable_count(self, out_features: int, in_features: int, cfg: AdapterConfig) -> int:
         """Trainable scalars on one layer (``r * in`` for deltaR: half of LoRA's ``r * (in + out)`` when square)."""
         shapes = self.shapes(out_features, in_features, cfg)
         return sum(math.prod(shapes[name]) for name in self.trainable)
+
+    def math_name(self, name: str) -> str:
+        """``name``'s symbol in the paper's notation (the tensor name itself when the method names none)."""
+        return self.math_names.get(name, name)
 
     @property
     def tensor_names(self) -> tuple[str, ...]:
@@ -117,6 +150,8 @@ class DeltaR(Method):
     name = "deltaR"
     trainable = ("delta_r",)
     basis = ("q", "base_r")
+    math_names = {"q": "Q", "base_r": "R", "delta_r": "dR"}
+    display_name = "QR-LoRA (deltaR)"
 
     def initialize(self, weight, cfg, layer_name):
         svd = decompose.truncated_svd(weight, cfg.rank)
@@ -145,6 +180,7 @@ class TriuDeltaR(DeltaR):
     """``dR`` kept upper-triangular (mask ``j >= i``), matching the structure of ``R`` itself."""
 
     name = "triu_deltaR"
+    display_name = "QR-LoRA (triu_deltaR)"
 
     def grad_mask(self, name, t):
         if name != "delta_r":
@@ -159,6 +195,8 @@ class QRJoint(Method):
     name = "qr"
     trainable = ("q", "base_r")
     basis = ("q0", "r0")
+    math_names = {"q": "Q", "base_r": "R", "q0": "Q0", "r0": "R0"}
+    display_name = "QR-LoRA (qr)"
 
     def initialize(self, weight, cfg, layer_name):
         q, r = decompose.qr_of_core(decompose.truncated_svd(weight, cfg.rank), cfg.scale)
@@ -167,6 +205,9 @@ class QRJoint(Method):
     def output(self, t, x, scale):
         # Two paths instead of one on (Q R - Q0 R0): the difference is exactly 0 at init (bit-identity).
         return ((x @ t["base_r"].T) @ t["q"].T - (x @ t["r0"].T) @ t["q0"].T) * scale
+
+    def export_rank(self, cfg):
+        return 2 * cfg.rank
 
     def lora_factors(self, t, scale):
         # Rank 2r: [Q, -Q0] (out x 2r) times [R; R0] (2r x in).
@@ -185,6 +226,8 @@ class SVDCoefficients(DeltaR):
     """SVD basis: frozen ``U_r`` and ``M0 = diag(S_r/s) V_r^T``; ``dW = s U_r dM``."""
 
     name = "svd"
+    math_names = {"q": "U", "base_r": "M0", "delta_r": "dM"}
+    display_name = "QR-LoRA (svd)"
 
     def initialize(self, weight, cfg, layer_name):
         svd = decompose.truncated_svd(weight, cfg.rank)
@@ -198,6 +241,8 @@ class ICA(Method):
     name = "ica"
     trainable = ("delta_r",)
     basis = ("q", "base_r")
+    math_names = {"q": "A", "base_r": "S0", "delta_r": "dS"}
+    display_name = "QR-LoRA (ica)"
 
     def initialize(self, weight, cfg, layer_name):
         svd = decompose.truncated_svd(weight, cfg.rank)
@@ -219,7 +264,7 @@ class ICA(Method):
 
 
 
-class FrequencyMoE(DeltaR):
+class FrequencyMoE(Method):
     """Frequency mixture of experts: expert ``e`` owns the ``e``-th contiguous slice of the spectrum.
 
     ``Q`` (out x r) and ``R`` (r x in) are the per-expert QR factors side by side; a gate Linear(in, E) weighs
@@ -228,7 +273,11 @@ class FrequencyMoE(DeltaR):
 
     name = "moe"
     static = False
+    uses_experts = True
     trainable = ("delta_r", "gate_weight", "gate_bias")
+    basis = ("q", "base_r")
+    math_names = {"q": "Q", "base_r": "R", "delta_r": "dR", "gate_weight": "gate"}
+    display_name = "QR-LoRA (moe)"
 
     def initialize(self, weight, cfg, layer_name):
         slices = decompose.spectral_slices(cfg.rank, cfg.num_experts)
@@ -264,12 +313,13 @@ class FrequencyMoE(DeltaR):
         gates = self.gate_probabilities(t, x).repeat_interleave(coeff.shape[-1] // num_experts, dim=-1)
         return ((coeff * gates) * scale) @ t["q"].T
 
-    def lora_factors(self, t, scale):
-        return Method.lora_factors(self, t, scale)
+    def basis_product(self, t):
+        return t["q"] @ t["base_r"]
 
     def shapes(self, out_features, in_features, cfg):
-        e = cfg.num_experts
-        return {**super().shapes(out_features, in_features, cfg), "gate_weight": (e, in_features), "gate_bias": (e,)}
+        r, e = cfg.rank, cfg.num_experts
+        return {"q": (out_features, r), "base_r": (r, in_features), "delta_r": (r, in_features),
+                "gate_weight": (e, in_features), "gate_bias": (e,)}
 
 
 
@@ -278,6 +328,8 @@ class LoRA(Method):
 
     name = "lora"
     trainable = ("lora_A", "lora_B")
+    math_names = {"lora_A": "A", "lora_B": "B"}
+    display_name = "LoRA"
 
     def initialize(self, weight, cfg, layer_name):
         out_features, in_features = weight.shape
@@ -308,4 +360,4 @@ def get_method(name: str) -> Method:
     try:
         return METHODS[name]
     except KeyError:
-        raise ValueError(f"unknown --lora_init_method '{name}'; choose one of {', '.join(METHODS)}") from None
+        raise UserError(f"unknown --lora_init_method '{name}'; choose one of {', '.join(METHODS)}") from None

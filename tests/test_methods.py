@@ -17,10 +17,47 @@ from qrlora.errors import UserError
 from qrlora.inject import find_target_modules, inject_adapters
 from qrlora.layers import AdapterLinear, adapter_layers, apply_constraints_, cast_base_model_
 from qrlora.merge import Merger
-from qrlora.methods import METHODS, AdapterConfig
+from qrlora.methods import METHODS, AdapterConfig, Method
 
-ALL = list(METHODS)
-STATIC = [m for m in METHODS if METHODS[m].static]
+
+class RowScale(Method):
+    """A throwaway method defined only here: frozen Q, R; a trainable per-row scale of R, ``dW = s Q diag(c) R``.
+
+    Registered for this module's tests (fixture below), it runs the parametrized suite unchanged: a new method is
+    one class, and nothing outside the registry needs to know its name.
+    """
+
+    name = "rowscale_test_only"
+    trainable = ("delta_r",)
+    basis = ("q", "base_r")
+    math_names = {"q": "Q", "base_r": "R", "delta_r": "c"}
+    display_name = "row-scaled R (test)"
+
+    def initialize(self, weight, cfg, layer_name):
+        full = METHODS["deltaR"].initialize(weight, cfg.with_(method="deltaR"), layer_name)
+        coeff = self._coefficients((cfg.rank, 1), cfg, layer_name, weight.device)
+        return {"q": full["q"], "base_r": full["base_r"], "delta_r": coeff}
+
+    def output(self, t, x, scale):
+        return ((x @ t["base_r"].T) * t["delta_r"].T * scale) @ t["q"].T
+
+    def lora_factors(self, t, scale):
+        return t["q"] * (t["delta_r"].T * scale), t["base_r"]
+
+    def basis_product(self, t):
+        return t["q"] @ t["base_r"]
+
+    def shapes(self, out_features, in_features, cfg):
+        return {"q": (out_features, cfg.rank), "base_r": (cfg.rank, in_features), "delta_r": (cfg.rank, 1)}
+
+
+@pytest.fixture(autouse=True)
+def throwaway_method_registered(monkeypatch):
+    monkeypatch.setitem(METHODS, RowScale.name, RowScale())
+
+
+ALL = [*METHODS, RowScale.name]
+STATIC = [m for m in METHODS if METHODS[m].static] + [RowScale.name]
 TARGETS = ["attn.to_q", "attn.to_k", "attn.to_out.0"]
 
 

@@ -183,7 +183,7 @@ def run_expert_usage_cli(args: argparse.Namespace) -> dict:
         raise UserError(f"--num_inference_steps: must be positive, got {args.num_inference_steps}")
     prompts = _read_prompts(args)
     adapter = load_adapter(args.lora_path)
-    if adapter.config.method != "moe":
+    if not adapter.method.uses_experts:
         raise UserError(f"--lora_path {args.lora_path}: a {adapter.config.method} adapter; expert usage needs an "
                         "moe adapter (--lora_init_method moe)")
     if args.rank is not None and args.rank != adapter.config.rank:

@@ -27,16 +27,6 @@ from .plots import save_compare_figure, save_histogram, save_line_plot, save_ove
 # =========================================================================================================
 # Adapter pairs
 # =========================================================================================================
-# Human names of each method's tensors (ARCHITECTURE.md section 2), in plotting order.
-_DISPLAY = {
-    "deltaR": (("q", "Q"), ("base_r", "R"), ("delta_r", "dR")),
-    "triu_deltaR": (("q", "Q"), ("base_r", "R"), ("delta_r", "dR")),
-    "svd": (("q", "U"), ("base_r", "M0"), ("delta_r", "dM")),
-    "ica": (("q", "A"), ("base_r", "S0"), ("delta_r", "dS")),
-    "moe": (("q", "Q"), ("base_r", "R"), ("delta_r", "dR"), ("gate_weight", "gate")),
-    "qr": (("q", "Q"), ("base_r", "R"), ("q0", "Q0"), ("r0", "R0")),
-    "lora": (("lora_A", "A"), ("lora_B", "B")),
-}
 DELTA_WEIGHT = "dW"
 
 
@@ -49,7 +39,8 @@ def matrix_types(method1: str, method2: str) -> list[tuple[str, str | None]]:
     m1, m2 = get_method(method1), get_method(method2)
     types: list[tuple[str, str | None]] = []
     if m1.name == m2.name:
-        types += [(disp, name) for name, disp in _DISPLAY.get(m1.name, tuple((n, n) for n in m1.tensor_names))]
+        # The tensors the method names, in the order the paper shows them (Q, R, dR; U, M0, dM; A, S0, dS; ...).
+        types += [(symbol, name) for name, symbol in (m1.math_names or {n: n for n in m1.tensor_names}).items()]
     if m1.static and m2.static:
         types.append((DELTA_WEIGHT, None))
     return types
@@ -272,7 +263,7 @@ def run_compare(qr_paths: Sequence[str], baseline_paths: Sequence[str], output_d
         per_layer = pair_similarity(a1, a2, layers, bins=bins, device=device, progress=progress, metrics=metrics,
                                     types=[(DELTA_WEIGHT, None)])[DELTA_WEIGHT]
         method = a1.config.method if a1.config.method == a2.config.method else f"{a1.config.method}/{a2.config.method}"
-        label = "LoRA" if method == "lora" else f"QR-LoRA ({method})" if method in _DISPLAY else method
+        label = a1.method.display_name if a1.config.method == a2.config.method else method
         pairs.append({"label": label, "method": method, "rank": a1.config.rank, "paths": [a1.path, a2.path],
                       "names": list(names), "layers": list(layers), "per_layer": per_layer,
                       "summary": {m: summarize(per_layer[m][l] for l in layers) for m in metrics}})
