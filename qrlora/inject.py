@@ -97,7 +97,8 @@ def _wrap(model: nn.Module, path: str) -> AdapterLinear:
 def _base_weight(layer: AdapterLinear) -> torch.Tensor:
     base = layer.base_layer
     weight = base.weight
-    # bitsandbytes / torchao layers dequantize on request; plain Linears hand back their weight.
+    # Decomposition needs the full-precision weight: a bitsandbytes (quant_state) or int8/uint8 weight can no
+    # longer be decomposed exactly, so injection must come before quantization (the trainer's order).
     if hasattr(weight, "quant_state") or weight.dtype in (torch.int8, torch.uint8):
         raise UserError(f"cannot decompose the quantized weight of {type(base).__name__}; inject before quantizing")
     return weight

@@ -81,16 +81,15 @@ from diffusers import (
     UNet2DConditionModel,
 )
 
+from .backbones import BACKBONES as BACKBONE_REGISTRY
+from .errors import UserError, cli_entry
+
 __all__ = ["BACKBONES", "TinyPipelineError", "build_tiny_pipeline", "main"]
 
-BACKBONES = ("sd3", "flux", "sdxl")
-
-# Pipeline class recorded in model_index.json for each backbone.
-_PIPELINE_CLASSES = {
-    "sd3": StableDiffusion3Pipeline,
-    "flux": FluxPipeline,
-    "sdxl": StableDiffusionXLPipeline,
-}
+# The families come from the backbone registry (one owner); each name needs a maker below.
+BACKBONES = tuple(BACKBONE_REGISTRY)
+# Pipeline class recorded in model_index.json for each backbone (the registry's ``pipeline_class``).
+_PIPELINE_CLASSES = {name: BACKBONE_REGISTRY[name].pipeline_cls() for name in BACKBONES}
 
 # Written last into the build folder: its presence means the build completed.
 MARKER_FILE = "qrlora_tiny.json"
@@ -163,8 +162,8 @@ abcdefghijklmnopqrstuvwxyz ABCDEFGHIJKLMNOPQRSTUVWXYZ 0123456789
 # ---------------------------------------------------------------------------
 
 
-class TinyPipelineError(FileExistsError):
-    """The output folder holds something that is not the requested tiny pipeline."""
+class TinyPipelineError(UserError, FileExistsError):
+    """The output folder holds something that is not the requested tiny pipeline (a user error: one line)."""
 
 
 def _corpus_lines() -> list[str]:
@@ -638,10 +637,11 @@ def build_tiny_pipeline(backbone: str, output_dir: str | os.PathLike, seed: int 
     return path
 
 
+@cli_entry
 def main(argv: list[str] | None = None) -> None:
     """CLI: ``python -m qrlora.tiny --backbone sd3|flux|sdxl --output DIR [--seed 0]``.
 
-    Exits via ``SystemExit`` with a one-line message (no traceback) if DIR is in use.
+    A DIR in use ends in one ``error:`` line and exit status 2 (the project's one error path), nothing touched.
     """
     parser = argparse.ArgumentParser(
         prog="python -m qrlora.tiny",
@@ -653,14 +653,11 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
 
     path = pathlib.Path(args.output).expanduser().absolute()
-    try:
-        if _check_target(path, args.backbone, args.seed):
-            print(f"reusing tiny {args.backbone} pipeline (seed {args.seed}) at {path}")
-            return
-        start = time.perf_counter()
-        build_tiny_pipeline(args.backbone, path, seed=args.seed)
-    except TinyPipelineError as err:
-        raise SystemExit(f"qrlora.tiny: error: {err}") from None
+    if _check_target(path, args.backbone, args.seed):
+        print(f"reusing tiny {args.backbone} pipeline (seed {args.seed}) at {path}")
+        return
+    start = time.perf_counter()
+    build_tiny_pipeline(args.backbone, path, seed=args.seed)
     print(f"built tiny {args.backbone} pipeline (seed {args.seed}) at {path} in {time.perf_counter() - start:.1f}s")
 
 

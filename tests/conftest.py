@@ -64,8 +64,13 @@ def error_lines(stderr: str) -> list[str]:
     return [line for line in stderr.splitlines() if line.startswith("error:")]
 
 
-DENOISER = {"sd3": ("SD3Transformer2DModel", "transformer"), "flux": ("FluxTransformer2DModel", "transformer"),
-            "sdxl": ("UNet2DConditionModel", "unet")}
+def _denoisers():
+    from qrlora.backbones import BACKBONES
+
+    return {name: (b.denoiser_class, b.denoiser_name) for name, b in BACKBONES.items()}
+
+
+DENOISER = _denoisers()
 ADAPTER_TARGETS = {"sd3": ["attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0", "attn.add_q_proj"],
                    "flux": ["attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0", "attn.add_q_proj"],
                    "sdxl": ["attn1.to_q", "attn1.to_k", "attn2.to_v", "attn2.to_out.0"]}

@@ -124,7 +124,7 @@ def test_empty_dir_is_filled(tmp_path):
         ("sdxl", "other_seed"),  # a tiny sdxl pipeline built with another seed
     ],
 )
-def test_refuses_foreign_dir(built, tmp_path, backbone, setup):
+def test_refuses_foreign_dir(built, tmp_path, backbone, setup, capsys):
     if setup == "foreign":
         target = tmp_path / "foreign"
         target.mkdir()
@@ -139,8 +139,8 @@ def test_refuses_foreign_dir(built, tmp_path, backbone, setup):
 
     with pytest.raises(SystemExit) as excinfo:
         tiny.main(["--backbone", backbone, "--output", str(target), "--seed", str(seed)])
-    message = excinfo.value.code
-    assert isinstance(message, str) and "\n" not in message and str(target) in message
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert excinfo.value.code == 2 and len(lines) == 1 and lines[0].startswith("error: ") and str(target) in lines[0]
 
     assert {p: p.stat().st_mtime_ns for p in target.rglob("*")} == snapshot
     assert sorted(p.name for p in target.parent.iterdir()) == siblings

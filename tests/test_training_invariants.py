@@ -277,3 +277,14 @@ def test_masks_never_reach_files():
     assert state.masked == ("delta_r",) and any("mask" in name for name, _ in state.named_buffers())
     assert not any("mask" in key for key in state.state_dict())
     assert set(state.tensors()) == set(get_method("triu_deltaR").tensor_names)
+
+
+@pytest.mark.parametrize("wrapper", sorted(str(p.relative_to(REPO)) for d in ("SD3_dir", "flux_dir", "SDXL_dir")
+                                           for p in (REPO / d).glob("train_*.sh")))
+def test_wrapper_defaults_come_from_the_backbone_registry(wrapper):
+    """Shell defaults (model id, resolution, backbone) are checked against ``BACKBONES``, their one owner."""
+    proc = run_script(["bash", wrapper, "cpu", "8"], env={"DRY_RUN": "1", "MODEL_NAME": "", "RESOLUTION": ""})
+    command = proc.stdout.split()
+    backbone = BACKBONES[command[command.index("--backbone") + 1]]
+    assert command[command.index("--pretrained_model_name_or_path") + 1] == backbone.default_model
+    assert int(command[command.index("--resolution") + 1]) == backbone.default_resolution

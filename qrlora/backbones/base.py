@@ -54,6 +54,7 @@ class Backbone:
     denoiser_name: str = "transformer"  # folder and component name of the trained network
     denoiser_class: str = ""
     default_model: str = ""
+    default_resolution: int = 512
     default_targets: tuple[str, ...] = ()
     default_objective: Objective = Objective()
     default_max_sequence_length: int = 77

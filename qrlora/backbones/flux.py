@@ -32,6 +32,7 @@ class Flux(FlowMatchingBackbone):
     pipeline_class = "FluxPipeline"
     denoiser_class = "FluxTransformer2DModel"
     default_model = "black-forest-labs/FLUX.1-dev"
+    default_resolution = 512  # the wrappers' default (a test checks scripts/launch_train.sh against it)
     # As published for FLUX: attention and feed-forward of both streams; names match in double and single blocks.
     default_targets = (
         "attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0",

@@ -10,6 +10,7 @@ class SD3(FlowMatchingBackbone):
     pipeline_class = "StableDiffusion3Pipeline"
     denoiser_class = "SD3Transformer2DModel"
     default_model = "stabilityai/stable-diffusion-3-medium-diffusers"
+    default_resolution = 512  # the wrappers' default (a test checks scripts/launch_train.sh against it)
     # The eight attention projections of every joint block (image and context streams), as published.
     default_targets = (
         "attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0",

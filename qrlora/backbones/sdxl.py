@@ -24,6 +24,7 @@ class SDXL(Backbone):
     denoiser_name = "unet"
     denoiser_class = "UNet2DConditionModel"
     default_model = "stabilityai/stable-diffusion-xl-base-1.0"
+    default_resolution = 1024  # the wrappers' default (a test checks scripts/launch_train.sh against it)
     # The four attention projections of self- (attn1) and cross-attention (attn2) in every transformer block of
     # the UNet: diffusers' SDXL DreamBooth LoRA set (to_q, to_k, to_v, to_out.0), spelled with the attn1/attn2
     # parent so nothing outside BasicTransformerBlock attention can match (not proj_in/out, ff, time embeddings).
