@@ -28,6 +28,7 @@ attention and MLP weights, and the harder case for randomized SVD because the ga
 from __future__ import annotations
 
 import argparse
+import inspect
 import sys
 from pathlib import Path
 
@@ -68,7 +69,17 @@ def ours_init(W: torch.Tensor, rank: int, scale: float) -> tuple[torch.Tensor, t
     return qr_of_core(truncated_svd(W, rank), scale)
 
 
-METHODS = {"published": published_init, "peft_pissa_niter_4": peft_pissa_niter_4_init, "ours": ours_init}
+def ours_with_power_iterations(n_iter: int):
+    """Ours with ``n_iter`` power iterations instead of the default: the speed / error trade-off."""
+    def init(W: torch.Tensor, rank: int, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+        return qr_of_core(truncated_svd(W, rank, n_iter=n_iter), scale)
+    return init
+
+
+DEFAULT_N_ITER = inspect.signature(truncated_svd).parameters["n_iter"].default
+SWEEP = [k for k in (1, 2, 3, 4) if k != DEFAULT_N_ITER]
+METHODS = {"published": published_init, "peft_pissa_niter_4": peft_pissa_niter_4_init, "ours": ours_init,
+           **{f"ours_niter_{k}": ours_with_power_iterations(k) for k in SWEEP}}
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -217,9 +228,39 @@ def main(argv=None) -> dict:
         "verdict": verdict,
     }
     C.write_json(output, payload)
+    tradeoff_plot(payload, output.with_suffix(".png"))
     print(render(payload))
     print(f"\nJSON: {output}")
     return payload
+
+
+def tradeoff_plot(payload: dict, path: Path) -> None:
+    """Worst error ratio against whole-set speed-up over the published init, one point per variant of ours."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    total = next(iter(payload["totals"].values()), None)
+    if total is None:
+        return
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for name in METHODS:
+        if name == "published":
+            continue
+        speed = total["speedup_vs_published"][name]
+        error = max(r["methods"][name]["error_ratio"] for r in payload["shapes"])
+        label = {"ours": f"ours (n_iter={DEFAULT_N_ITER}, default)", "peft_pissa_niter_4": "PEFT svd_lowrank niter=4"}.get(
+            name, name.replace("ours_niter_", "ours n_iter="))
+        ax.scatter(speed, error, s=40)
+        ax.annotate(label, (speed, error), textcoords="offset points", xytext=(5, 4), fontsize=8)
+    ax.axhline(1.001, color="grey", linestyle=":", linewidth=1)
+    ax.set_xlabel(f"speed-up over the published init ({next(iter(payload['totals']))} target set)")
+    ax.set_ylabel("worst ||W - sQR||_F / optimal rank-r error")
+    ax.set_title(f"init trade-off, rank {payload['rank']}, {payload['spectrum']} spectrum")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
 
 
 def render(payload: dict) -> str:
@@ -251,6 +292,13 @@ def render(payload: dict) -> str:
                           t["speedup_vs_published"]["ours"], t["speedup_vs_published"]["peft_pissa_niter_4"]])
         lines.append(C.markdown_table(["target set", "layers", "published s", "PEFT s", "ours s", "ours speedup",
                                        "PEFT speedup"], trows))
+    if payload["totals"]:
+        name, t = next(iter(payload["totals"].items()))
+        lines += ["", f"Power iterations of ours: speed / error trade-off ({name} set; plot beside the JSON):", ""]
+        srows = [[n.replace("ours_niter_", "n_iter=") if n != "ours" else f"n_iter={DEFAULT_N_ITER} (default)",
+                  t["speedup_vs_published"][n], f"{max(r['methods'][n]['error_ratio'] for r in payload['shapes']):.5f}"]
+                 for n in ["ours", *[f"ours_niter_{k}" for k in SWEEP]]]
+        lines.append(C.markdown_table(["ours", "speedup vs published", "worst err/opt"], srows))
     v = payload["verdict"]
     speed = (f"{C.fmt(v['speedup_ok'])} ({v['speedup_total']:.1f}x)" if v["speedup_total"] is not None
              else "not measured in this mode (it needs the FLUX shapes: run without --quick)")
