@@ -38,7 +38,8 @@ def test_decompose_smoke(tmp_path):
     _machine_fields(payload)
     assert len(payload["shapes"]) == 3
     for row in payload["shapes"]:
-        assert set(row["methods"]) == {"published", "peft_pissa_niter_4", "ours"}
+        sweep = {m for m in row["methods"] if m.startswith("ours_niter_")}
+        assert set(row["methods"]) == {"published", "peft_pissa_niter_4", "ours"} | sweep and len(sweep) == 3
         for m in row["methods"].values():
             for key in ("seconds", "speedup_vs_published", "error_ratio", "orthogonality", "orthogonality_2norm",
                         "r_below_diagonal"):
@@ -48,7 +49,9 @@ def test_decompose_smoke(tmp_path):
         assert row["methods"]["published"]["error_ratio"] == pytest.approx(1.0, abs=1e-4)
         assert row["methods"]["ours"]["error_ratio"] < 1.01
     (total,) = payload["totals"].values()
-    assert total["layers"] == 285 and set(total["speedup_vs_published"]) == {"published", "peft_pissa_niter_4", "ours"}
+    # SD3-medium's layer counts as its wrappers train them: 8 attention projections, the last block context-free
+    assert total["layers"] == 191 and {"published", "peft_pissa_niter_4", "ours"} <= set(total["speedup_vs_published"])
+    assert (out.with_suffix(".png")).stat().st_size > 0  # the speed / error trade-off plot
     assert {"speedup_total", "error_ok", "orthogonality_ok"} <= set(payload["verdict"])
     assert "| shape (out x in) |" in proc.stdout
 
