@@ -79,7 +79,7 @@ def test_flux_wrappers_end_to_end(tiny_flux, tmp_path, script):
     adapter = check_adapter_file(out / ADAPTER_FILENAME, tiny_flux, method, 4, "flux")
     assert any(p.startswith("single_transformer_blocks.") for p in adapter.layers)  # single blocks adapted too
     if method == "qr":
-        from qrlora.checkpoint import lora_export_tensors
+        from qrlora.export import lora_export_tensors
 
         exported = lora_export_tensors(adapter)
         assert all(v.shape[0] == 8 for k, v in exported.items() if k.endswith("lora_A.weight"))  # rank 2r

@@ -1,7 +1,7 @@
 """Stable Diffusion 3 (MMDiT): ``SD3Transformer2DModel``, two CLIP encoders + T5, flow matching."""
 from __future__ import annotations
 
-from .base import FlowMatchingBackbone
+from .base import FlowMatchingBackbone, OriginalModule
 
 
 class SD3(FlowMatchingBackbone):
@@ -17,6 +17,19 @@ class SD3(FlowMatchingBackbone):
     default_weighting_scheme = "logit_normal"
     default_max_sequence_length = 77
     text_encoder_names = ("text_encoder", "text_encoder_2", "text_encoder_3", "tokenizer", "tokenizer_2", "tokenizer_3")
+    # Stability's MMDiT checkpoint names (kohya sd-scripts, ComfyUI); q, k, v are one fused Linear there, in that
+    # row order (diffusers' ``convert_sd3_transformer_checkpoint_to_diffusers`` splits them the same way).
+    original_layout = (
+        OriginalModule(r"transformer_blocks\.(\d+)", "joint_blocks.{0}.x_block.attn.qkv", ("attn.to_q", "attn.to_k", "attn.to_v")),
+        OriginalModule(r"transformer_blocks\.(\d+)", "joint_blocks.{0}.x_block.attn.proj", ("attn.to_out.0",)),
+        OriginalModule(r"transformer_blocks\.(\d+)", "joint_blocks.{0}.context_block.attn.qkv",
+                       ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj")),
+        OriginalModule(r"transformer_blocks\.(\d+)", "joint_blocks.{0}.context_block.attn.proj", ("attn.to_add_out",)),
+        OriginalModule(r"transformer_blocks\.(\d+)", "joint_blocks.{0}.x_block.mlp.fc1", ("ff.net.0.proj",)),
+        OriginalModule(r"transformer_blocks\.(\d+)", "joint_blocks.{0}.x_block.mlp.fc2", ("ff.net.2",)),
+        OriginalModule(r"transformer_blocks\.(\d+)", "joint_blocks.{0}.context_block.mlp.fc1", ("ff_context.net.0.proj",)),
+        OriginalModule(r"transformer_blocks\.(\d+)", "joint_blocks.{0}.context_block.mlp.fc2", ("ff_context.net.2",)),
+    )
 
     def encode_prompts(self, text_pipeline, prompts, device, args):
         embeds, _, pooled, _ = text_pipeline.encode_prompt(
