@@ -155,18 +155,18 @@ def kohya_export_tensors(adapter: AdapterFile, backbone: Backbone) -> dict[str, 
     return {k: (v.float() if k.endswith(".alpha") else v) for k, v in tensors.items()}
 
 
-def export_lora(adapter: AdapterFile, path: str | os.PathLike, format: str = "diffusers", backbone: str | None = None) -> Path:
-    """Write ``adapter`` as a standard LoRA file in ``format`` (``diffusers`` or ``kohya``); atomic."""
-    if format == "diffusers":
+def export_lora(adapter: AdapterFile, path: str | os.PathLike, layout: str = "diffusers", backbone: str | None = None) -> Path:
+    """Write ``adapter`` as a standard LoRA file in ``layout`` (``diffusers`` or ``kohya``); atomic."""
+    if layout == "diffusers":
         tensors = lora_export_tensors(adapter)
         return atomic_save_safetensors(tensors, path, diffusers_lora_metadata(adapter, tensors))
-    if format == "kohya":
+    if layout == "kohya":
         model = backbone_of(adapter, backbone)
         tensors = kohya_export_tensors(adapter, model)
         meta = {"exported_from": FORMAT_NAME, "method": adapter.config.method, "source_rank": str(adapter.config.rank),
                 "backbone": model.name, "base_model": adapter.base_model or ""}
         return atomic_save_safetensors(tensors, path, meta)
-    raise UserError(f"--format: unknown format '{format}'; choose one of {', '.join(FORMATS)}")
+    raise UserError(f"--format: unknown layout '{layout}'; choose one of {', '.join(FORMATS)}")
 
 
 def kohya_path(adapter_path: str | os.PathLike) -> Path:

@@ -151,7 +151,7 @@ def test_two_processes_on_cpu(tiny_sd3, tmp_path):
            *train_args(tiny_sd3, out, 2), "--lora_init_method", "ica"]
     run_script(cmd)
     files = sorted(p.name for p in out.iterdir())
-    assert files == [ADAPTER_FILENAME]  # one writer, no stray temporary files
+    assert files == ["README.md", ADAPTER_FILENAME]  # one writer (adapter + model card), no stray temporary files
     check_adapter_file(out / ADAPTER_FILENAME, tiny_sd3, "ica", 4, "sd3")
 
 
