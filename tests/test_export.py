@@ -9,7 +9,7 @@ import re
 
 import pytest
 import torch
-from conftest import DENOISER, make_adapter, run_script
+from conftest import DENOISER, make_adapter
 from full_size_configs import meta_denoiser
 
 from qrlora.backbones import BACKBONES
@@ -200,12 +200,13 @@ def test_kohya_key_sets_at_full_size(tmp_path, backbone):
         assert paths == set(adapter.layers) and len(back) == 2 * 560 and len(alphas) == 560
 
 
-def test_export_cli(tiny, tmp_path):
+def test_export_cli(tiny, tmp_path, capsys):
     adapter = make_adapter(tiny["flux"], "flux", tmp_path / "a.safetensors", method="triu_deltaR")
-    proc = run_script(["python", "-m", "qrlora.export", str(adapter), str(tmp_path / "k.safetensors"), "--format", "kohya"])
-    assert "kohya layout" in proc.stdout and (tmp_path / "k.safetensors").is_file()
+    main([str(adapter), str(tmp_path / "k.safetensors"), "--format", "kohya"])
+    assert any(k.startswith("lora_unet_double_blocks_0_") for k in read_safetensors(tmp_path / "k.safetensors")[0])
     main([str(adapter), str(tmp_path / "d.safetensors")])
     assert "lora_adapter_metadata" in read_safetensors(tmp_path / "d.safetensors")[1]
+    assert capsys.readouterr().out.count("LoRA modules for") == 2
 
 
 def test_export_errors(tiny, tmp_path, capsys):

@@ -51,6 +51,10 @@ def test_published_workflow_needs_no_paths(tiny_flux, tmp_path):
     nothing = user(flux_dir, "bash", "inference_merge.sh", "cpu")  # before any training: one line, what to set
     assert nothing.returncode == 2 and len(error_lines(nothing.stderr)) == 1
     assert "set STYLE_LORA and CONTENT_LORA" in nothing.stderr and "flux_dir/train_deltaR_sty.sh" in nothing.stderr
+    for wrapper, what in (("visualize_qrlora_similarity.sh", "set LORA1_PATH and LORA2_PATH"),
+                          ("analyze_moe_experts.sh", "set LORA_PATH to a MoE adapter file")):
+        nothing = user(root / "test", "bash", wrapper, "cpu")
+        assert nothing.returncode == 2 and len(error_lines(nothing.stderr)) == 1 and what in nothing.stderr
 
     for wrapper in ("train_deltaR_sty.sh", "train_deltaR_cnt.sh"):
         trained = user(flux_dir, "bash", wrapper, "cpu", "4", *SMALL_RUN, MODEL_NAME=str(tiny_flux))
@@ -102,8 +106,14 @@ def test_newest_pair_of_one_backbone_method_and_rank(tmp_path):
 
 
 def test_discovery_filters_and_errors(tmp_path, capsys):
-    fake_run(tmp_path, "exps_SD3", "20260101-000000-s-8-moe", method="moe", rank=8, backbone="sd3")
-    fake_run(tmp_path, "exps_SD3", "20260101-000001-c-8-moe", method="moe", rank=8, backbone="sd3")
+    style = fake_run(tmp_path, "exps_SD3", "20260101-000000-s-8-moe", method="moe", rank=8, backbone="sd3", age=10,
+                     base="tiny-sd3")
+    fake_run(tmp_path, "exps_SD3", "20260101-000001-c-8-moe", method="moe", rank=8, backbone="sd3", age=5,
+             base="tiny-sd3")
+    (tmp_path / "tiny-sd3").mkdir()  # a base model recorded as a path relative to where training started
+    main(["latest", "--roots", str(tmp_path), "--methods", "moe"])  # analyze_moe_experts.sh: the style run first
+    assert capsys.readouterr().out.splitlines() == [f"FOUND_LORA={style / 'pytorch_lora_weights.safetensors'}",
+                                                    f"FOUND_MODEL={tmp_path / 'tiny-sd3'}"]
     main(["pair", "--roots", str(tmp_path), "--backbone", "sd3", "--methods", "moe"])
     out = capsys.readouterr()
     assert "FOUND_STYLE_LORA=" in out.out and "-s-8-moe (style, sd3 moe rank 8)" in out.err
