@@ -53,22 +53,16 @@ SD3_MEDIUM_CONFIG = dict(  # stabilityai/stable-diffusion-3-medium-diffusers, tr
     pos_embed_max_size=192,
 )
 
-# The default QR-LoRA targets of both MMDiT backbones (attention of both streams + both feed-forwards);
-# suffix-matched like PEFT, so in FLUX's single blocks only attn.to_q/k/v match.
-DEFAULT_TARGETS = [
-    "attn.to_q",
-    "attn.to_k",
-    "attn.to_v",
-    "attn.to_out.0",
-    "attn.add_q_proj",
-    "attn.add_k_proj",
-    "attn.add_v_proj",
-    "attn.to_add_out",
-    "ff.net.0.proj",
-    "ff.net.2",
-    "ff_context.net.0.proj",
-    "ff_context.net.2",
-]
+def default_targets(kind: str) -> list[str]:
+    """The targets the ``kind`` wrappers train: the backbone registry's own default set (one owner)."""
+    from qrlora.backbones import BACKBONES
+
+    return list(BACKBONES[kind].default_targets)
+
+
+# FLUX's set: attention of both streams + both feed-forwards; suffix-matched like PEFT, so in FLUX's single
+# blocks only attn.to_q/k/v match.
+DEFAULT_TARGETS = default_targets("flux")
 
 
 def build_on_meta(kind: str, **overrides):
@@ -81,12 +75,13 @@ def build_on_meta(kind: str, **overrides):
         return cls(**{**cfg, **overrides})
 
 
-def count_target_shapes(kind: str, targets: Sequence[str] = DEFAULT_TARGETS) -> dict[tuple[int, int], int]:
-    """``{(out, in): number of targeted Linears}`` of the real model, counted on the meta device (not guessed)."""
+def count_target_shapes(kind: str, targets: Sequence[str] | None = None) -> dict[tuple[int, int], int]:
+    """``{(out, in): number of targeted Linears}`` of the real model, counted on the meta device (not guessed);
+    ``targets`` default to that backbone's own default set."""
     from qrlora.inject import find_target_modules
 
     model = build_on_meta(kind)
-    paths = find_target_modules(model, targets)
+    paths = find_target_modules(model, targets or default_targets(kind))
     return dict(Counter(tuple(model.get_submodule(p).weight.shape) for p in paths))
 
 

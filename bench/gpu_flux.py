@@ -144,31 +144,34 @@ def _quantize(model, precision: str) -> int:
 
 def run_train(variant: str, device: str, tiny: bool, size: dict) -> dict:
     import torch
+    from diffusers import FlowMatchEulerDiscreteScheduler
 
+    from qrlora.backbones import BACKBONES
     from qrlora.inject import inject_adapters
-    from qrlora.layers import apply_constraints_
+    from qrlora.layers import apply_constraints_, cast_base_model_
     from qrlora.methods import AdapterConfig
+    from qrlora.objective import NoiseSchedule, Objective
 
     sync = _sync(device)
     method, _, quant = variant.partition("+")
     rank = size["rank"]
-    model = build_flux(device, tiny)
+    # As the trainer does: build and inject on the CPU, then move the model (adapters included) to the device.
+    model = build_flux("cpu", tiny)
     quantized = 0
     if method == "peft_lora":
         from peft import LoraConfig
 
-        if quant:
-            quantized = _quantize(model, quant)
         model.requires_grad_(False)
         init_s, _ = C.timed(lambda: model.add_adapter(
-            LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian", target_modules=C.DEFAULT_TARGETS)), sync)
+            LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian", target_modules=C.DEFAULT_TARGETS)), _sync("cpu"))
+        model.to(device)
         constrain = None
     else:
-        # Ours decomposes the bf16 weights as loaded, before quantization (quantized weights cannot be decomposed).
-        init_s, _ = C.timed(lambda: inject_adapters(model, AdapterConfig(method=method, rank=rank), C.DEFAULT_TARGETS), sync)
-        if quant:
-            quantized = _quantize(model, quant)
+        init_s, _ = C.timed(lambda: inject_adapters(model, AdapterConfig(method=method, rank=rank), C.DEFAULT_TARGETS), _sync("cpu"))
+        cast_base_model_(model, torch.bfloat16).to(device)
         constrain = apply_constraints_
+    if quant:  # both sides quantize the base after the adapters exist (ours decomposes the weights as loaded)
+        quantized = _quantize(model, quant)
     params = [p for p in model.parameters() if p.requires_grad]
     for p in params:  # trainable parameters in float32 (diffusers' cast_training_params)
         p.data = p.data.float()
@@ -177,30 +180,23 @@ def run_train(variant: str, device: str, tiny: bool, size: dict) -> dict:
     model.train()
     optimizer = torch.optim.AdamW(params, lr=1e-4)
 
+    # The trainer's own loss (qrlora.objective through the FLUX backbone): packing, ids, guidance, flow target.
+    flux = BACKBONES["flux"]
+    schedule = NoiseSchedule.from_scheduler(FlowMatchEulerDiscreteScheduler(shift=3.0))
+    objective = Objective(prediction_type="flow", guidance_scale=3.5)
     cfg = TINY_CONFIG if tiny else C.FLUX_DEV_CONFIG
-    side = size["latent"] // 2  # FLUX packs 2 x 2 latent patches into one token
+    side, text_len = size["latent"], size["text_len"]
     gen = torch.Generator(device=device).manual_seed(1)
-    tokens, text_len = side * side, size["text_len"]
-    latents = torch.randn(1, tokens, cfg["in_channels"], device=device, generator=gen, dtype=torch.bfloat16)
-    noise = torch.randn(latents.shape, device=device, generator=gen, dtype=torch.bfloat16)
-    text = torch.randn(1, text_len, cfg["joint_attention_dim"], device=device, generator=gen, dtype=torch.bfloat16)
-    pooled = torch.randn(1, cfg["pooled_projection_dim"], device=device, generator=gen, dtype=torch.bfloat16)
-    img_ids = torch.zeros(side, side, 3, device=device)
-    img_ids[..., 1] += torch.arange(side, device=device)[:, None]
-    img_ids[..., 2] += torch.arange(side, device=device)[None, :]
-    img_ids = img_ids.reshape(tokens, 3)
-    txt_ids = torch.zeros(text_len, 3, device=device)
-    t = torch.tensor([0.5], device=device)
-    noisy = ((1 - t) * latents.float() + t * noise.float()).to(torch.bfloat16)
-    target = (noise.float() - latents.float())
-    guidance = torch.tensor([3.5], device=device)
+    latents = torch.randn(1, cfg["in_channels"] // 4, side, side, device=device, generator=gen, dtype=torch.bfloat16)
+    cond = {"prompt_embeds": torch.randn(1, text_len, cfg["joint_attention_dim"], device=device, generator=gen, dtype=torch.bfloat16),
+            "pooled_prompt_embeds": torch.randn(1, cfg["pooled_projection_dim"], device=device, generator=gen, dtype=torch.bfloat16),
+            "text_ids": torch.zeros(text_len, 3, device=device)}
     amp_device = "cuda" if device == "cuda" else "cpu"
 
     def step():
         with torch.autocast(amp_device, dtype=torch.bfloat16):
-            pred = model(hidden_states=noisy, encoder_hidden_states=text, pooled_projections=pooled, timestep=t,
-                         img_ids=img_ids, txt_ids=txt_ids, guidance=guidance, return_dict=False)[0]
-        loss = torch.nn.functional.mse_loss(pred.float(), target)
+            draws = torch.Generator(device=device).manual_seed(2)
+            loss = flux.training_loss(model, latents, cond, schedule, objective, draws).mean()
         loss.backward()
         optimizer.step()
         if constrain is not None:

@@ -2,8 +2,8 @@
 
 An SD3-shaped ``SD3Transformer2DModel`` built from a config with the real width (24 heads x 64 = 1536, joint
 attention dim 4096, caption projection 1536, pooled projection 2048) and a few blocks, random float32 weights,
-256 px (latent 16 x 32 x 32, patch 2 -> 256 image tokens), batch 1, on the CPU. One training step is forward,
-flow-matching MSE loss, backward, AdamW step (plus ``apply_constraints_`` for ours, which the trainer runs after
+256 px (latent 16 x 32 x 32, patch 2 -> 256 image tokens), batch 1, on the CPU. One training step is the trainer's own
+loss (``Backbone.training_loss``: SD3's objective), backward, AdamW step (plus ``apply_constraints_`` for ours, which the trainer runs after
 every step), ``zero_grad``. Every variant runs in its own process so that its peak memory is its own:
 
 * ``peft_lora``: ``transformer.add_adapter(LoraConfig(r, lora_alpha=r, init_lora_weights="gaussian",
@@ -78,6 +78,13 @@ def _vm_hwm_mib() -> float | None:
     return None
 
 
+def sd3_default_targets() -> list[str]:
+    """The SD3 wrappers' own target set (the backbone's default: 8 attention projections per joint block)."""
+    from qrlora.backbones import BACKBONES
+
+    return list(BACKBONES["sd3"].default_targets)
+
+
 def build_model(size: dict):
     import torch
     from diffusers import SD3Transformer2DModel
@@ -108,7 +115,7 @@ def make_trainer(variant: str, size: dict, rank: int) -> dict:
     torch.manual_seed(0)
     model = build_model(size)
     model.train()
-    targets = present_targets(model, C.DEFAULT_TARGETS)
+    targets = present_targets(model, sd3_default_targets())
     layer_shapes = [tuple(m.weight.shape) for n, m in model.named_modules()
                     if isinstance(m, nn.Linear) and any(n == t or n.endswith("." + t) for t in targets)]
     if variant == "peft_lora":
@@ -125,21 +132,24 @@ def make_trainer(variant: str, size: dict, rank: int) -> dict:
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-4)
 
-    # Inputs: 256 px -> 16 x 32 x 32 latents (SD3's VAE), random text states and pooled embedding.
+    # Inputs: 256 px -> 16 x 32 x 32 latents (SD3's VAE), random text states and pooled embedding. The step is
+    # the trainer's own: SD3's objective (logit-normal timesteps, preconditioned outputs) through
+    # ``Backbone.training_loss`` with a frozen noise table and a per-step generator.
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    from qrlora.backbones import BACKBONES
+    from qrlora.objective import NoiseSchedule
+
+    sd3 = BACKBONES["sd3"]
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0)  # SD3-medium's training table
+    objective, schedule = sd3.objective(scheduler), NoiseSchedule.from_scheduler(scheduler)
     gen = torch.Generator().manual_seed(1)
     latents = torch.randn(1, 16, size["latent"], size["latent"], generator=gen)
-    noise = torch.randn(latents.shape, generator=gen)
-    text = torch.randn(1, size["text_len"], C.SD3_MEDIUM_CONFIG["joint_attention_dim"], generator=gen)
-    pooled = torch.randn(1, C.SD3_MEDIUM_CONFIG["pooled_projection_dim"], generator=gen)
-    sigma = torch.tensor([0.5])
-    noisy = (1 - sigma) * latents + sigma * noise
-    target = noise - latents  # rectified-flow velocity target, as SD3 training uses
-    timestep = sigma * 1000
+    cond = {"prompt_embeds": torch.randn(1, size["text_len"], C.SD3_MEDIUM_CONFIG["joint_attention_dim"], generator=gen),
+            "pooled_prompt_embeds": torch.randn(1, C.SD3_MEDIUM_CONFIG["pooled_projection_dim"], generator=gen)}
 
     def step():
-        pred = model(hidden_states=noisy, encoder_hidden_states=text, pooled_projections=pooled, timestep=timestep,
-                     return_dict=False)[0]
-        loss = torch.nn.functional.mse_loss(pred, target)
+        loss = sd3.training_loss(model, latents, cond, schedule, objective, torch.Generator().manual_seed(2)).mean()
         loss.backward()
         optimizer.step()
         if constrain is not None:

@@ -6,9 +6,10 @@ diffusers / kohya LoRA files), ``model_card`` / ``hub`` / ``tracking`` (what a r
 upload, tracker images), ``runs`` (finding the runs the wrappers wrote), ``inference`` (merge rendering),
 ``backbones`` (model families), ``data`` / ``prior`` (DreamBooth images), ``train`` (the trainer), ``quantize``
 (fp8 / nf4 base), ``analysis`` (similarity, expert usage), ``tiny`` (offline test pipelines), ``errors``
-(one-line CLI errors).
+(one-line CLI errors), ``strategies`` / ``ziplora`` / ``klora`` (merge strategies), ``evaluate`` (CLIP / DINO
+scores), ``compare`` (the comparison command), ``tiny_scorers`` (offline CLIP and DINO models).
 """
 from .methods import METHODS, AdapterConfig, get_method
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 __all__ = ["METHODS", "AdapterConfig", "get_method", "__version__"]

@@ -1,13 +1,14 @@
 """DreamBooth data: instance (and optional class) images, preprocessed once with PIL, plus their prompt ids.
 
 Preprocessing (resize, crop, flip) is decided once when the dataset is built, from a seeded generator, as the
-diffusers SD3/FLUX DreamBooth scripts do: the data a step sees then depends only on the sampler order, so a run
-resumed from a checkpoint continues bit-identically.
+diffusers SD3/FLUX DreamBooth scripts do (each ``--repeats`` copy transformed on its own): the data a step sees
+then depends only on the sampler order, so a run resumed from a checkpoint continues bit-identically.
 """
 from __future__ import annotations
 
 import random
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -47,11 +48,14 @@ def list_images(folder: str | Path, flag: str) -> list[Image.Image]:
     return images
 
 
-def to_training_tensor(image: Image.Image, resolution: int, center_crop: bool, flip: bool, rng: random.Random) -> torch.Tensor:
+def to_training_tensor(image: Image.Image, resolution: int, center_crop: bool, flip: bool, rng: random.Random) -> TrainingImage:
     """Resize the short side to ``resolution``, crop a square (center or seeded random), optionally mirror.
 
-    Returns a (3, resolution, resolution) float tensor in [-1, 1].
+    Returns the (3, resolution, resolution) float tensor in [-1, 1] with SDXL's micro-conditioning facts: the
+    source size (h, w) before resizing and the crop's top-left (y, x) in the resized image, as diffusers' SDXL
+    DreamBooth script records them.
     """
+    original_size = (image.height, image.width)
     w, h = image.size
     scale = resolution / min(w, h)
     image = image.resize((max(resolution, round(w * scale)), max(resolution, round(h * scale))), Image.BICUBIC)
@@ -64,13 +68,27 @@ def to_training_tensor(image: Image.Image, resolution: int, center_crop: bool, f
     if flip:
         image = ImageOps.mirror(image)
     array = np.asarray(image, dtype=np.float32) / 127.5 - 1.0  # (H, W, 3)
-    return torch.from_numpy(array).permute(2, 0, 1).contiguous()
+    pixels = torch.from_numpy(array).permute(2, 0, 1).contiguous()
+    return TrainingImage(pixels, original_size, (top, left), (resolution, resolution))
+
+
+@dataclass
+class TrainingImage:
+    """One preprocessed image: ``pixels`` (3, H, W) in [-1, 1], or after caching ``latent_params`` (2C, h, w),
+    the VAE's latent distribution (mean and log-variance, sampled afresh every step); sizes as (h, w) pairs."""
+
+    pixels: torch.Tensor | None
+    original_size: tuple[int, int]
+    crop_top_left: tuple[int, int]
+    target_size: tuple[int, int]
+    latent_params: torch.Tensor | None = None
 
 
 class DreamBoothDataset(Dataset):
     """Instance images with prompt id 0, repeated ``repeats`` times; class images (prior preservation) with id 1.
 
-    Items are dicts with ``pixels`` (3, H, W) or, after ``cache``, ``latents``; and ``prompt_id``.
+    Every repeat of an image gets its own crop and flip (drawn from the seeded generator), as the diffusers
+    scripts transform each repeated copy. Items are dicts of ``TrainingImage`` and prompt ids.
     """
 
     def __init__(self, instance_dir, *, resolution: int, center_crop: bool = False, random_flip: bool = False,
@@ -80,37 +98,40 @@ class DreamBoothDataset(Dataset):
         def prepare(images):
             return [to_training_tensor(img, resolution, center_crop, random_flip and rng.random() < 0.5, rng) for img in images]
 
-        self.instance = prepare(list_images(instance_dir, "--instance_data_dir")) * max(1, repeats)
+        self.instance = prepare(list_images(instance_dir, "--instance_data_dir") * max(1, repeats))
         self.klass = []
         if class_dir is not None:
             self.klass = prepare(list_images(class_dir, "--class_data_dir")[: num_class_images or None])
-        self.key = "pixels"
 
     def __len__(self) -> int:
         return max(len(self.instance), len(self.klass))
 
     def __getitem__(self, index: int) -> dict:
-        item = {self.key: self.instance[index % len(self.instance)], "prompt_id": 0}
+        item = {"instance": self.instance[index % len(self.instance)], "prompt_id": 0}
         if self.klass:
-            item["class_" + self.key] = self.klass[index % len(self.klass)]
+            item["class"] = self.klass[index % len(self.klass)]
             item["class_prompt_id"] = 1
         return item
 
     @torch.no_grad()
     def cache(self, encode: Callable[[torch.Tensor], torch.Tensor]) -> None:
-        """Replace every image by its latent (``encode``: (1, 3, H, W) -> (1, C, h, w)), computed once."""
-        unique = {}
-        self.instance = [unique.setdefault(id(t), encode(t.unsqueeze(0))[0].cpu()) for t in self.instance]
-        self.klass = [encode(t.unsqueeze(0))[0].cpu() for t in self.klass]
-        self.key = "latents"
+        """Replace every image's pixels by its latent distribution's parameters (``encode``: (1, 3, H, W) ->
+        (1, 2C, h, w), mean and log-variance), computed once; each step then samples its own latent from it."""
+        for image in self.instance + self.klass:
+            image.latent_params = encode(image.pixels.unsqueeze(0))[0].cpu()
+            image.pixels = None
 
 
 def collate(examples: list[dict]) -> dict:
-    """Stack a batch; with prior preservation the class half follows the instance half (as diffusers does)."""
-    key = "latents" if "latents" in examples[0] else "pixels"
-    values = [e[key] for e in examples]
-    ids = [e["prompt_id"] for e in examples]
-    if "class_" + key in examples[0]:
-        values += [e["class_" + key] for e in examples]
-        ids += [e["class_prompt_id"] for e in examples]
-    return {key: torch.stack(values), "prompt_ids": torch.tensor(ids, dtype=torch.long)}
+    """Stack a batch; with prior preservation the class half follows the instance half (as diffusers does).
+
+    Returns ``pixels`` (B, 3, H, W) or ``latent_params`` (B, 2C, h, w), ``prompt_ids`` (B,), and
+    ``original_size`` / ``crop_top_left`` / ``target_size`` (B, 2) for SDXL's micro-conditioning.
+    """
+    images = [e["instance"] for e in examples] + [e["class"] for e in examples if "class" in e]
+    ids = [e["prompt_id"] for e in examples] + [e["class_prompt_id"] for e in examples if "class" in e]
+    key = "latent_params" if images[0].latent_params is not None else "pixels"
+    batch = {key: torch.stack([getattr(im, key) for im in images]), "prompt_ids": torch.tensor(ids, dtype=torch.long)}
+    for name in ("original_size", "crop_top_left", "target_size"):
+        batch[name] = torch.tensor([getattr(im, name) for im in images], dtype=torch.long)
+    return batch

@@ -19,7 +19,8 @@ from tqdm.auto import tqdm
 from .backbones import detect_backbone
 from .checkpoint import AdapterFile, load_adapter, load_residual
 from .errors import UserError, cli_entry
-from .merge import Merger
+from .evaluate import ImageRecord, write_manifest
+from .strategies import STRATEGIES, add_strategy_arguments, check_strategy
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
@@ -55,35 +56,59 @@ def add_render_arguments(p: argparse.ArgumentParser, backbone_default_steps: int
 
 
 class MergedPipeline:
-    """A diffusers pipeline whose denoiser holds a ``Merger`` over the given adapters."""
+    """A diffusers pipeline whose denoiser merges the given adapters with a merge strategy (``--merge_strategy``).
 
-    def __init__(self, model_path: str, adapters: list[AdapterFile], residual_path: str | None, args):
+    ``roles`` = (index of the content adapter, index of the style adapter), for the strategies that merge a pair;
+    ``strategy=None`` loads the pipeline and leaves the adapters to the caller.
+    """
+
+    def __init__(self, model_path: str, adapters: list[AdapterFile], residual_path: str | None, args,
+                 strategy: str | None = "direct", roles: tuple[int, int] = (0, 1)):
         self.backbone = detect_backbone(model_path)
         for adapter in adapters:
             if adapter.backbone and adapter.backbone != self.backbone.name:
                 raise UserError(f"{adapter.path} is a {adapter.backbone} adapter, {model_path} a {self.backbone.name} pipeline")
             if adapter.component != self.backbone.denoiser_name:
                 raise UserError(f"{adapter.path} adapts a {adapter.component}, {model_path} has a {self.backbone.denoiser_name}")
+        if strategy is not None:
+            check_strategy(strategy, adapters, residual_path)
         residual = load_residual(residual_path) if residual_path else None
         self.device = args.device or default_device()
         dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if self.device.startswith("cuda") else torch.float32)
         self.pipe = self.backbone.pipeline_cls().from_pretrained(model_path, torch_dtype=dtype)
         self.denoiser = getattr(self.pipe, self.backbone.denoiser_name)
-        self.merger = Merger(self.denoiser, adapters, residual=residual)
         self.pipe.to(self.device)
         self.pipe.set_progress_bar_config(disable=True)
+        self.strategy_name = strategy
+        self.strategy = None if strategy is None else STRATEGIES[strategy](
+            self.pipe, self.denoiser, adapters, residual, roles, args, pipeline_call_kwargs(args))
+
+    @property
+    def merger(self):
+        """The weight-folding ``Merger`` of strategies that fold (None for K-LoRA's live switch)."""
+        return self.strategy.merger
 
     def render(self, weights: list[float], args) -> Image.Image:
         """One image at these adapter weights; the seed fixes the starting noise, so only the weights differ."""
-        self.merger.merge(weights)
-        kwargs = dict(prompt=args.prompt, num_inference_steps=args.num_inference_steps, height=args.height, width=args.width,
-                      generator=torch.Generator(device="cpu").manual_seed(args.seed))
-        if args.guidance_scale is not None:
-            kwargs["guidance_scale"] = args.guidance_scale
-        if args.max_sequence_length:
-            kwargs["max_sequence_length"] = args.max_sequence_length
+        extra = self.strategy.apply(weights, args.num_inference_steps)
         with torch.no_grad():
-            return self.pipe(**kwargs).images[0]
+            return self.pipe(prompt=args.prompt, **pipeline_call_kwargs(args), **extra).images[0]
+
+
+def pipeline_call_kwargs(args) -> dict:
+    """The pipeline keywords of the rendering flags (everything but the prompt); a fresh seeded generator each call."""
+    kwargs = dict(num_inference_steps=args.num_inference_steps, height=args.height, width=args.width,
+                  generator=torch.Generator(device="cpu").manual_seed(args.seed))
+    if args.guidance_scale is not None:
+        kwargs["guidance_scale"] = args.guidance_scale
+    if args.max_sequence_length:
+        kwargs["max_sequence_length"] = args.max_sequence_length
+    return kwargs
+
+
+def adapters_method(adapters: list[AdapterFile]) -> str:
+    """The methods of the merged adapters, for manifests (``triu_deltaR``, ``lora+triu_deltaR``)."""
+    return "+".join(sorted({a.config.method for a in adapters}))
 
 
 def label_grid(images: dict[tuple[float, float], Image.Image], style_weights, content_weights) -> Image.Image:
@@ -111,6 +136,7 @@ def grid_parser(description: str, backbone_default_steps: int = 28) -> argparse.
     p.add_argument("--residual_path", help="residual file: merge in residual form (default: delta form, no file needed)")
     p.add_argument("--style_weights", default="0.0,0.5,1.0", help="comma list")
     p.add_argument("--content_weights", default="0.0,0.5,1.0", help="comma list")
+    add_strategy_arguments(p)
     add_render_arguments(p, backbone_default_steps)
     return p
 
@@ -122,19 +148,22 @@ def grid_main(argv=None, description: str = "Merge a style and a content adapter
     style_weights = parse_weights(args.style_weights, "--style_weights")
     content_weights = parse_weights(args.content_weights, "--content_weights")
     adapters = [load_adapter(args.style_lora_path), load_adapter(args.content_lora_path)]
-    merged = MergedPipeline(args.model_path, adapters, args.residual_path, args)
+    merged = MergedPipeline(args.model_path, adapters, args.residual_path, args, strategy=args.merge_strategy, roles=(1, 0))
     images = {}
     for c in tqdm(content_weights, desc="content weights"):
         for s in style_weights:
             images[(s, c)] = merged.render([s, c], args)
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    written = []
+    written, records = [], []
     for (s, c), image in images.items():
         written.append(out / f"inference_s{s:.2f}_c{c:.2f}.png")
         image.save(written[-1])
+        records.append(ImageRecord(file=written[-1].name, prompt=args.prompt, strategy=args.merge_strategy,
+                                   method=adapters_method(adapters), style_weight=s, content_weight=c, seed=args.seed))
     label_grid(images, style_weights, content_weights).save(out / "grid.png")
     written.append(out / "grid.png")
+    written.append(write_manifest(out, records))
     print(f"wrote {len(images)} images and grid.png to {out}")
     return written
 
@@ -149,6 +178,7 @@ def merge_main(argv=None) -> Path | None:
     p.add_argument("--residual_path", help="merge in residual form (adapters must share Q and R)")
     p.add_argument("--save_merged", help="write the merged denoiser here in the diffusers layout (static adapters only)")
     p.add_argument("--no_render", action="store_true", help="skip rendering the prompt")
+    add_strategy_arguments(p)
     add_render_arguments(p)
     args = p.parse_args(argv)
     weights = parse_weights(args.weights, "--weights") if args.weights else [1.0] * len(args.adapters)
@@ -161,9 +191,12 @@ def merge_main(argv=None) -> Path | None:
             raise UserError(f"--save_merged: {live[0]} is an MoE adapter; it cannot be folded into weights (render it live)")
         if Path(args.save_merged).exists() and any(Path(args.save_merged).iterdir()):
             raise UserError(f"--save_merged: {args.save_merged} exists and is not empty; choose a new folder")
-    merged = MergedPipeline(args.model_path, adapters, args.residual_path, args)
-    merged.merger.merge(weights)
+    if args.save_merged and not STRATEGIES[args.merge_strategy].folds_weights:
+        raise UserError(f"--save_merged: --merge_strategy {args.merge_strategy} switches adapters per step; it has no single merged weight")
+    # ZipLoRA and K-LoRA take --adapters CONTENT STYLE.
+    merged = MergedPipeline(args.model_path, adapters, args.residual_path, args, strategy=args.merge_strategy, roles=(0, 1))
     if args.save_merged:
+        merged.merger.merge(weights)
         merged.denoiser.save_pretrained(args.save_merged)
         print(f"saved the merged {merged.backbone.denoiser_name} to {args.save_merged}")
     if args.no_render:

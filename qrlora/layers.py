@@ -28,14 +28,24 @@ class AdapterState(nn.Module):
                 self.register_parameter(name, nn.Parameter(value, requires_grad=trainable))
             else:
                 self.register_buffer(name, value)
-        self._masks: dict[str, torch.Tensor] = {}
+        # Structural masks (triu_deltaR's upper triangle) are non-persistent buffers: never written to a file,
+        # moved by ``.to()`` with everything else. The forward multiplies the trainable tensor by its mask, so
+        # the masked entries get exactly zero gradient (out of clipping and optimizer moments) with no hook to
+        # lose when ``.to()`` replaces a parameter; the cost is one (r x in) product per call.
+        self.masked: tuple[str, ...] = ()
         for name in self.method.trainable:
             mask = self.method.grad_mask(name, self.tensors())
             if mask is not None and trainable:
-                # Masking the gradient (not the forward) keeps the constraint free on the hot path and keeps
-                # masked entries out of gradient clipping and optimizer moments; apply_constraints_ is the guard.
-                self._masks[name] = mask
-                getattr(self, name).register_hook(lambda g, m=mask: g * m.to(g.dtype))
+                self.register_buffer(self.mask_name(name), mask.to(torch.float32), persistent=False)
+                self.masked += (name,)
+
+    @staticmethod
+    def mask_name(name: str) -> str:
+        return f"{name}_grad_mask"
+
+    def mask(self, name: str, dtype: torch.dtype) -> torch.Tensor:
+        """The 0/1 constraint mask of trainable tensor ``name``, same shape, in ``dtype``."""
+        return getattr(self, self.mask_name(name)).to(dtype)
 
     def tensors(self) -> dict[str, torch.Tensor]:
         """Every adapter tensor by its registry name (parameters and buffers alike)."""
@@ -44,13 +54,15 @@ class AdapterState(nn.Module):
     @torch.no_grad()
     def apply_constraints_(self) -> None:
         """Re-impose structural constraints (``triu_deltaR``'s upper triangle) after an optimizer step."""
-        for name, mask in self._masks.items():
+        for name in self.masked:
             param = getattr(self, name)
-            param.mul_(mask.to(device=param.device, dtype=param.dtype))
+            param.mul_(self.mask(name, param.dtype))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Adapter math runs in the input's dtype (bf16 training casts the small factors, never the base weight).
         t = {name: v if v.dtype == x.dtype else v.to(x.dtype) for name, v in self.tensors().items()}
+        for name in self.masked:
+            t[name] = t[name] * self.mask(name, x.dtype)
         return self.method.output(t, x, self.config.scale)
 
     def delta_weight(self) -> torch.Tensor:

@@ -9,6 +9,7 @@ diffusers' DreamBooth LoRA scripts where they exist.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.util
 import json
 import logging
@@ -21,6 +22,7 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 from accelerate.utils import ProjectConfiguration, set_seed
+from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import free_memory
 from tqdm.auto import tqdm
@@ -35,6 +37,7 @@ from .inject import inject_adapters, trainable_parameters
 from .layers import adapter_layers, apply_constraints_, cast_base_model_
 from .methods import METHODS, AdapterConfig
 from .model_card import write_model_card
+from .objective import WEIGHTING_SCHEMES, step_generator
 from .prior import generate_class_images
 from .quantize import LIBRARIES, check_available, quantize_base_
 from .tracking import log_validation_images
@@ -90,12 +93,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--adam_beta2", type=float, default=0.999)
     g.add_argument("--adam_weight_decay", type=float, default=1e-4)
     g.add_argument("--adam_epsilon", type=float, default=1e-8)
+    g.add_argument("--prodigy_beta3", type=float, help="Prodigy's step-size EMA coefficient (default: sqrt(beta2))")
+    g.add_argument("--prodigy_decouple", action=argparse.BooleanOptionalAction, default=True, help="AdamW-style decoupled weight decay")
+    g.add_argument("--prodigy_use_bias_correction", action=argparse.BooleanOptionalAction, default=True, help="Adam bias correction (diffusers' scripts turn it on)")
+    g.add_argument("--prodigy_safeguard_warmup", action=argparse.BooleanOptionalAction, default=True, help="remove lr from the denominator of the D estimate during warm-up")
     g.add_argument("--max_grad_norm", type=float, default=1.0)
     g.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], default="no")
     g.add_argument("--gradient_checkpointing", action="store_true")
     g.add_argument("--seed", type=int, default=0)
     g = p.add_argument_group("objective")
-    g.add_argument("--weighting_scheme", choices=["sigma_sqrt", "logit_normal", "mode", "cosmap", "none"], help="default: the backbone's")
+    g.add_argument("--weighting_scheme", choices=list(WEIGHTING_SCHEMES), help="flow matching timestep density and loss weighting (default: the backbone's: logit_normal SD3, none FLUX)")
     g.add_argument("--logit_mean", type=float, default=0.0)
     g.add_argument("--logit_std", type=float, default=1.0)
     g.add_argument("--mode_scale", type=float, default=1.29)
@@ -175,7 +182,12 @@ def build_optimizer(args, params):
             import prodigyopt
         except ImportError:
             raise UserError("--optimizer prodigy needs the prodigyopt package: pip install prodigyopt") from None
-        return prodigyopt.Prodigy(params, **kwargs)
+        if args.learning_rate <= 0.1:
+            logger.warning("--learning_rate %g with --optimizer prodigy: Prodigy adapts the step size itself and "
+                           "expects a learning rate around 1.0", args.learning_rate)
+        return prodigyopt.Prodigy(params, beta3=args.prodigy_beta3, decouple=args.prodigy_decouple,
+                                  use_bias_correction=args.prodigy_use_bias_correction,
+                                  safeguard_warmup=args.prodigy_safeguard_warmup, **kwargs)
     if args.use_8bit_adam:
         try:
             import bitsandbytes as bnb
@@ -198,15 +210,38 @@ def base_dtype(args) -> torch.dtype | None:
     return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}.get(args.base_precision)
 
 
+def update_groups(batches: list[list[int]], accumulation: int) -> list[list[list[int]]]:
+    """An epoch's micro-batches grouped into optimizer updates of ``accumulation`` micro-batches each.
+
+    The last group of an epoch may be shorter (as with diffusers' prepared dataloader, which syncs at the end
+    of every epoch): so an epoch is always ``ceil(batches / accumulation)`` updates, whatever divides what.
+    """
+    return [batches[i:i + accumulation] for i in range(0, len(batches), accumulation)]
+
+
+def batch_latents(backbone, vae, batch: dict, generator: torch.Generator, dtype: torch.dtype) -> torch.Tensor:
+    """Normalised latents (B, C, h, w) of a batch: a fresh sample of each image's latent distribution."""
+    if "latent_params" in batch:  # --cache_latents: the distribution was computed once, the sample is per step
+        dist = DiagonalGaussianDistribution(batch["latent_params"].to(vae.device, vae.dtype))
+    else:
+        with torch.no_grad():
+            dist = vae.encode(batch["pixels"].to(vae.device, vae.dtype)).latent_dist
+    return backbone.normalize_latents(vae.config, dist.sample(generator)).to(dtype)
+
+
 @cli_entry
 def main(argv=None) -> Path:
     args = parse_args(argv)
     # ---- 1. Check every input before loading anything heavy ------------------------------------------
     backbone = detect_backbone(args.pretrained_model_name_or_path, args.backbone)
-    args.weighting_scheme = args.weighting_scheme or backbone.default_weighting_scheme
-    args.max_sequence_length = args.max_sequence_length or getattr(backbone, "default_max_sequence_length", 77)
-    if args.precondition_outputs is None:
-        args.precondition_outputs = int(backbone.name == "sd3")
+    max_sequence_length = args.max_sequence_length or backbone.default_max_sequence_length
+    scheduler = backbone.load_scheduler(args.pretrained_model_name_or_path)
+    objective = backbone.objective(
+        scheduler, weighting_scheme=args.weighting_scheme, logit_mean=args.logit_mean, logit_std=args.logit_std,
+        mode_scale=args.mode_scale, guidance_scale=args.guidance_scale, snr_gamma=args.snr_gamma,
+        precondition_outputs=None if args.precondition_outputs is None else bool(args.precondition_outputs))
+    # A frozen copy of the training noise table: validation pipelines call set_timesteps on their scheduler.
+    schedule = backbone.noise_schedule(scheduler)
     targets = args.lora_layers.split(",") if args.lora_layers else list(backbone.default_targets)
     blocks = args.lora_blocks.split(",") if args.lora_blocks else None
     config = AdapterConfig(method=args.lora_init_method, rank=args.rank, alpha=args.lora_alpha, use_zero_init=args.use_zero_init,
@@ -220,21 +255,25 @@ def main(argv=None) -> Path:
                                 random_flip=args.random_flip, repeats=args.repeats, seed=args.seed)
 
     # ---- 2. Accelerator: devices, processes, mixed precision, trackers ------------------------------
+    # Accumulation is done here (step 8), not by accelerate: without a prepared dataloader accelerate never
+    # sees an epoch end, and a non-dividing epoch would lose updates.
     accelerator = Accelerator(
-        gradient_accumulation_steps=args.gradient_accumulation_steps, mixed_precision=args.mixed_precision,
-        log_with=None if args.report_to == "none" else args.report_to,
+        mixed_precision=args.mixed_precision, log_with=None if args.report_to == "none" else args.report_to,
         project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / args.logging_dir)),
     )
     logging.basicConfig(format="%(levelname)s %(name)s: %(message)s", level=logging.INFO if accelerator.is_main_process else logging.WARNING)
-    set_seed(args.seed, device_specific=True)  # noise differs per process; frozen bases never use this RNG
+    set_seed(args.seed, device_specific=True)  # third-party code only: training draws use step_generator
     weight_dtype = DTYPES[accelerator.mixed_precision]
+    # The frozen base trains in the dtype asked for (--base_precision), else in the mixed-precision dtype.
+    model_dtype = base_dtype(args) or weight_dtype
+    device = accelerator.device
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
 
     # ---- 3. Prior preservation: class images, generated with the base pipeline where missing -------
     if args.with_prior_preservation:
         if accelerator.is_main_process:
-            generate_class_images(backbone, args, accelerator.device, weight_dtype)
+            generate_class_images(backbone, args, device, weight_dtype)
         accelerator.wait_for_everyone()
         dataset = DreamBoothDataset(args.instance_data_dir, resolution=args.resolution, center_crop=args.center_crop,
                                     random_flip=args.random_flip, repeats=args.repeats, seed=args.seed,
@@ -243,25 +282,25 @@ def main(argv=None) -> Path:
     # ---- 4. Load the parts; encode every prompt once and free the text encoders ---------------------
     parts = backbone.load(args.pretrained_model_name_or_path, vae_path=args.pretrained_vae_model_name_or_path,
                           denoiser_dtype=base_dtype(args), text_dtype=weight_dtype)
-    text = parts.text_pipeline.to(accelerator.device)
+    text = parts.text_pipeline.to(device)
     prompts = [args.instance_prompt] + ([args.class_prompt] if args.with_prior_preservation else [])
     with torch.no_grad():
-        cond_table = backbone.encode_prompts(text, prompts, accelerator.device, args)
+        cond_table = cast_floating(backbone.encode_prompts(text, prompts, device, max_sequence_length), model_dtype)
         validation_cond = None
         if args.validation_prompt:
-            validation_cond = (backbone.encode_prompts(text, [args.validation_prompt], accelerator.device, args),
-                               backbone.encode_prompts(text, [""], accelerator.device, args))
+            validation_cond = (backbone.encode_prompts(text, [args.validation_prompt], device, max_sequence_length),
+                               backbone.negative_cond(text, device, max_sequence_length))
     del text, parts.text_pipeline
     free_memory()
-    vae = parts.vae.to(accelerator.device, dtype=torch.float32 if backbone.name == "sdxl" else weight_dtype).requires_grad_(False)
+    vae = parts.vae.to(device, dtype=torch.float32 if backbone.vae_in_float32 else weight_dtype).requires_grad_(False)
     if args.cache_latents:
-        dataset.cache(lambda px: backbone.latents_from_pixels(vae, px))
+        dataset.cache(lambda px: vae.encode(px.to(device, vae.dtype)).latent_dist.parameters)
 
     # ---- 5. Adapters: decompose in float32 from the weights as loaded, then cast the base -----------
     denoiser = parts.denoiser
     report = inject_adapters(denoiser, config, targets, blocks=blocks, progress=accelerator.is_main_process)
     logger.info(str(report))
-    cast_base_model_(denoiser, weight_dtype).to(accelerator.device)
+    cast_base_model_(denoiser, model_dtype).to(device)
     if args.base_precision in LIBRARIES:
         quantize_base_(denoiser, args.base_precision)
     if args.gradient_checkpointing:
@@ -270,7 +309,7 @@ def main(argv=None) -> Path:
                                 base_model=args.pretrained_model_name_or_path, targets=targets,
                                 extra={"lora_blocks": json.dumps(blocks or []), "instance_prompt": args.instance_prompt})
 
-    # ---- 6. Optimizer and schedule ------------------------------------------------------------------
+    # ---- 6. Optimizer and schedule: exactly max_steps updates, ceil(batches / accumulation) per epoch --
     world = accelerator.num_processes
     batches_per_epoch = len(epoch_batches(len(dataset), args.train_batch_size, args.seed, 0, 0, world))
     updates_per_epoch = math.ceil(batches_per_epoch / args.gradient_accumulation_steps)
@@ -280,6 +319,7 @@ def main(argv=None) -> Path:
         args.learning_rate *= args.gradient_accumulation_steps * args.train_batch_size * world
     params = trainable_parameters(denoiser)  # the adapters' parameters, collected once (not on every step)
     optimizer = build_optimizer(args, params)
+    # A prepared scheduler steps once per process on each update, hence the factors of ``world``.
     lr_scheduler = get_scheduler(args.lr_scheduler, optimizer=optimizer, num_warmup_steps=args.lr_warmup_steps * world,
                                  num_training_steps=max_steps * world, num_cycles=args.lr_num_cycles, power=args.lr_power)
     denoiser, optimizer, lr_scheduler = accelerator.prepare(denoiser, optimizer, lr_scheduler)
@@ -318,52 +358,54 @@ def main(argv=None) -> Path:
         accelerator.save_state(str(output_dir / f"checkpoint-{step}"))
         accelerator.wait_for_everyone()
 
-    # ---- 8. Train -------------------------------------------------------------------------------------
+    # ---- 8. Train: one optimizer update per group of micro-batches ----------------------------------
     progress = tqdm(total=max_steps, initial=global_step, desc="steps", disable=not accelerator.is_local_main_process)
     denoiser.train()
     first_epoch, skip = divmod(global_step, updates_per_epoch)
     for epoch in range(first_epoch, num_epochs):
         batches = epoch_batches(len(dataset), args.train_batch_size, args.seed, epoch, accelerator.process_index, world)
-        for indices in batches[skip * args.gradient_accumulation_steps:] if epoch == first_epoch else batches:
-            batch = collate([dataset[i] for i in indices])
-            with accelerator.accumulate(denoiser):
-                if "latents" in batch:
-                    latents = batch["latents"].to(accelerator.device, weight_dtype)
-                else:
-                    with torch.no_grad():
-                        latents = backbone.latents_from_pixels(vae, batch["pixels"].to(accelerator.device)).to(weight_dtype)
-                cond = backbone.batch_cond(cond_table, batch["prompt_ids"].to(accelerator.device))
-                per_sample = backbone.loss_per_sample(denoiser, latents, cond, parts.scheduler, args)
-                if args.with_prior_preservation:
-                    instance, prior = per_sample.chunk(2)
-                    loss = instance.mean() + args.prior_loss_weight * prior.mean()
-                else:
-                    loss = per_sample.mean()
-                reduced = accelerator.reduce(loss.detach(), "mean") if world > 1 else loss.detach()
-                if not torch.isfinite(reduced):
-                    kept = checkpoints(output_dir)
-                    raise UserError(f"loss is {reduced.item()} at step {global_step + 1}; training stopped, "
-                                    f"last good checkpoint: {kept[-1] if kept else 'none (no checkpoint saved yet)'}")
-                accelerator.backward(loss)
-                if accelerator.sync_gradients and args.max_grad_norm > 0:
-                    accelerator.clip_grad_norm_(params, args.max_grad_norm)
-                optimizer.step()
-                lr_scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-                apply_constraints_(model)  # triu_deltaR: dR stays exactly upper-triangular
-            if accelerator.sync_gradients:
-                global_step += 1
-                progress.update(1)
-                logs = {"loss": reduced.item(), "lr": lr_scheduler.get_last_lr()[0]}
-                progress.set_postfix(**logs)
-                accelerator.log(logs, step=global_step)
-                if global_step % args.checkpointing_steps == 0 and global_step < max_steps:
-                    save_checkpoint(global_step)
+        for group in update_groups(batches, args.gradient_accumulation_steps)[skip:]:
+            losses = []
+            for micro, indices in enumerate(group):
+                # Every draw of this micro-batch (timesteps, noise, latent sample) comes from its own generator.
+                generator = step_generator(args.seed, global_step, micro, accelerator.process_index, device)
+                batch = collate([dataset[i] for i in indices])
+                last = micro == len(group) - 1
+                with contextlib.nullcontext() if last or world == 1 else accelerator.no_sync(denoiser):
+                    latents = batch_latents(backbone, vae, batch, generator, model_dtype)
+                    cond = backbone.batch_cond(cond_table, batch)
+                    per_sample = backbone.training_loss(denoiser, latents, cond, schedule, objective, generator)
+                    if args.with_prior_preservation:
+                        instance, prior = per_sample.chunk(2)
+                        loss = instance.mean() + args.prior_loss_weight * prior.mean()
+                    else:
+                        loss = per_sample.mean()
+                    accelerator.backward(loss / len(group))  # the update's gradient is the mean over its micro-batches
+                losses.append(loss.detach())
+            update_loss = torch.stack(losses).mean()
+            reduced = accelerator.reduce(update_loss, "mean") if world > 1 else update_loss
+            if not torch.isfinite(reduced):
+                kept = checkpoints(output_dir)
+                raise UserError(f"loss is {reduced.item()} at step {global_step + 1}; training stopped, "
+                                f"last good checkpoint: {kept[-1] if kept else 'none (no checkpoint saved yet)'}")
+            if args.max_grad_norm > 0:
+                accelerator.clip_grad_norm_(params, args.max_grad_norm)
+            optimizer.step()
+            lr_scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            apply_constraints_(model)  # triu_deltaR: dR stays exactly upper-triangular
+            global_step += 1
+            progress.update(1)
+            logs = {"loss": reduced.item(), "lr": lr_scheduler.get_last_lr()[0]}
+            progress.set_postfix(**logs)
+            accelerator.log(logs, step=global_step)
+            if global_step % args.checkpointing_steps == 0 and global_step < max_steps:
+                save_checkpoint(global_step)
             if global_step >= max_steps:
                 break
         skip = 0
         if validation_cond and accelerator.is_main_process and epoch % args.validation_epochs == 0 and global_step < max_steps:
-            run_validation(backbone, args, model, vae, parts.scheduler, validation_cond, global_step, accelerator, weight_dtype)
+            run_validation(backbone, args, model, vae, scheduler, validation_cond, global_step, accelerator, weight_dtype)
 
     # ---- 9. Final adapter file (main process only), last validation ---------------------------------
     accelerator.wait_for_everyone()
@@ -374,24 +416,35 @@ def main(argv=None) -> Path:
         logger.info("saved %s", final)
         images = []
         if validation_cond:
-            images = run_validation(backbone, args, model, vae, parts.scheduler, validation_cond, global_step, accelerator, weight_dtype)
+            images = run_validation(backbone, args, model, vae, scheduler, validation_cond, global_step, accelerator, weight_dtype)
         publish_run(args, backbone, adapter, final, images, argv)
     accelerator.end_training()
     return final
 
 
+def cast_floating(table: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """Floating tensors of a conditioning table in the denoiser's dtype (an all-bf16 base takes bf16 inputs)."""
+    return {k: v.to(dtype) if v.is_floating_point() else v for k, v in table.items()}
+
+
 def run_validation(backbone, args, model, vae, scheduler, cond, step, accelerator, dtype) -> list[Path]:
-    """Images of the validation prompt with the adapted denoiser, saved under ``output_dir/validation``."""
+    """Images of the validation prompt with the adapted denoiser, saved under ``output_dir/validation``.
+
+    Validation owns everything it mutates: a fresh scheduler built from the config (pipelines call
+    ``set_timesteps`` on theirs), its own seeded generator, and a forked global RNG; training state is untouched.
+    """
     was_training = model.training
     model.eval()
+    own_scheduler = type(scheduler).from_config(scheduler.config)
     pipe = backbone.inference_pipeline(args.pretrained_model_name_or_path, model, dtype=dtype, with_text=False,
-                                       vae=vae, scheduler=scheduler).to(accelerator.device)
+                                       vae=vae, scheduler=own_scheduler).to(accelerator.device)
     pipe.set_progress_bar_config(disable=True)
     generator = torch.Generator(device="cpu").manual_seed(args.seed)
     folder = Path(args.output_dir) / "validation"
     folder.mkdir(parents=True, exist_ok=True)
     saved = []
-    with torch.no_grad(), accelerator.autocast():
+    devices = [accelerator.device] if accelerator.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices), torch.no_grad(), accelerator.autocast():
         for i in range(args.num_validation_images):
             image = pipe(**backbone.pipeline_prompt_kwargs(*cond), height=args.resolution, width=args.resolution,
                          num_inference_steps=args.validation_inference_steps, generator=generator).images[0]

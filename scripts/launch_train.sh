@@ -11,10 +11,11 @@ select_devices "$1"
 RANK_ARG="$2"; shift 2
 [[ "$RANK_ARG" =~ ^[1-9][0-9]*$ ]] || die "RANK must be a positive integer, got '$RANK_ARG'"
 
+# Native resolutions: SD3 and FLUX train at 512 in the published scripts; SDXL is a 1024 model.
 case "$BACKBONE" in
-  sd3)  DEFAULT_MODEL="stabilityai/stable-diffusion-3-medium-diffusers"; EXP_ROOT="exps_SD3" ;;
-  flux) DEFAULT_MODEL="black-forest-labs/FLUX.1-dev"; EXP_ROOT="exps_flux" ;;
-  sdxl) DEFAULT_MODEL="stabilityai/stable-diffusion-xl-base-1.0"; EXP_ROOT="exps_SDXL" ;;
+  sd3)  DEFAULT_MODEL="stabilityai/stable-diffusion-3-medium-diffusers"; EXP_ROOT="exps_SD3"; DEFAULT_RESOLUTION=512 ;;
+  flux) DEFAULT_MODEL="black-forest-labs/FLUX.1-dev"; EXP_ROOT="exps_flux"; DEFAULT_RESOLUTION=512 ;;
+  sdxl) DEFAULT_MODEL="stabilityai/stable-diffusion-xl-base-1.0"; EXP_ROOT="exps_SDXL"; DEFAULT_RESOLUTION=1024 ;;
   *) die "unknown BACKBONE '$BACKBONE'" ;;
 esac
 # Published defaults: a style image (trigger <s>) and a content subject (trigger <c>) from assets/.
@@ -29,14 +30,11 @@ esac
 MODEL_NAME="${MODEL_NAME:-$DEFAULT_MODEL}"
 INSTANCE_DIR="${INSTANCE_DIR:-$DEFAULT_INSTANCE_DIR}"
 MAX_TRAIN_STEPS="${MAX_TRAIN_STEPS:-${DEFAULT_STEPS:-1000}}"
-RESOLUTION="${RESOLUTION:-512}"
+RESOLUTION="${RESOLUTION:-$DEFAULT_RESOLUTION}"
 MIXED_PRECISION="${MIXED_PRECISION:-bf16}"
 RUN_NAME="$(date +%Y%m%d-%H%M%S)-${TRIGGER}-${RANK_ARG}"
 [[ "$BACKBONE" == flux ]] || RUN_NAME="${RUN_NAME}-${METHOD}"   # published layout: exps_flux/<date-time>-<trigger>-<rank>
 OUTPUT_DIR="${OUTPUT_DIR:-$EXP_ROOT/$RUN_NAME}"
-
-mkdir -p "$OUTPUT_DIR"
-cp "$WRAPPER" "$OUTPUT_DIR/"   # the run folder keeps the wrapper that launched it
 
 # One process: run the trainer directly (accelerate needs no launcher for it, and user errors stay one line).
 # Several: accelerate's launcher starts one data-parallel process per GPU id.
@@ -45,8 +43,7 @@ if (( NUM_PROCESSES > 1 )); then
   LAUNCH=(python -m accelerate.commands.launch "${ACCELERATE_DEVICE_FLAGS[@]}" --num_processes "$NUM_PROCESSES"
           --num_machines 1 --mixed_precision "$MIXED_PRECISION" --dynamo_backend no)
 fi
-
-exec "${LAUNCH[@]}" -m qrlora.train \
+COMMAND=("${LAUNCH[@]}" -m qrlora.train \
   --backbone "$BACKBONE" \
   --pretrained_model_name_or_path "$MODEL_NAME" \
   --instance_data_dir "$INSTANCE_DIR" \
@@ -67,4 +64,13 @@ exec "${LAUNCH[@]}" -m qrlora.train \
   --mixed_precision "$MIXED_PRECISION" \
   --seed 0 \
   ${METHOD_FLAGS:-} \
-  "$@"
+  "$@")
+
+# DRY_RUN=1 prints the command the wrapper would run (defaults resolved) and changes nothing.
+if [[ "${DRY_RUN:-0}" == 1 ]]; then
+  printf '%q ' "${COMMAND[@]}"; echo
+  exit 0
+fi
+mkdir -p "$OUTPUT_DIR"
+cp "$WRAPPER" "$OUTPUT_DIR/"   # the run folder keeps the wrapper that launched it
+exec "${COMMAND[@]}"

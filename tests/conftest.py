@@ -44,6 +44,13 @@ def tiny_flux(tiny_root) -> Path:
     return build_tiny_pipeline("flux", tiny_root / "flux")
 
 
+@pytest.fixture(scope="session")
+def tiny_sdxl(tiny_root) -> Path:
+    from qrlora.tiny import build_tiny_pipeline
+
+    return build_tiny_pipeline("sdxl", tiny_root / "sdxl")
+
+
 def run_script(args: list[str], env: dict | None = None, check: bool = True) -> subprocess.CompletedProcess:
     """Run a repository script (bash wrapper or python) from the repository root, as a user would."""
     full_env = {**os.environ, **(env or {})}

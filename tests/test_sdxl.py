@@ -6,30 +6,21 @@ import json
 import math
 import re
 import shutil
-from types import SimpleNamespace
 
 import pytest
 import torch
-from diffusers import AutoencoderKL, EulerDiscreteScheduler, UNet2DConditionModel
+from diffusers import AutoencoderKL, UNet2DConditionModel
 from safetensors import safe_open
 
 from conftest import error_lines, make_adapter, run_script
 from qrlora.backbones import BACKBONES
 from qrlora.checkpoint import ADAPTER_FILENAME, load_adapter
-from qrlora.errors import UserError
 from qrlora.inject import find_target_modules
 from qrlora.methods import get_method
 
 FAST = ["--validation_inference_steps", "1", "--num_validation_images", "1", "--mixed_precision", "no"]
 BLOCK = "up_blocks.0.attentions.0"
 SDXL = BACKBONES["sdxl"]
-
-
-@pytest.fixture(scope="module")
-def tiny_sdxl(tmp_path_factory):
-    from qrlora.tiny import build_tiny_pipeline
-
-    return build_tiny_pipeline("sdxl", tmp_path_factory.mktemp("tiny_sdxl") / "sdxl")
 
 
 @pytest.fixture(scope="module")
@@ -77,39 +68,6 @@ def test_default_targets_are_exactly_the_transformer_attention_projections(base_
         for attn in ("attn1", "attn2") for proj in ("to_q", "to_k", "to_v", "to_out.0")
     ]
     assert sorted(found) == sorted(expected) and len(found) == 32  # 4 transformer blocks x 8 in the tiny UNet
-
-
-@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
-def test_objective_is_ddpm_with_min_snr(tiny_sdxl, prediction_type):
-    config = json.loads((tiny_sdxl / "scheduler" / "scheduler_config.json").read_text())
-    scheduler = EulerDiscreteScheduler.from_config({**config, "prediction_type": prediction_type})
-    ddpm = SDXL.training_scheduler(scheduler)
-    assert type(ddpm).__name__ == "DDPMScheduler" and ddpm is SDXL.training_scheduler(scheduler)
-    assert ddpm.config.prediction_type == prediction_type
-    latents = torch.randn(64, 4, 8, 8)
-    cond = {"prompt_embeds": torch.randn(64, 77, 64), "pooled_prompt_embeds": torch.randn(64, 32)}
-    seen = {}
-
-    def unet(noisy, t, encoder_hidden_states, added_cond_kwargs, return_dict):
-        seen.update(noisy=noisy, t=t, embeds=encoder_hidden_states, added=added_cond_kwargs)
-        return (torch.zeros_like(noisy),)  # prediction 0: the loss is the mean squared target
-
-    for gamma in (None, 5.0):
-        loss = SDXL.loss_per_sample(unet, latents, cond, scheduler, SimpleNamespace(resolution=64, snr_gamma=gamma))
-        t = seen["t"]
-        assert loss.shape == (64,) and t.dtype == torch.long and 0 <= t.min() and t.max() < 1000
-        assert seen["embeds"] is cond["prompt_embeds"] and seen["added"]["text_embeds"] is cond["pooled_prompt_embeds"]
-        assert seen["added"]["time_ids"].tolist() == [[64, 64, 0, 0, 64, 64]] * 64
-        a = scheduler.alphas_cumprod[t].view(-1, 1, 1, 1)  # Euler and DDPM share the betas
-        noise = (seen["noisy"] - a.sqrt() * latents) / (1 - a).sqrt()
-        target = noise if prediction_type == "epsilon" else a.sqrt() * noise - (1 - a).sqrt() * latents
-        snr = (a / (1 - a)).flatten()
-        weight = 1.0 if gamma is None else snr.clamp(max=gamma) / (snr if prediction_type == "epsilon" else snr + 1)
-        torch.testing.assert_close(loss, target.pow(2).mean(dim=(1, 2, 3)) * weight, rtol=1e-4, atol=1e-6)
-
-    bad = EulerDiscreteScheduler.from_config({**config, "prediction_type": "sample"})
-    with pytest.raises(UserError, match="prediction_type 'sample'"):
-        SDXL.loss_per_sample(unet, latents, cond, bad, SimpleNamespace(resolution=64, snr_gamma=None))
 
 
 def test_latents_scaling_and_optional_mean_std(tiny_sdxl):

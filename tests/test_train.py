@@ -145,14 +145,21 @@ def test_resume_continues_exactly(tiny_sd3, tmp_path):
 
 
 def test_two_processes_on_cpu(tiny_sd3, tmp_path):
-    out = tmp_path / "ddp"
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2", "--num_machines", "1",
-           "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "qrlora.train",
-           *train_args(tiny_sd3, out, 2), "--lora_init_method", "ica"]
-    run_script(cmd)
-    files = sorted(p.name for p in out.iterdir())
+    """Two data-parallel processes; only the main one validates, and that changes nothing either process trains."""
+    def launch(out, *extra):
+        run_script([sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2", "--num_machines", "1",
+                    "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "qrlora.train",
+                    *train_args(tiny_sd3, out, 4), "--lora_init_method", "ica", "--checkpointing_steps", "100", *extra])
+        return out / ADAPTER_FILENAME
+
+    plain = launch(tmp_path / "ddp")
+    files = sorted(p.name for p in (tmp_path / "ddp").iterdir())
     assert files == ["README.md", ADAPTER_FILENAME]  # one writer (adapter + model card), no stray temporary files
-    check_adapter_file(out / ADAPTER_FILENAME, tiny_sd3, "ica", 4, "sd3")
+    check_adapter_file(plain, tiny_sd3, "ica", 4, "sd3")
+    validated = launch(tmp_path / "ddp_validated", "--validation_prompt", "a <c> cat", "--validation_epochs", "1",
+                       "--num_validation_images", "1", "--validation_inference_steps", "2")
+    a, b = load_adapter(plain), load_adapter(validated)
+    assert all(torch.equal(t, b.layers[p][n]) for p, named in a.layers.items() for n, t in named.items())
 
 
 # ---- bad input: one clear line, non-zero exit, nothing overwritten -----------------------------------
@@ -235,10 +242,10 @@ def test_unreadable_files_are_skipped_with_one_warning(tmp_path):
 
 
 def test_non_finite_loss_stops_and_keeps_last_checkpoint(tiny_sd3, tmp_path, monkeypatch):
-    from qrlora.backbones.base import FlowMatchingBackbone
+    from qrlora.backbones.base import Backbone
     from qrlora.train import main
 
-    original = FlowMatchingBackbone.loss_per_sample
+    original = Backbone.training_loss
     calls = {"n": 0}
 
     def poisoned(self, *a, **k):
@@ -246,7 +253,7 @@ def test_non_finite_loss_stops_and_keeps_last_checkpoint(tiny_sd3, tmp_path, mon
         loss = original(self, *a, **k)
         return loss * float("nan") if calls["n"] == 3 else loss
 
-    monkeypatch.setattr(FlowMatchingBackbone, "loss_per_sample", poisoned)
+    monkeypatch.setattr(Backbone, "training_loss", poisoned)
     with pytest.raises(SystemExit) as exc:
         main(train_args(tiny_sd3, tmp_path, 4))
     assert exc.value.code == 2

@@ -2,25 +2,22 @@
 
 A backbone is a small object that knows one model family: how to load its parts from a diffusers folder or
 hub id, encode prompts (through the pipeline's own ``encode_prompt``), turn pixels into latents, compute the
-training loss, and build the inference pipeline. It knows nothing about adapter methods (ARCHITECTURE.md s. 3).
+family part of the training objective, and build the inference pipeline. It knows nothing about adapter methods (ARCHITECTURE.md s. 3).
 """
 from __future__ import annotations
 
-import argparse
 import json
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import diffusers
 import torch
-from diffusers.training_utils import compute_density_for_timestep_sampling, compute_loss_weighting_for_sd3
 from torch import nn
 
 from ..errors import UserError
-
-Cond = dict[str, torch.Tensor]
+from ..objective import Cond, NoiseSchedule, Objective, loss_per_sample
 
 
 @dataclass(frozen=True)
@@ -86,7 +83,9 @@ class Backbone:
     denoiser_class: str = ""
     default_model: str = ""
     default_targets: tuple[str, ...] = ()
-    default_weighting_scheme: str = "none"
+    default_objective: Objective = Objective()
+    default_max_sequence_length: int = 77
+    vae_in_float32: bool = False  # encode in float32 whatever the mixed precision (diffusers' SD3 / SDXL scripts)
     text_encoder_names: tuple[str, ...] = ()
     # The original checkpoint layout for kohya-style LoRA files; empty: the diffusers module names are kept.
     original_layout: tuple[OriginalModule, ...] = ()
@@ -103,13 +102,17 @@ class Backbone:
              text_dtype: torch.dtype = torch.float32) -> Components:
         """Load the denoiser (as stored, or in ``denoiser_dtype``), the VAE, the scheduler, and the text parts."""
         vae = diffusers.AutoencoderKL.from_pretrained(vae_path or model_path, subfolder=None if vae_path else "vae")
-        # Any scheduler class reads ``scheduler/scheduler_config.json`` (folder or hub id); ``_class_name`` picks the real one.
-        scheduler_config = diffusers.DDPMScheduler.load_config(model_path, subfolder="scheduler")
-        scheduler = getattr(diffusers, scheduler_config["_class_name"]).from_config(scheduler_config)
+        scheduler = self.load_scheduler(model_path)
         text_pipeline = self.pipeline_cls().from_pretrained(
             model_path, torch_dtype=text_dtype, **{self.denoiser_name: None, "vae": None}
         )
         return Components(self.load_denoiser(model_path, denoiser_dtype), vae, scheduler, text_pipeline)
+
+    def load_scheduler(self, model_path: str):
+        """The pipeline's scheduler, freshly built (cheap: a config file). Any scheduler class reads
+        ``scheduler/scheduler_config.json`` (folder or hub id); ``_class_name`` picks the real one."""
+        config = diffusers.DDPMScheduler.load_config(model_path, subfolder="scheduler")
+        return getattr(diffusers, config["_class_name"]).from_config(config)
 
     def inference_pipeline(self, model_path: str, denoiser: nn.Module, *, dtype: torch.dtype | None = None,
                            with_text: bool = True, **parts):
@@ -120,57 +123,58 @@ class Backbone:
         )
 
     # ---- prompts and latents --------------------------------------------------------------------------
-    def encode_prompts(self, text_pipeline, prompts: list[str], device, args: argparse.Namespace) -> Cond:
+    def encode_prompts(self, text_pipeline, prompts: list[str], device, max_sequence_length: int) -> Cond:
         """Conditioning tensors for each prompt, stacked along dim 0 (prompt i at index i)."""
         raise NotImplementedError
 
-    def batch_cond(self, table: Cond, prompt_ids: torch.Tensor) -> Cond:
-        """Pick each sample's conditioning from the per-prompt ``table``."""
-        return {k: v[prompt_ids] for k, v in table.items()}
+    def negative_cond(self, text_pipeline, device, max_sequence_length: int) -> Cond:
+        """The unconditional (negative) conditioning the pipeline itself would use for an empty prompt."""
+        return self.encode_prompts(text_pipeline, [""], device, max_sequence_length)
+
+    def batch_cond(self, table: Cond, batch: dict) -> Cond:
+        """Each sample's conditioning: its prompt's row of the per-prompt ``table`` (``batch["prompt_ids"]``)."""
+        ids = batch["prompt_ids"]
+        return {k: v[ids.to(v.device)] for k, v in table.items()}
 
     def pipeline_prompt_kwargs(self, positive: Cond, negative: Cond) -> dict:
         """Keyword arguments that hand pre-encoded prompts to the pipeline's ``__call__``."""
         raise NotImplementedError
 
-    def latents_from_pixels(self, vae: nn.Module, pixels: torch.Tensor) -> torch.Tensor:
-        """Normalised VAE latents of (B, 3, H, W) pixels in [-1, 1]."""
-        cfg = vae.config
-        latents = vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist.sample()
-        shift = getattr(cfg, "shift_factor", None) or 0.0
-        return (latents - shift) * cfg.scaling_factor
+    def normalize_latents(self, vae_config, raw: torch.Tensor) -> torch.Tensor:
+        """Raw VAE latents -> the denoiser's latent space: ``(z - shift) * scaling`` (SD3 / FLUX)."""
+        shift = getattr(vae_config, "shift_factor", None) or 0.0
+        return (raw - shift) * vae_config.scaling_factor
+
+    def latents_from_pixels(self, vae: nn.Module, pixels: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Normalised VAE latents of (B, 3, H, W) pixels in [-1, 1], sampled from the latent distribution."""
+        dist = vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist
+        return self.normalize_latents(vae.config, dist.sample(generator))
 
     # ---- objective ------------------------------------------------------------------------------------
-    def loss_per_sample(self, denoiser: nn.Module, latents: torch.Tensor, cond: Cond, scheduler, args) -> torch.Tensor:
-        """The training loss of each sample, shape (B,)."""
+    def objective(self, scheduler, **overrides) -> Objective:
+        """This family's training objective; ``overrides`` that are not None replace the defaults (flags)."""
+        return replace(self.default_objective, **{k: v for k, v in overrides.items() if v is not None})
+
+    def noise_schedule(self, scheduler) -> NoiseSchedule:
+        """The frozen training noise table of the pipeline's scheduler (see ``qrlora.objective``)."""
+        return NoiseSchedule.from_scheduler(scheduler)
+
+    def predict(self, denoiser: nn.Module, noisy: torch.Tensor, timesteps: torch.Tensor, cond: Cond,
+                objective: Objective) -> torch.Tensor:
+        """The denoiser's output for ``noisy`` latents (B, C, h, w), same shape."""
         raise NotImplementedError
 
-    def add_arguments(self, parser: argparse.ArgumentParser) -> None:
-        """Backbone-specific flags (added to the one trainer's parser)."""
+    def training_loss(self, denoiser: nn.Module, latents: torch.Tensor, cond: Cond, schedule: NoiseSchedule,
+                      objective: Objective, generator: torch.Generator | None = None) -> torch.Tensor:
+        """The one training step's loss per sample (B,): ``qrlora.objective.loss_per_sample`` on this family."""
+        return loss_per_sample(self.predictor(denoiser, objective), latents, cond, schedule, objective, generator)
+
+    def predictor(self, denoiser: nn.Module, objective: Objective):
+        """``predict`` bound to ``denoiser`` and ``objective``: the ``(noisy, timesteps, cond) -> output`` callable."""
+        return lambda noisy, timesteps, cond: self.predict(denoiser, noisy, timesteps, cond, objective)
 
 
 class FlowMatchingBackbone(Backbone):
-    """Rectified-flow objective of SD3 (Esser et al., 2024) and FLUX: ``x_t = (1 - t) x_0 + t e``, target ``e - x_0``."""
+    """Rectified-flow families (SD3, Esser et al., 2024; FLUX): ``x_t = (1 - t) x_0 + t e``, target ``e - x_0``."""
 
-    def predict(self, denoiser: nn.Module, noisy: torch.Tensor, timesteps: torch.Tensor, cond: Cond, args) -> torch.Tensor:
-        """The denoiser's velocity prediction, same shape as ``noisy`` (B, C, h, w)."""
-        raise NotImplementedError
-
-    def loss_per_sample(self, denoiser, latents, cond, scheduler, args):
-        bsz = latents.shape[0]
-        noise = torch.randn_like(latents)
-        # Timestep density (logit-normal, mode, uniform) and weighting from diffusers.training_utils.
-        u = compute_density_for_timestep_sampling(
-            weighting_scheme=args.weighting_scheme, batch_size=bsz,
-            logit_mean=args.logit_mean, logit_std=args.logit_std, mode_scale=args.mode_scale,
-        )
-        indices = (u * scheduler.config.num_train_timesteps).long().clamp_max(len(scheduler.timesteps) - 1)
-        timesteps = scheduler.timesteps[indices].to(latents.device)
-        sigmas = scheduler.sigmas[indices].to(latents.device, latents.dtype).view(bsz, 1, 1, 1)
-        noisy = (1.0 - sigmas) * latents + sigmas * noise
-        pred = self.predict(denoiser, noisy, timesteps, cond, args)
-        if getattr(args, "precondition_outputs", False):
-            pred, target = pred * (-sigmas) + noisy, latents  # EDM-style: predict x_0
-        else:
-            target = noise - latents
-        weighting = compute_loss_weighting_for_sd3(weighting_scheme=args.weighting_scheme, sigmas=sigmas)
-        return (weighting.float() * (pred.float() - target.float()) ** 2).reshape(bsz, -1).mean(dim=1)
+    default_objective = Objective(prediction_type="flow")

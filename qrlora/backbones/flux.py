@@ -38,7 +38,6 @@ class Flux(FlowMatchingBackbone):
         "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out",
         "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2",
     )
-    default_weighting_scheme = "none"
     default_max_sequence_length = 512
     text_encoder_names = ("text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2")
     # BFL's checkpoint names (kohya sd-scripts, ComfyUI, A1111/Forge); q, k, v (and, in single blocks, the MLP
@@ -61,22 +60,23 @@ class Flux(FlowMatchingBackbone):
         OriginalModule(r"single_transformer_blocks\.(\d+)", "single_blocks.{0}.modulation.lin", ("norm.linear",)),
     )
 
-    def encode_prompts(self, text_pipeline, prompts, device, args):
+    def encode_prompts(self, text_pipeline, prompts, device, max_sequence_length):
         embeds, pooled, text_ids = text_pipeline.encode_prompt(
-            prompt=prompts, prompt_2=None, device=device, max_sequence_length=args.max_sequence_length
+            prompt=prompts, prompt_2=None, device=device, max_sequence_length=max_sequence_length
         )
         return {"prompt_embeds": embeds, "pooled_prompt_embeds": pooled, "text_ids": text_ids}  # text_ids (L, 3)
 
-    def batch_cond(self, table, prompt_ids):
-        return {k: (v if k == "text_ids" else v[prompt_ids]) for k, v in table.items()}
+    def batch_cond(self, table, batch):
+        ids = batch["prompt_ids"]
+        return {k: (v if k == "text_ids" else v[ids.to(v.device)]) for k, v in table.items()}  # text_ids: shared
 
     def pipeline_prompt_kwargs(self, positive, negative):
         return {"prompt_embeds": positive["prompt_embeds"], "pooled_prompt_embeds": positive["pooled_prompt_embeds"]}
 
-    def predict(self, denoiser, noisy, timesteps, cond, args):
+    def predict(self, denoiser, noisy, timesteps, cond, objective):
         b, _, h, w = noisy.shape
         config = getattr(denoiser, "module", denoiser).config
-        guidance = torch.full((b,), float(args.guidance_scale), device=noisy.device) if config.guidance_embeds else None
+        guidance = torch.full((b,), float(objective.guidance_scale), device=noisy.device) if config.guidance_embeds else None
         tokens = denoiser(
             hidden_states=pack_latents(noisy),
             timestep=timesteps / 1000,  # FLUX embeds t in [0, 1]

@@ -1,6 +1,7 @@
 """Stable Diffusion 3 (MMDiT): ``SD3Transformer2DModel``, two CLIP encoders + T5, flow matching."""
 from __future__ import annotations
 
+from ..objective import Objective
 from .base import FlowMatchingBackbone, OriginalModule
 
 
@@ -14,8 +15,10 @@ class SD3(FlowMatchingBackbone):
         "attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0",
         "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out",
     )
-    default_weighting_scheme = "logit_normal"
+    # diffusers' SD3 DreamBooth script: logit-normal timesteps, x0-preconditioned outputs, VAE in float32.
+    default_objective = Objective(prediction_type="flow", weighting_scheme="logit_normal", precondition_outputs=True)
     default_max_sequence_length = 77
+    vae_in_float32 = True
     text_encoder_names = ("text_encoder", "text_encoder_2", "text_encoder_3", "tokenizer", "tokenizer_2", "tokenizer_3")
     # Stability's MMDiT checkpoint names (kohya sd-scripts, ComfyUI); q, k, v are one fused Linear there, in that
     # row order (diffusers' ``convert_sd3_transformer_checkpoint_to_diffusers`` splits them the same way).
@@ -31,10 +34,10 @@ class SD3(FlowMatchingBackbone):
         OriginalModule(r"transformer_blocks\.(\d+)", "joint_blocks.{0}.context_block.mlp.fc2", ("ff_context.net.2",)),
     )
 
-    def encode_prompts(self, text_pipeline, prompts, device, args):
+    def encode_prompts(self, text_pipeline, prompts, device, max_sequence_length):
         embeds, _, pooled, _ = text_pipeline.encode_prompt(
             prompt=prompts, prompt_2=None, prompt_3=None, device=device, do_classifier_free_guidance=False,
-            max_sequence_length=args.max_sequence_length,
+            max_sequence_length=max_sequence_length,
         )
         return {"prompt_embeds": embeds, "pooled_prompt_embeds": pooled}  # (P, L, D), (P, 2 * proj)
 
@@ -46,7 +49,7 @@ class SD3(FlowMatchingBackbone):
             "negative_pooled_prompt_embeds": negative["pooled_prompt_embeds"],
         }
 
-    def predict(self, denoiser, noisy, timesteps, cond, args):
+    def predict(self, denoiser, noisy, timesteps, cond, objective):
         return denoiser(
             hidden_states=noisy, timestep=timesteps, encoder_hidden_states=cond["prompt_embeds"],
             pooled_projections=cond["pooled_prompt_embeds"], return_dict=False,

@@ -1,22 +1,21 @@
 """Stable Diffusion XL: ``UNet2DConditionModel``, two CLIP encoders (+ pooled), micro-conditioning, DDPM noise.
 
 The objective is the one SDXL was trained with (Podell et al., 2023) and diffusers'
-``train_dreambooth_lora_sdxl.py`` uses: ``x_t = sqrt(a_t) x_0 + sqrt(1 - a_t) e`` at a uniform integer ``t``,
-target ``e`` (epsilon) or ``v = sqrt(a_t) e - sqrt(1 - a_t) x_0`` (v_prediction), as the scheduler config says,
-optionally min-SNR weighted (Hang et al., 2023, ``--snr_gamma``).
+``train_dreambooth_lora_sdxl.py`` uses: DDPM noise at a uniform integer ``t``, target epsilon or v as the
+scheduler config says, optionally min-SNR weighted (``qrlora.objective``). EDM-parametrised checkpoints
+(Playground v2.5: an ``EDM*`` scheduler) are refused: their noise is not DDPM's, and reading their config as DDPM
+would silently train with linear betas.
 """
 from __future__ import annotations
 
-import weakref
+from dataclasses import replace
 
 import torch
 from diffusers import DDPMScheduler
-from diffusers.training_utils import compute_snr
 
 from ..errors import UserError
+from ..objective import Objective
 from .base import Backbone
-
-PREDICTION_TYPES = ("epsilon", "v_prediction")
 
 
 class SDXL(Backbone):
@@ -32,21 +31,34 @@ class SDXL(Backbone):
         "attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0",
         "attn2.to_q", "attn2.to_k", "attn2.to_v", "attn2.to_out.0",
     )
-    default_weighting_scheme = "none"  # flow-matching only; SDXL uses --snr_gamma instead
+    default_objective = Objective(prediction_type="epsilon")  # the scheduler config's prediction_type wins
     default_max_sequence_length = 77  # CLIP context; SDXL has no T5
+    vae_in_float32 = True  # SDXL's original VAE overflows in fp16 (diffusers' scripts keep it in float32)
     text_encoder_names = ("text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2")
 
-    def __init__(self) -> None:
-        # Training scheduler per pipeline scheduler: the DDPM twin of the (Euler) inference scheduler.
-        self._ddpm: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
     # ---- prompts and latents --------------------------------------------------------------------------
-    def encode_prompts(self, text_pipeline, prompts, device, args):
+    def encode_prompts(self, text_pipeline, prompts, device, max_sequence_length):
         embeds, _, pooled, _ = text_pipeline.encode_prompt(
             prompt=prompts, prompt_2=None, device=device, do_classifier_free_guidance=False,
         )
         # (P, 77, D1 + D2): penultimate hidden states of both CLIPs concatenated; (P, proj): CLIP-G text_embeds
         return {"prompt_embeds": embeds, "pooled_prompt_embeds": pooled}
+
+    def negative_cond(self, text_pipeline, device, max_sequence_length):
+        """Zeros when the pipeline says ``force_zeros_for_empty_prompt`` (SDXL base does), as its ``__call__`` does."""
+        empty = self.encode_prompts(text_pipeline, [""], device, max_sequence_length)
+        if getattr(text_pipeline.config, "force_zeros_for_empty_prompt", False):
+            return {k: torch.zeros_like(v) for k, v in empty.items()}
+        return empty
+
+    def batch_cond(self, table, batch):
+        """Prompt rows plus each image's micro-conditioning ``time_ids`` (B, 6): original size (h, w), crop
+        top-left (y, x) and target size (h, w), as diffusers' SDXL DreamBooth script records them per image."""
+        cond = super().batch_cond(table, batch)
+        parts = (batch["original_size"], batch["crop_top_left"], batch["target_size"])  # each (B, 2)
+        embeds = cond["prompt_embeds"]
+        cond["time_ids"] = torch.cat(parts, dim=1).to(embeds.device, embeds.dtype)
+        return cond
 
     def pipeline_prompt_kwargs(self, positive, negative):
         return {
@@ -56,69 +68,40 @@ class SDXL(Backbone):
             "negative_pooled_prompt_embeds": negative["pooled_prompt_embeds"],
         }
 
-    def latents_from_pixels(self, vae, pixels):
+    def normalize_latents(self, vae_config, raw):
         """``x_0 = z * scaling_factor`` (0.13025 for SDXL's VAE, no shift), or ``(z - mean) * scaling / std``
         for VAEs whose config carries ``latents_mean`` / ``latents_std`` (the SDXL pipeline decodes with both)."""
-        cfg = vae.config
-        latents = vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist.sample()
-        mean, std = getattr(cfg, "latents_mean", None), getattr(cfg, "latents_std", None)
+        mean, std = getattr(vae_config, "latents_mean", None), getattr(vae_config, "latents_std", None)
         if mean is None or std is None:
-            return latents * cfg.scaling_factor
-        mean = torch.tensor(mean, device=latents.device, dtype=latents.dtype).view(1, -1, 1, 1)
-        std = torch.tensor(std, device=latents.device, dtype=latents.dtype).view(1, -1, 1, 1)
-        return (latents - mean) * cfg.scaling_factor / std
+            return raw * vae_config.scaling_factor
+        mean = torch.tensor(mean, device=raw.device, dtype=raw.dtype).view(1, -1, 1, 1)
+        std = torch.tensor(std, device=raw.device, dtype=raw.dtype).view(1, -1, 1, 1)
+        return (raw - mean) * vae_config.scaling_factor / std
 
     # ---- objective ------------------------------------------------------------------------------------
-    def training_scheduler(self, scheduler) -> DDPMScheduler:
-        """The DDPM scheduler with ``scheduler``'s betas and ``prediction_type`` (built once per scheduler)."""
-        if isinstance(scheduler, DDPMScheduler):
-            return scheduler
-        ddpm = self._ddpm.get(scheduler)
-        if ddpm is None:
-            ddpm = self._ddpm[scheduler] = DDPMScheduler.from_config(scheduler.config)
-        return ddpm
-
     @staticmethod
-    def add_time_ids(resolution: int, batch: int, device, dtype) -> torch.Tensor:
-        """SDXL micro-conditioning (B, 6): original size, crop top-left, target size, each (height, width).
+    def _refuse_edm(scheduler) -> None:
+        class_name = scheduler.config.get("_class_name", type(scheduler).__name__)
+        if "EDM" in class_name or "EDM" in type(scheduler).__name__:
+            raise UserError(f"scheduler/scheduler_config.json: {class_name} is an EDM schedule (e.g. Playground "
+                            "v2.5); SDXL training here supports DDPM epsilon / v-prediction checkpoints only")
 
-        The dataset resizes and crops every image to a ``resolution`` square, so we condition on "a
-        resolution x resolution original, uncropped" -- what inference asks for by default -- rather than on
-        the true source size and crop offset (which diffusers' SDXL scripts record per image).
-        """
-        ids = torch.tensor([resolution, resolution, 0, 0, resolution, resolution], device=device, dtype=dtype)
-        return ids.expand(batch, 6)
-
-    def predict(self, denoiser, noisy, timesteps, cond, args) -> torch.Tensor:
-        """The UNet's output (epsilon or v), same shape as ``noisy`` (B, 4, h, w)."""
-        embeds = cond["prompt_embeds"]
-        added = {
-            "text_embeds": cond["pooled_prompt_embeds"],
-            "time_ids": self.add_time_ids(args.resolution, noisy.shape[0], noisy.device, embeds.dtype),
-        }
-        return denoiser(noisy, timesteps, encoder_hidden_states=embeds, added_cond_kwargs=added, return_dict=False)[0]
-
-    def loss_per_sample(self, denoiser, latents, cond, scheduler, args):
-        ddpm = self.training_scheduler(scheduler)
-        prediction_type = ddpm.config.prediction_type
-        if prediction_type not in PREDICTION_TYPES:
+    def objective(self, scheduler, **overrides) -> Objective:
+        """DDPM objective with the scheduler config's ``prediction_type`` (epsilon or v_prediction)."""
+        self._refuse_edm(scheduler)
+        prediction_type = scheduler.config.get("prediction_type", "epsilon")
+        if prediction_type not in ("epsilon", "v_prediction"):
             raise UserError(f"scheduler/scheduler_config.json: prediction_type '{prediction_type}' is not supported "
-                            f"for SDXL training (use one of {', '.join(PREDICTION_TYPES)})")
-        bsz = latents.shape[0]
-        noise = torch.randn_like(latents)
-        timesteps = torch.randint(0, ddpm.config.num_train_timesteps, (bsz,), device=latents.device).long()
-        noisy = ddpm.add_noise(latents, noise, timesteps)
-        target = noise if prediction_type == "epsilon" else ddpm.get_velocity(latents, noise, timesteps)
-        pred = self.predict(denoiser, noisy, timesteps, cond, args)
-        loss = ((pred.float() - target.float()) ** 2).reshape(bsz, -1).mean(dim=1)
-        if args.snr_gamma is None:
-            return loss
-        # Min-SNR-gamma (Hang et al., 2023, s. 3.4) in the epsilon / v parametrisation, as diffusers' scripts:
-        # min(snr, gamma) / snr for epsilon (written min(1, gamma / snr): 1, not 0/0, at zero terminal SNR)
-        # and min(snr, gamma) / (snr + 1) for v.
-        snr = compute_snr(ddpm, timesteps)
-        if prediction_type == "epsilon":
-            weights = (args.snr_gamma / snr).clamp(max=1.0)
-        else:
-            weights = snr.clamp(max=args.snr_gamma) / (snr + 1)
-        return loss * weights
+                            "for SDXL training (use one of epsilon, v_prediction)")
+        return replace(super().objective(scheduler, **overrides), prediction_type=prediction_type)
+
+    def noise_schedule(self, scheduler):
+        """DDPM ``alphas_cumprod`` from the (Euler) inference scheduler's betas: its DDPM twin, built once."""
+        self._refuse_edm(scheduler)
+        return super().noise_schedule(DDPMScheduler.from_config(scheduler.config))
+
+    def predict(self, denoiser, noisy, timesteps, cond, objective) -> torch.Tensor:
+        """The UNet's output (epsilon or v), same shape as ``noisy`` (B, 4, h, w)."""
+        added = {"text_embeds": cond["pooled_prompt_embeds"], "time_ids": cond["time_ids"]}
+        return denoiser(noisy, timesteps, encoder_hidden_states=cond["prompt_embeds"], added_cond_kwargs=added,
+                        return_dict=False)[0]
