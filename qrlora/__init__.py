@@ -2,11 +2,12 @@
 
 The library modules, by job: ``decompose`` (float32 math), ``methods`` (the registry), ``layers`` (the adapter
 layer), ``inject`` (targeting), ``checkpoint`` (files), ``merge`` (merges), ``residual`` / ``export`` (residual and
-LoRA files), ``inference`` (merge rendering), ``backbones`` (model families), ``data`` / ``prior`` (DreamBooth
-images), ``train`` (the trainer), ``quantize`` (fp8 / nf4 base), ``analysis`` (similarity, expert usage),
-``tiny`` (offline test pipelines), ``errors`` (one-line CLI errors), ``strategies`` / ``ziplora`` / ``klora`` (merge
-strategies), ``evaluate`` (CLIP / DINO scores), ``compare`` (the comparison command), ``tiny_scorers`` (offline CLIP
-and DINO models).
+diffusers / kohya LoRA files), ``model_card`` / ``hub`` / ``tracking`` (what a run publishes: model card, hub
+upload, tracker images), ``runs`` (finding the runs the wrappers wrote), ``inference`` (merge rendering),
+``backbones`` (model families), ``data`` / ``prior`` (DreamBooth images), ``train`` (the trainer), ``quantize``
+(fp8 / nf4 base), ``analysis`` (similarity, expert usage), ``tiny`` (offline test pipelines), ``errors``
+(one-line CLI errors), ``strategies`` / ``ziplora`` / ``klora`` (merge strategies), ``evaluate`` (CLIP / DINO
+scores), ``compare`` (the comparison command), ``tiny_scorers`` (offline CLIP and DINO models).
 """
 from .methods import METHODS, AdapterConfig, get_method
 

@@ -1,4 +1,4 @@
-"""Files users hold (ARCHITECTURE.md section 2): adapter files, residual files, and standard LoRA exports.
+"""Files users hold (ARCHITECTURE.md section 2): adapter files and residual files (standard LoRA exports: export.py).
 
 Adapter file ``pytorch_lora_weights.safetensors``: per adapted module path ``P`` inside the denoiser, keys
 ``{component}.P.lora.q.weight`` / ``lora.base_r.weight`` / ``lora.delta_r.weight`` (+ ``lora.q0/r0``, ``gate.*``,
@@ -211,7 +211,7 @@ def adapter_from_model(model: torch.nn.Module, config: AdapterConfig, metadata: 
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Residual files and LoRA export
+# Residual files
 # ---------------------------------------------------------------------------------------------------------
 RESIDUAL_SUFFIX = ".residual.weight"
 
@@ -242,29 +242,3 @@ def load_residual(path: str | os.PathLike) -> dict[str, torch.Tensor]:
             raise UserError(f"{path}: key '{key}' is not a residual ('P.residual.weight'); is this a residual file?")
         out[key[: -len(RESIDUAL_SUFFIX)]] = value.float()
     return out
-
-
-def lora_export_tensors(adapter: AdapterFile) -> dict[str, torch.Tensor]:
-    """Standard diffusers / PEFT LoRA tensors ``{component}.P.lora_A.weight`` / ``lora_B.weight`` with ``B A = dW``.
-
-    The scale is folded into B, so the file loads at alpha = its rank (diffusers' default when no alpha key
-    exists). ``qr`` exports at rank 2r; ``moe`` cannot be exported (its change depends on the token).
-    """
-    if not adapter.method.static:
-        raise UserError(
-            f"{adapter.path}: {adapter.config.method} adapters are token-dependent and have no standard LoRA form; "
-            "merge them live with `python -m qrlora.merge`"
-        )
-    out = {}
-    for p, named in adapter.layers.items():
-        B, A = adapter.method.lora_factors(named, adapter.config.scale)
-        out[f"{adapter.component}.{p}.lora_A.weight"] = A.contiguous()
-        out[f"{adapter.component}.{p}.lora_B.weight"] = B.contiguous()
-    return out
-
-
-def export_lora(adapter: AdapterFile, path: str | os.PathLike) -> Path:
-    """Write ``adapter`` as a standard LoRA file loadable by ``pipe.load_lora_weights``."""
-    tensors = lora_export_tensors(adapter)
-    meta = {"exported_from": FORMAT_NAME, "method": adapter.config.method, "source_rank": str(adapter.config.rank)}
-    return atomic_save_safetensors(tensors, path, meta)

@@ -14,7 +14,9 @@ import importlib.util
 import json
 import logging
 import math
+import shlex
 import shutil
+import sys
 from pathlib import Path
 
 import torch
@@ -29,12 +31,16 @@ from .backbones import BACKBONES, detect_backbone
 from .checkpoint import ADAPTER_FILENAME, adapter_from_model, adapter_metadata, load_adapter, save_adapter
 from .data import DreamBoothDataset, collate
 from .errors import UserError, cli_entry
+from .export import export_lora, kohya_path
+from .hub import push_run_folder
 from .inject import inject_adapters, trainable_parameters
 from .layers import adapter_layers, apply_constraints_, cast_base_model_
 from .methods import METHODS, AdapterConfig
+from .model_card import write_model_card
 from .objective import WEIGHTING_SCHEMES, step_generator
 from .prior import generate_class_images
 from .quantize import LIBRARIES, check_available, quantize_base_
+from .tracking import log_validation_images
 
 logger = logging.getLogger("qrlora.train")
 DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -109,18 +115,26 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--num_validation_images", type=int, default=4)
     g.add_argument("--validation_epochs", type=int, default=50)
     g.add_argument("--validation_inference_steps", type=int, default=28)
-    g.add_argument("--report_to", choices=["tensorboard", "none"], default="none")
+    g.add_argument("--report_to", choices=["tensorboard", "wandb", "none"], default="none")
     g.add_argument("--logging_dir", default="logs")
     g.add_argument("--checkpointing_steps", type=int, default=500)
     g.add_argument("--checkpoints_total_limit", type=int)
     g.add_argument("--resume_from_checkpoint", help="a checkpoint-N folder, or 'latest'")
+    g = p.add_argument_group("export and publishing")
+    g.add_argument("--output_kohya_format", action="store_true",
+                   help="also write pytorch_lora_weights_kohya.safetensors (ComfyUI, A1111/Forge, kohya sd-scripts)")
+    g.add_argument("--push_to_hub", action="store_true", help="upload the run folder to the Hugging Face Hub at the end")
+    g.add_argument("--hub_model_id", help="hub repository for --push_to_hub (default: the --output_dir folder name)")
+    g.add_argument("--hub_token", help="hub token (default: the one `hf auth login` stored)")
     args = p.parse_args(argv)
     if args.rank < 1:
         p.error(f"--rank must be a positive integer, got {args.rank}")
     if args.with_prior_preservation and not (args.class_data_dir and args.class_prompt):
         p.error("--with_prior_preservation needs --class_data_dir and --class_prompt")
-    if args.report_to == "tensorboard" and importlib.util.find_spec("tensorboard") is None:
-        p.error("--report_to tensorboard needs the tensorboard package: pip install tensorboard")
+    if args.report_to in ("tensorboard", "wandb") and importlib.util.find_spec(args.report_to) is None:
+        p.error(f"--report_to {args.report_to} needs the {args.report_to} package: pip install {args.report_to}")
+    if args.report_to == "wandb" and args.hub_token:
+        p.error("--hub_token cannot be used with --report_to wandb (the token would be logged); run `hf auth login` instead")
     return args
 
 
@@ -235,6 +249,8 @@ def main(argv=None) -> Path:
     output_dir = Path(args.output_dir)
     resume_from = resolve_resume(args, output_dir)
     base_dtype(args)  # fail now, not after loading, when fp8 / nf4 cannot work here
+    if args.output_kohya_format and not METHODS[args.lora_init_method].static:
+        raise UserError(f"--output_kohya_format: {args.lora_init_method} adapters are token-dependent and have no LoRA form")
     dataset = DreamBoothDataset(args.instance_data_dir, resolution=args.resolution, center_crop=args.center_crop,
                                 random_flip=args.random_flip, repeats=args.repeats, seed=args.seed)
 
@@ -395,10 +411,13 @@ def main(argv=None) -> Path:
     accelerator.wait_for_everyone()
     final = output_dir / ADAPTER_FILENAME
     if accelerator.is_main_process:
-        save_adapter(final, adapter_from_model(model, config, metadata, component=backbone.denoiser_name))
+        adapter = adapter_from_model(model, config, metadata, component=backbone.denoiser_name)
+        save_adapter(final, adapter)
         logger.info("saved %s", final)
+        images = []
         if validation_cond:
-            run_validation(backbone, args, model, vae, scheduler, validation_cond, global_step, accelerator, weight_dtype)
+            images = run_validation(backbone, args, model, vae, scheduler, validation_cond, global_step, accelerator, weight_dtype)
+        publish_run(args, backbone, adapter, final, images, argv)
     accelerator.end_training()
     return final
 
@@ -431,15 +450,28 @@ def run_validation(backbone, args, model, vae, scheduler, cond, step, accelerato
                          num_inference_steps=args.validation_inference_steps, generator=generator).images[0]
             saved.append(folder / f"step{step:06d}_{i}.png")
             image.save(saved[-1])
-    for tracker in accelerator.trackers:
-        if tracker.name == "tensorboard":
-            import numpy as np
-            from PIL import Image
-
-            tracker.writer.add_images("validation", np.stack([np.asarray(Image.open(p)) for p in saved]), step, dataformats="NHWC")
+    log_validation_images(accelerator.trackers, saved, step, args.validation_prompt)
     del pipe
     model.train(was_training)
     return saved
+
+
+def publish_run(args, backbone, adapter, final: Path, images: list[Path], argv) -> None:
+    """After the final save: the kohya file (``--output_kohya_format``), the model card, the hub upload."""
+    output_dir = final.parent
+    kohya = None
+    if args.output_kohya_format:
+        kohya = export_lora(adapter, kohya_path(final), "kohya", backbone.name)
+        logger.info("saved %s", kohya)
+    command = "python -m qrlora.train " + shlex.join(sys.argv[1:] if argv is None else list(argv))
+    card = write_model_card(output_dir, adapter, adapter_name=final.name, pipeline_class=backbone.pipeline_class,
+                            command=command, validation_prompt=args.validation_prompt,
+                            validation_images=[p.relative_to(output_dir).as_posix() for p in images],
+                            kohya_name=kohya.name if kohya else None)
+    logger.info("saved %s", card)
+    if args.push_to_hub:
+        url = push_run_folder(output_dir, args.hub_model_id or output_dir.resolve().name, args.hub_token)
+        logger.info("pushed %s to %s", output_dir, url)
 
 
 if __name__ == "__main__":

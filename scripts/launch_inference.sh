@@ -1,16 +1,28 @@
 #!/usr/bin/env bash
 # The body of every merge-inference wrapper:  launch_inference.sh ENTRY_SCRIPT GPU_ID [extra flags...]
-# Set by the wrapper: DEFAULT_MODEL, DEFAULT_STEPS, DEFAULT_SIZE, DEFAULT_PROMPT, DEFAULT_OUT.
+# Set by the wrapper: DEFAULT_MODEL, DEFAULT_STEPS, DEFAULT_SIZE, DEFAULT_PROMPT, DEFAULT_OUT, and RUN_FILTER
+# (flags of `python -m qrlora.runs`: which runs fit this wrapper) with RUN_HINT (the wrappers that train them).
 # Environment overrides: MODEL_NAME, STYLE_LORA, CONTENT_LORA, RESIDUAL (unset: delta form), PROMPT,
 # STYLE_WEIGHTS, CONTENT_WEIGHTS, STEPS, GUIDANCE, HEIGHT, WIDTH, SEED, DTYPE, OUTPUT_DIR.
+# STYLE_LORA / CONTENT_LORA unset: the newest style and content runs of one backbone, method and rank
+# (scripts/find_runs.sh), and MODEL_NAME unset then means the base model those runs recorded.
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
+source "$(dirname "${BASH_SOURCE[0]}")/find_runs.sh"
 
 ENTRY="$1"; shift
 (( $# >= 1 )) || die "usage: bash <wrapper> GPU_ID [extra flags...]"
 select_devices "$1"; shift
-[[ -n "${STYLE_LORA:-}" ]] || die "set STYLE_LORA to the style adapter (pytorch_lora_weights.safetensors)"
-[[ -n "${CONTENT_LORA:-}" ]] || die "set CONTENT_LORA to the content adapter (pytorch_lora_weights.safetensors)"
+if [[ -z "${STYLE_LORA:-}" || -z "${CONTENT_LORA:-}" ]]; then
+  # shellcheck disable=SC2086  # RUN_FILTER is a list of flags
+  find_pair "set STYLE_LORA and CONTENT_LORA to adapter files, or train a pair with ${RUN_HINT:-the training wrappers}" ${RUN_FILTER:-}
+  STYLE_LORA="${STYLE_LORA:-$FOUND_STYLE_LORA}"
+  CONTENT_LORA="${CONTENT_LORA:-$FOUND_CONTENT_LORA}"
+  if [[ -z "${MODEL_NAME:-}" && -n "$FOUND_MODEL" ]]; then
+    MODEL_NAME="$FOUND_MODEL"
+    echo "model:       $MODEL_NAME (the base model the runs recorded)" >&2
+  fi
+fi
 
 FLAGS=(--model_path "${MODEL_NAME:-$DEFAULT_MODEL}"
        --style_lora_path "$STYLE_LORA" --content_lora_path "$CONTENT_LORA"

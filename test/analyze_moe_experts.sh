@@ -4,8 +4,10 @@
 #   bash test/analyze_moe_experts.sh GPU [extra flags for test/analyze_moe_experts.py]
 #
 #   GPU           a GPU id (sets CUDA_VISIBLE_DEVICES) or `cpu`
-#   MODEL_PATH    base pipeline folder or hub id (default: SD3)
-#   LORA_PATH     MoE adapter (default: exps_SD3/moe/pytorch_lora_weights.safetensors)
+#   MODEL_NAME    base pipeline folder or hub id (default: the base model the adapter recorded;
+#                 MODEL_PATH, the older name, still works)
+#   LORA_PATH     MoE adapter (default: the newest MoE style run under exps_*/, else the newest MoE run;
+#                 looked for in the current folder, the repository root and flux_dir/ SD3_dir/ SDXL_dir/)
 #   PROMPT        one prompt (default: "a cat in <s> style"; empty: none); ignored when PROMPTS_FILE is set
 #                 (extra --prompt flags add to it)
 #   PROMPTS_FILE  text file, one prompt per line
@@ -17,19 +19,29 @@
 set -euo pipefail
 
 source "$(dirname "${BASH_SOURCE[0]}")/../scripts/common.sh"   # select_devices, REPO_ROOT, PYTHONPATH
+source "$(dirname "${BASH_SOURCE[0]}")/../scripts/find_runs.sh"  # find_latest
 (( $# >= 1 )) || die "usage: bash $0 GPU|cpu [extra flags]"
 select_devices "$1"
 shift
 PYTHON="${PYTHON:-python}"
-MODEL_PATH="${MODEL_PATH:-SD3}"
-LORA_PATH="${LORA_PATH:-exps_SD3/moe/pytorch_lora_weights.safetensors}"
+MODEL_NAME="${MODEL_NAME:-${MODEL_PATH:-}}"
+if [[ -z "${LORA_PATH:-}" ]]; then
+  find_latest "set LORA_PATH to a MoE adapter file, or train one with SD3_dir/train_moe_sty.sh" --methods moe
+  LORA_PATH="$FOUND_LORA"
+  MODEL_NAME="${MODEL_NAME:-$FOUND_MODEL}"
+fi
+if [[ -z "$MODEL_NAME" ]]; then
+  found="$("$PYTHON" -m qrlora.runs model --adapter "$LORA_PATH" --hint "set MODEL_NAME to its base pipeline")" || exit 2
+  eval "$found"
+  MODEL_NAME="$FOUND_MODEL"
+fi
 PROMPT="${PROMPT-a cat in <s> style}"  # PROMPT= (empty): only the --prompt flags given after GPU
 PROMPTS_FILE="${PROMPTS_FILE:-}"
 NUM_STEPS="${NUM_STEPS:-10}"
 OUTPUT_DIR="${OUTPUT_DIR:-output_vis/moe_experts-$(date +%Y%m%d-%H%M%S)}"
 
 args=(
-    --model_path "$MODEL_PATH"
+    --model_path "$MODEL_NAME"
     --lora_path "$LORA_PATH"
     --num_inference_steps "$NUM_STEPS"
     --output_dir "$OUTPUT_DIR"

@@ -4,10 +4,12 @@
 #   bash test/visualize_qrlora_similarity.sh GPU [extra flags for test/visualize_qrlora_similarity.py]
 #
 #   GPU           a GPU id (sets CUDA_VISIBLE_DEVICES) or `cpu`
-#   LORA1_PATH    first adapter  (default: exps_SD3/sty/pytorch_lora_weights.safetensors)
-#   LORA2_PATH    second adapter (default: exps_SD3/cnt/pytorch_lora_weights.safetensors)
+#   LORA1_PATH    first adapter  (default: the newest style run under exps_*/, see below)
+#   LORA2_PATH    second adapter (default: the newest content run of the same backbone, method and rank)
 #   LORA1_NAME    label of the first  (default: sty)
 #   LORA2_NAME    label of the second (default: cnt)
+#                 Runs are looked for under exps_*/ in the current folder, the repository root and
+#                 flux_dir/ SD3_dir/ SDXL_dir/ (scripts/find_runs.sh); the choice is printed.
 #   OUTPUT_DIR    default: output_vis/qrlora_sim-<date>
 #   FIXED_SCALE   1 (default): fixed metric axes; 0: automatic axes
 #   BINS          NMI histogram bins (default: 64)
@@ -18,12 +20,16 @@
 set -euo pipefail
 
 source "$(dirname "${BASH_SOURCE[0]}")/../scripts/common.sh"   # select_devices, REPO_ROOT, PYTHONPATH
+source "$(dirname "${BASH_SOURCE[0]}")/../scripts/find_runs.sh"  # find_pair
 (( $# >= 1 )) || die "usage: bash $0 GPU|cpu [extra flags]"
 select_devices "$1"
 shift
 PYTHON="${PYTHON:-python}"
-LORA1_PATH="${LORA1_PATH:-exps_SD3/sty/pytorch_lora_weights.safetensors}"
-LORA2_PATH="${LORA2_PATH:-exps_SD3/cnt/pytorch_lora_weights.safetensors}"
+if [[ -z "${LORA1_PATH:-}" || -z "${LORA2_PATH:-}" ]]; then
+  find_pair "set LORA1_PATH and LORA2_PATH to two adapter files, or train a style and a content run first (e.g. flux_dir/train_deltaR_sty.sh and flux_dir/train_deltaR_cnt.sh)"
+  LORA1_PATH="${LORA1_PATH:-$FOUND_STYLE_LORA}"
+  LORA2_PATH="${LORA2_PATH:-$FOUND_CONTENT_LORA}"
+fi
 LORA1_NAME="${LORA1_NAME:-sty}"
 LORA2_NAME="${LORA2_NAME:-cnt}"
 OUTPUT_DIR="${OUTPUT_DIR:-output_vis/qrlora_sim-$(date +%Y%m%d-%H%M%S)}"

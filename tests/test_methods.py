@@ -6,7 +6,6 @@ from torch import nn
 from qrlora.checkpoint import (
     adapter_from_model,
     adapter_metadata,
-    export_lora,
     load_adapter,
     load_residual,
     residuals_from_adapter,
@@ -14,6 +13,7 @@ from qrlora.checkpoint import (
     save_residual,
 )
 from qrlora.errors import UserError
+from qrlora.export import export_lora
 from qrlora.inject import find_target_modules, inject_adapters
 from qrlora.layers import AdapterLinear, adapter_layers, apply_constraints_, cast_base_model_
 from qrlora.merge import Merger

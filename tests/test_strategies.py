@@ -10,7 +10,8 @@ import torch
 from PIL import Image
 
 from conftest import error_lines, make_adapter
-from qrlora.checkpoint import load_adapter, lora_export_tensors
+from qrlora.checkpoint import load_adapter
+from qrlora.export import lora_export_tensors
 from qrlora.inference import grid_main, merge_main
 from qrlora.klora import balance_factor, selects_content, time_scale, topk_sum
 from qrlora.merge import Merger

@@ -79,7 +79,7 @@ def test_flux_wrappers_end_to_end(tiny_flux, tmp_path, script):
     adapter = check_adapter_file(out / ADAPTER_FILENAME, tiny_flux, method, 4, "flux")
     assert any(p.startswith("single_transformer_blocks.") for p in adapter.layers)  # single blocks adapted too
     if method == "qr":
-        from qrlora.checkpoint import lora_export_tensors
+        from qrlora.export import lora_export_tensors
 
         exported = lora_export_tensors(adapter)
         assert all(v.shape[0] == 8 for k, v in exported.items() if k.endswith("lora_A.weight"))  # rank 2r
@@ -154,7 +154,7 @@ def test_two_processes_on_cpu(tiny_sd3, tmp_path):
 
     plain = launch(tmp_path / "ddp")
     files = sorted(p.name for p in (tmp_path / "ddp").iterdir())
-    assert files == [ADAPTER_FILENAME]  # one writer, no stray temporary files
+    assert files == ["README.md", ADAPTER_FILENAME]  # one writer (adapter + model card), no stray temporary files
     check_adapter_file(plain, tiny_sd3, "ica", 4, "sd3")
     validated = launch(tmp_path / "ddp_validated", "--validation_prompt", "a <c> cat", "--validation_epochs", "1",
                        "--num_validation_images", "1", "--validation_inference_steps", "2")

@@ -7,6 +7,7 @@ family part of the training objective, and build the inference pipeline. It know
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,33 @@ from torch import nn
 
 from ..errors import UserError
 from ..objective import Cond, NoiseSchedule, Objective, loss_per_sample
+
+
+@dataclass(frozen=True)
+class OriginalModule:
+    """One Linear of a model family's original checkpoint layout (the names kohya sd-scripts, ComfyUI and A1111 use)
+    and the diffusers Linears whose output rows it stacks.
+
+    ``block`` is a regular expression for the diffusers block path (its groups fill ``name``), ``parts`` the
+    module suffixes inside that block in row order, ``rows`` each part's output rows relative to the first part
+    (FLUX's single-block ``linear1`` stacks q, k, v and a 4x wider MLP input).
+    """
+
+    block: str
+    name: str
+    parts: tuple[str, ...]
+    rows: tuple[int, ...] = ()
+
+    def match(self, path: str) -> tuple[str, int] | None:
+        """``(original name, part index)`` of the diffusers ``path``, or None when this module does not hold it."""
+        for index, part in enumerate(self.parts):
+            found = re.fullmatch(rf"{self.block}\.{re.escape(part)}", path)
+            if found:
+                return self.name.format(*found.groups()), index
+        return None
+
+    def relative_rows(self) -> tuple[int, ...]:
+        return self.rows or (1,) * len(self.parts)
 
 
 def read_model_index(model_path: str) -> dict:
@@ -60,6 +88,8 @@ class Backbone:
     default_max_sequence_length: int = 77
     vae_in_float32: bool = False  # encode in float32 whatever the mixed precision (diffusers' SD3 / SDXL scripts)
     text_encoder_names: tuple[str, ...] = ()
+    # The original checkpoint layout for kohya-style LoRA files; empty: the diffusers module names are kept.
+    original_layout: tuple[OriginalModule, ...] = ()
 
     # ---- loading ------------------------------------------------------------------------------------
     def pipeline_cls(self):

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import FlowMatchingBackbone
+from .base import FlowMatchingBackbone, OriginalModule
 
 
 def pack_latents(latents: torch.Tensor) -> torch.Tensor:
@@ -41,6 +41,25 @@ class Flux(FlowMatchingBackbone):
     )
     default_max_sequence_length = 512
     text_encoder_names = ("text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2")
+    # BFL's checkpoint names (kohya sd-scripts, ComfyUI, A1111/Forge); q, k, v (and, in single blocks, the MLP
+    # input) are one fused Linear there. The same map as diffusers' ``_convert_kohya_flux_lora_to_diffusers``.
+    original_layout = (
+        OriginalModule(r"transformer_blocks\.(\d+)", "double_blocks.{0}.img_attn.qkv", ("attn.to_q", "attn.to_k", "attn.to_v")),
+        OriginalModule(r"transformer_blocks\.(\d+)", "double_blocks.{0}.img_attn.proj", ("attn.to_out.0",)),
+        OriginalModule(r"transformer_blocks\.(\d+)", "double_blocks.{0}.txt_attn.qkv", ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj")),
+        OriginalModule(r"transformer_blocks\.(\d+)", "double_blocks.{0}.txt_attn.proj", ("attn.to_add_out",)),
+        OriginalModule(r"transformer_blocks\.(\d+)", "double_blocks.{0}.img_mlp.0", ("ff.net.0.proj",)),
+        OriginalModule(r"transformer_blocks\.(\d+)", "double_blocks.{0}.img_mlp.2", ("ff.net.2",)),
+        OriginalModule(r"transformer_blocks\.(\d+)", "double_blocks.{0}.txt_mlp.0", ("ff_context.net.0.proj",)),
+        OriginalModule(r"transformer_blocks\.(\d+)", "double_blocks.{0}.txt_mlp.2", ("ff_context.net.2",)),
+        OriginalModule(r"transformer_blocks\.(\d+)", "double_blocks.{0}.img_mod.lin", ("norm1.linear",)),
+        OriginalModule(r"transformer_blocks\.(\d+)", "double_blocks.{0}.txt_mod.lin", ("norm1_context.linear",)),
+        # linear1 rows: q, k, v (inner dim each), then the MLP input (4x inner dim, FLUX's mlp_ratio).
+        OriginalModule(r"single_transformer_blocks\.(\d+)", "single_blocks.{0}.linear1",
+                       ("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp"), rows=(1, 1, 1, 4)),
+        OriginalModule(r"single_transformer_blocks\.(\d+)", "single_blocks.{0}.linear2", ("proj_out",)),
+        OriginalModule(r"single_transformer_blocks\.(\d+)", "single_blocks.{0}.modulation.lin", ("norm.linear",)),
+    )
 
     def encode_prompts(self, text_pipeline, prompts, device, max_sequence_length):
         embeds, pooled, text_ids = text_pipeline.encode_prompt(

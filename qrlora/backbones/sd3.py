@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from ..objective import Objective
-from .base import FlowMatchingBackbone
+from .base import FlowMatchingBackbone, OriginalModule
 
 
 class SD3(FlowMatchingBackbone):
@@ -21,6 +21,19 @@ class SD3(FlowMatchingBackbone):
     default_max_sequence_length = 77
     vae_in_float32 = True
     text_encoder_names = ("text_encoder", "text_encoder_2", "text_encoder_3", "tokenizer", "tokenizer_2", "tokenizer_3")
+    # Stability's MMDiT checkpoint names (kohya sd-scripts, ComfyUI); q, k, v are one fused Linear there, in that
+    # row order (diffusers' ``convert_sd3_transformer_checkpoint_to_diffusers`` splits them the same way).
+    original_layout = (
+        OriginalModule(r"transformer_blocks\.(\d+)", "joint_blocks.{0}.x_block.attn.qkv", ("attn.to_q", "attn.to_k", "attn.to_v")),
+        OriginalModule(r"transformer_blocks\.(\d+)", "joint_blocks.{0}.x_block.attn.proj", ("attn.to_out.0",)),
+        OriginalModule(r"transformer_blocks\.(\d+)", "joint_blocks.{0}.context_block.attn.qkv",
+                       ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj")),
+        OriginalModule(r"transformer_blocks\.(\d+)", "joint_blocks.{0}.context_block.attn.proj", ("attn.to_add_out",)),
+        OriginalModule(r"transformer_blocks\.(\d+)", "joint_blocks.{0}.x_block.mlp.fc1", ("ff.net.0.proj",)),
+        OriginalModule(r"transformer_blocks\.(\d+)", "joint_blocks.{0}.x_block.mlp.fc2", ("ff.net.2",)),
+        OriginalModule(r"transformer_blocks\.(\d+)", "joint_blocks.{0}.context_block.mlp.fc1", ("ff_context.net.0.proj",)),
+        OriginalModule(r"transformer_blocks\.(\d+)", "joint_blocks.{0}.context_block.mlp.fc2", ("ff_context.net.2",)),
+    )
 
     def encode_prompts(self, text_pipeline, prompts, device, max_sequence_length):
         embeds, _, pooled, _ = text_pipeline.encode_prompt(
