@@ -4,7 +4,8 @@
 #   bash test/evaluate_merge.sh GPU [extra flags for python -m qrlora.evaluate]
 #
 #   GPU           a GPU id (sets CUDA_VISIBLE_DEVICES) or `cpu`
-#   IMAGES        folder(s) with generated images and a manifest.json, space-separated (default: inference_output)
+#   IMAGES        folder(s) with generated images and a manifest.json, space-separated (default: the newest merge
+#                 grid the merge wrappers wrote under outputs_*/ of the current folder)
 #   STYLE_REFS    style reference images  (default: assets/sty/swirl_painting)
 #   CONTENT_REFS  content reference images (default: assets/cnt/cat)
 #   CLIP_MODEL    default: openai/clip-vit-large-patch14 (hub id or local folder)
@@ -20,7 +21,12 @@ source "$(dirname "${BASH_SOURCE[0]}")/../scripts/common.sh"   # select_devices,
 select_devices "$1"
 shift
 PYTHON="${PYTHON:-python}"
-IMAGES="${IMAGES:-inference_output}"
+if [[ -z "${IMAGES:-}" ]]; then
+  IMAGES="$(ls -1dt outputs_*/*/ 2>/dev/null | while read -r d; do
+              [[ -f "$d/manifest.json" ]] && { echo "${d%/}"; break; }; done || true)"
+  [[ -n "$IMAGES" ]] || die "no merge grid with a manifest.json under outputs_*/: run a merge wrapper first, or set IMAGES=FOLDER"
+  echo "IMAGES (newest merge grid): $IMAGES" >&2
+fi
 STYLE_REFS="${STYLE_REFS:-$REPO_ROOT/assets/sty/swirl_painting}"
 CONTENT_REFS="${CONTENT_REFS:-$REPO_ROOT/assets/cnt/cat}"
 CLIP_MODEL="${CLIP_MODEL:-openai/clip-vit-large-patch14}"

@@ -4,6 +4,8 @@ from __future__ import annotations
 import csv
 import json
 import math
+import os
+import subprocess
 import sys
 
 import numpy as np
@@ -11,7 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import error_lines, make_adapter, run_script
+from conftest import REPO, error_lines, make_adapter
 from qrlora.evaluate import ImageRecord, clip_prompt, main as evaluate_main, write_manifest
 
 RENDER = ["--height", "64", "--width", "64", "--num_inference_steps", "2", "--dtype", "float32", "--device", "cpu"]
@@ -175,13 +177,23 @@ def test_wrapper_scores_a_merge_grid(tiny_sd3, scorers, image_set, tmp_path):
     _, style_refs, content_refs = image_set
     style = make_adapter(tiny_sd3, "sd3", tmp_path / "s.safetensors", seed=1)
     content = make_adapter(tiny_sd3, "sd3", tmp_path / "c.safetensors", seed=2)
-    grid = tmp_path / "grid"
+    grid = tmp_path / "outputs_SD3" / "merge"  # where SD3_dir/inference.sh writes its grid
     grid_main(["--model_path", str(tiny_sd3), "--style_lora_path", str(style), "--content_lora_path", str(content),
                "--style_weights", "0,1", "--content_weights", "1", *RENDER, "--output_dir", str(grid)])
     out = tmp_path / "eval"
-    run_script(["bash", "test/evaluate_merge.sh", "cpu"], env={
-        "IMAGES": str(grid), "STYLE_REFS": str(style_refs), "CONTENT_REFS": str(content_refs),
-        "CLIP_MODEL": str(clip_dir), "DINO_MODEL": str(dino_dir), "OUTPUT_DIR": str(out), "PYTHON": sys.executable})
+    # No IMAGES: the wrapper finds the newest merge grid under outputs_*/ of the folder it runs in.
+    env = {**os.environ, "STYLE_REFS": str(style_refs), "CONTENT_REFS": str(content_refs), "CLIP_MODEL": str(clip_dir),
+           "DINO_MODEL": str(dino_dir), "OUTPUT_DIR": str(out), "PYTHON": sys.executable}
+    env.pop("IMAGES", None)
+    proc = subprocess.run(["bash", str(REPO / "test" / "evaluate_merge.sh"), "cpu"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "IMAGES (newest merge grid): outputs_SD3/merge" in proc.stderr
+    empty = tmp_path / "elsewhere"
+    empty.mkdir()
+    none = subprocess.run(["bash", str(REPO / "test" / "evaluate_merge.sh"), "cpu"], cwd=empty, env=env,
+                          capture_output=True, text=True)
+    assert none.returncode != 0 and [line for line in none.stderr.splitlines() if "no merge grid" in line]
     cells = json.loads((out / "summary.json").read_text())
     assert sorted((c["style_weight"], c["content_weight"]) for c in cells) == [(0.0, 1.0), (1.0, 1.0)]
     assert all(c["strategy"] == "direct" and "clip_t_mean" in c for c in cells)
