@@ -1,8 +1,4 @@
 """SD3: merge a style and a content ICA adapter over a weight grid (dW = s dS A^T)."""
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a plain clone, no install needed
 
 from qrlora.inference import grid_main
 

@@ -5,13 +5,9 @@ gate weight per expert over the denoising steps; heatmap (layers x experts), per
         --prompt "a cat in <s> style" --prompt "a dog in <s> style" --output_dir moe_usage
 """
 import argparse
-import os
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout, uninstalled
-
-from qrlora import analysis  # noqa: E402
-from qrlora.errors import cli_entry  # noqa: E402
+from qrlora import analysis
+from qrlora.errors import cli_entry
 
 
 def parse_args(argv=None):

@@ -6,13 +6,9 @@ The same analysis as test/visualize_qrlora_similarity.py (qrlora.analysis), rest
         --lora2_path sty/pytorch_lora_weights.safetensors --output_dir ica_similarity_analysis --fixed_scale
 """
 import argparse
-import os
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout, uninstalled
-
-from qrlora import analysis  # noqa: E402
-from qrlora.errors import cli_entry  # noqa: E402
+from qrlora import analysis
+from qrlora.errors import cli_entry
 
 
 def parse_args(argv=None):

@@ -5,13 +5,9 @@ by test/analyze_moe_experts.py): difference heatmap, per-expert bars and usage_c
         --style_usage moe_sty/expert_usage.json --output_dir usage_compare
 """
 import argparse
-import os
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout, uninstalled
-
-from qrlora import analysis  # noqa: E402
-from qrlora.errors import cli_entry  # noqa: E402
+from qrlora import analysis
+from qrlora.errors import cli_entry
 
 
 def parse_args(argv=None):

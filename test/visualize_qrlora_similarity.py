@@ -5,13 +5,9 @@ paper's figure: dW similarity of a QR-LoRA pair next to a plain-LoRA pair. All t
         --lora2_path cnt/pytorch_lora_weights.safetensors --lora1_name sty --lora2_name cnt --output_dir out --fixed_scale
 """
 import argparse
-import os
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout, uninstalled
-
-from qrlora import analysis  # noqa: E402
-from qrlora.errors import cli_entry  # noqa: E402
+from qrlora import analysis
+from qrlora.errors import cli_entry
 
 
 def parse_args(argv=None):
