@@ -43,3 +43,20 @@ def test_a_published_script_runs_from_another_folder(tmp_path):
     script = REPO / "SD3_dir" / "inference.py"
     proc = subprocess.run([sys.executable, str(script), "--help"], cwd=tmp_path, capture_output=True, text=True)
     assert proc.returncode == 0 and "usage:" in proc.stdout, proc.stderr[-2000:]
+
+
+def test_python_m_merge_imports_the_library_once():
+    """``python -m qrlora.merge`` must not execute the library a second time as ``__main__`` (one ``Merger``)."""
+    # Count the Merger classes while the command runs (at argument parsing), the temporary __main__ included.
+    code = """
+import argparse, runpy, sys
+def count_and_stop(self, *args, **kwargs):
+    classes = {id(m.Merger) for k, m in list(sys.modules.items())
+               if k.startswith(("qrlora", "__main__")) and hasattr(m, "Merger")}
+    print("MERGER_CLASSES", len(classes))
+    raise SystemExit(0)
+argparse.ArgumentParser.parse_args = count_and_stop
+runpy.run_module("qrlora.merge", run_name="__main__", alter_sys=True)
+"""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
+    assert "MERGER_CLASSES 1" in proc.stdout, proc.stdout[-500:] + proc.stderr[-1500:]

@@ -16,9 +16,9 @@ from typing import Mapping, Sequence
 import torch
 from torch import nn
 
-from .checkpoint import AdapterFile
-from .errors import UserError
-from .inject import attach_adapter, set_adapter_weights
+from ..checkpoint import AdapterFile
+from ..errors import UserError
+from ..inject import attach_adapter, set_adapter_weights
 
 BASIS_RTOL = 1e-4  # bases computed on different devices differ by rounding only
 
@@ -144,9 +144,3 @@ class Merger:
             self._linear(p, "").weight.copy_(original)
         set_adapter_weights(self.model, {f"merge_{i}": 0.0 for i in self.live})
         return self.model
-
-
-if __name__ == "__main__":
-    from .inference import merge_main
-
-    merge_main()
