@@ -21,8 +21,12 @@ from .errors import UserError
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 
 
-def list_images(folder: str | Path, flag: str) -> list[Image.Image]:
+def list_images(folder: str | Path, flag: str, resolution: int | None = None) -> list[Image.Image]:
     """Readable RGB images of ``folder`` in name order; unreadable files are skipped with one warning.
+
+    With ``resolution``, large images are shrunk while loading (``load_image``) so a folder of 10000 x 10000
+    photos never needs gigabytes at once. Images beyond PIL's decompression-bomb limit are skipped like
+    unreadable files.
 
     Raises:
         UserError: naming ``flag`` when the folder is missing, empty, or holds no readable image.
@@ -36,15 +40,42 @@ def list_images(folder: str | Path, flag: str) -> list[Image.Image]:
     images, unreadable = [], []
     for path in files:
         try:
-            with Image.open(path) as img:
-                images.append(ImageOps.exif_transpose(img).convert("RGB"))
-        except (UnidentifiedImageError, OSError):
+            images.append(load_image(path, resolution))
+        except (UnidentifiedImageError, OSError, Image.DecompressionBombError):
             unreadable.append(path.name)
     if unreadable:
         warnings.warn(f"{flag}: skipped {len(unreadable)} unreadable file(s) in {folder}: {', '.join(unreadable)}", stacklevel=2)
     if not images:
         raise UserError(f"{flag}: folder {folder} holds no readable image")
     return images
+
+
+def load_image(path: str | Path, resolution: int | None = None) -> Image.Image:
+    """One image as 8-bit RGB, EXIF orientation applied; shrunk while loading when far above ``resolution``.
+
+    Shrinking keeps the short side at least ``max(2 * resolution, 1024)`` (JPEG decodes at a reduced DCT scale
+    via ``draft``, others by an integer box ``reduce``), so the bicubic resize to ``resolution`` that follows
+    sees the same detail. 16-bit and 32-bit integer images are scaled to 8 bits (a plain ``convert`` clips them
+    to white).
+    """
+    with Image.open(path) as img:
+        floor = max(2 * resolution, 1024) if resolution else None
+        if floor and min(img.size) >= 2 * floor:
+            img.draft("RGB", (img.size[0] * floor // min(img.size), img.size[1] * floor // min(img.size)))
+        image = ImageOps.exif_transpose(img)
+        image = _to_8bit(image)
+        if floor and min(image.size) >= 2 * floor:
+            image = image.reduce(min(image.size) // floor)
+        return image.convert("RGB")
+
+
+def _to_8bit(image: Image.Image) -> Image.Image:
+    """``I;16*`` / ``I`` (16 or 32-bit integer grey) -> ``L`` scaled by the 16-bit range; other modes as they are."""
+    if not (image.mode.startswith("I;16") or image.mode == "I"):
+        return image
+    values = np.asarray(image).astype(np.float64)
+    full = 65535.0 if image.mode.startswith("I;16") or values.max() > 255 else 255.0
+    return Image.fromarray(np.clip(np.round(values * (255.0 / full)), 0, 255).astype(np.uint8))
 
 
 def to_training_tensor(image: Image.Image, resolution: int, center_crop: bool, flip: bool, rng: random.Random) -> torch.Tensor:
@@ -80,10 +111,10 @@ class DreamBoothDataset(Dataset):
         def prepare(images):
             return [to_training_tensor(img, resolution, center_crop, random_flip and rng.random() < 0.5, rng) for img in images]
 
-        self.instance = prepare(list_images(instance_dir, "--instance_data_dir")) * max(1, repeats)
+        self.instance = prepare(list_images(instance_dir, "--instance_data_dir", resolution)) * max(1, repeats)
         self.klass = []
         if class_dir is not None:
-            self.klass = prepare(list_images(class_dir, "--class_data_dir")[: num_class_images or None])
+            self.klass = prepare(list_images(class_dir, "--class_data_dir", resolution)[: num_class_images or None])
         self.key = "pixels"
 
     def __len__(self) -> int:

@@ -10,16 +10,19 @@ Everything is checked before anything is written, so bad input leaves the output
 from __future__ import annotations
 
 import argparse
+import math
 from pathlib import Path
+from typing import Callable
 
 import torch
 from PIL import Image, ImageDraw, ImageFont
 from tqdm.auto import tqdm
 
 from .backbones import detect_backbone
-from .checkpoint import AdapterFile, load_adapter, load_residual
+from .checkpoint import COMPONENTS, AdapterFile, load_adapter, load_residual
 from .errors import UserError, cli_entry
-from .merge import Merger
+from .merge import Merger, check_mergeable
+from .outputs import atomic_output, check_writable, refuse_existing
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
@@ -33,7 +36,33 @@ def parse_weights(text: str, flag: str) -> list[float]:
         raise UserError(f"{flag}: '{text}' is not a comma-separated list of numbers") from None
     if not values:
         raise UserError(f"{flag}: no weights given")
+    if not all(math.isfinite(v) for v in values):
+        raise UserError(f"{flag}: '{text}' holds a value that is not a finite number")
     return values
+
+
+def check_render_arguments(args) -> None:
+    """Rendering flags that cannot work, refused before any model is loaded."""
+    for flag in ("height", "width"):
+        value = getattr(args, flag)
+        if value < 16 or value % 16:
+            raise UserError(f"--{flag} must be a positive multiple of 16 (the latent patch size), got {value}")
+    if args.num_inference_steps < 1:
+        raise UserError(f"--num_inference_steps must be positive, got {args.num_inference_steps}")
+    if args.guidance_scale is not None and not math.isfinite(args.guidance_scale):
+        raise UserError(f"--guidance_scale must be a finite number, got {args.guidance_scale}")
+
+
+def png_estimate(args, count: int) -> int:
+    """Upper bound on the bytes of ``count`` RGB PNGs at the requested size (uncompressed, plus headers)."""
+    return count * (args.height * args.width * 3 + 4096)
+
+
+def save_image(image: Image.Image, path: Path) -> Path:
+    """Write a PNG under a temporary name, then rename: a full disk never leaves a 0-byte or truncated image."""
+    with atomic_output(path) as tmp:
+        image.save(tmp, format="PNG")
+    return path
 
 
 def default_device() -> str:
@@ -52,12 +81,23 @@ def add_render_arguments(p: argparse.ArgumentParser, backbone_default_steps: int
     g.add_argument("--device", help="default: cuda if available, else cpu")
     g.add_argument("--max_sequence_length", type=int, help="T5 prompt length (default: the pipeline's)")
     g.add_argument("--output_dir", default="inference_output")
+    g.add_argument("--overwrite", action="store_true", help="replace existing images of the same name")
+
+
+def merged_size_estimate(model_path: str) -> int:
+    """Bytes a saved merged denoiser takes: its weight files in a local pipeline folder (0 for a hub id)."""
+    folder = Path(model_path)
+    if not folder.is_dir():
+        return 0
+    return sum(f.stat().st_size for sub in COMPONENTS for f in (folder / sub).glob("*.safetensors"))
 
 
 class MergedPipeline:
     """A diffusers pipeline whose denoiser holds a ``Merger`` over the given adapters."""
 
-    def __init__(self, model_path: str, adapters: list[AdapterFile], residual_path: str | None, args):
+    def __init__(self, model_path: str, adapters: list[AdapterFile], residual_path: str | None, args,
+                 check_outputs: Callable[[], None] = lambda: None):
+        """Check every input, then ``check_outputs()`` (still before loading the pipeline), then load and merge."""
         self.backbone = detect_backbone(model_path)
         for adapter in adapters:
             if adapter.backbone and adapter.backbone != self.backbone.name:
@@ -65,6 +105,8 @@ class MergedPipeline:
             if adapter.component != self.backbone.denoiser_name:
                 raise UserError(f"{adapter.path} adapts a {adapter.component}, {model_path} has a {self.backbone.denoiser_name}")
         residual = load_residual(residual_path) if residual_path else None
+        check_mergeable(adapters, residual)
+        check_outputs()
         self.device = args.device or default_device()
         dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if self.device.startswith("cuda") else torch.float32)
         self.pipe = self.backbone.pipeline_cls().from_pretrained(model_path, torch_dtype=dtype)
@@ -121,20 +163,22 @@ def grid_main(argv=None, description: str = "Merge a style and a content adapter
     args = grid_parser(description).parse_args(argv)
     style_weights = parse_weights(args.style_weights, "--style_weights")
     content_weights = parse_weights(args.content_weights, "--content_weights")
+    check_render_arguments(args)
     adapters = [load_adapter(args.style_lora_path), load_adapter(args.content_lora_path)]
-    merged = MergedPipeline(args.model_path, adapters, args.residual_path, args)
+    out = Path(args.output_dir)
+    names = {(s, c): out / f"inference_s{s:.2f}_c{c:.2f}.png" for c in content_weights for s in style_weights}
+
+    def check_outputs():
+        check_writable(out, "--output_dir", 2 * png_estimate(args, len(names)))  # the images, then the grid of them
+        refuse_existing([*names.values(), out / "grid.png"], args.overwrite)
+
+    merged = MergedPipeline(args.model_path, adapters, args.residual_path, args, check_outputs)
     images = {}
     for c in tqdm(content_weights, desc="content weights"):
         for s in style_weights:
             images[(s, c)] = merged.render([s, c], args)
-    out = Path(args.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    written = []
-    for (s, c), image in images.items():
-        written.append(out / f"inference_s{s:.2f}_c{c:.2f}.png")
-        image.save(written[-1])
-    label_grid(images, style_weights, content_weights).save(out / "grid.png")
-    written.append(out / "grid.png")
+    written = [save_image(image, names[key]) for key, image in images.items()]
+    written.append(save_image(label_grid(images, style_weights, content_weights), out / "grid.png"))
     print(f"wrote {len(images)} images and grid.png to {out}")
     return written
 
@@ -151,26 +195,34 @@ def merge_main(argv=None) -> Path | None:
     p.add_argument("--no_render", action="store_true", help="skip rendering the prompt")
     add_render_arguments(p)
     args = p.parse_args(argv)
+    check_render_arguments(args)
     weights = parse_weights(args.weights, "--weights") if args.weights else [1.0] * len(args.adapters)
     if len(weights) != len(args.adapters):
         raise UserError(f"--weights: {len(weights)} weights for {len(args.adapters)} adapters")
     adapters = [load_adapter(a) for a in args.adapters]
-    if args.save_merged:
-        live = [a.path for a in adapters if not a.method.static]
-        if live:
-            raise UserError(f"--save_merged: {live[0]} is an MoE adapter; it cannot be folded into weights (render it live)")
-        if Path(args.save_merged).exists() and any(Path(args.save_merged).iterdir()):
-            raise UserError(f"--save_merged: {args.save_merged} exists and is not empty; choose a new folder")
-    merged = MergedPipeline(args.model_path, adapters, args.residual_path, args)
+    path = Path(args.output_dir) / ("merged_" + "_".join(f"{w:.2f}" for w in weights) + ".png")
+
+    def check_outputs():
+        if args.save_merged:
+            live = [a.path for a in adapters if not a.method.static]
+            if live:
+                raise UserError(f"--save_merged: {live[0]} is an MoE adapter; it cannot be folded into weights (render it live)")
+            saved = Path(args.save_merged)
+            if saved.exists() and (not saved.is_dir() or any(saved.iterdir())) and not args.overwrite:
+                raise UserError(f"--save_merged: {saved} exists and is not an empty folder; choose a new folder or pass --overwrite")
+            check_writable(saved.parent, "--save_merged", merged_size_estimate(args.model_path))
+        if not args.no_render:
+            check_writable(path.parent, "--output_dir", png_estimate(args, 1))
+            refuse_existing([path], args.overwrite)
+
+    merged = MergedPipeline(args.model_path, adapters, args.residual_path, args, check_outputs)
     merged.merger.merge(weights)
     if args.save_merged:
-        merged.denoiser.save_pretrained(args.save_merged)
+        with atomic_output(args.save_merged, folder=True) as folder:  # a full disk leaves no half-written model
+            merged.denoiser.save_pretrained(folder)
         print(f"saved the merged {merged.backbone.denoiser_name} to {args.save_merged}")
     if args.no_render:
         return None
-    out = Path(args.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / ("merged_" + "_".join(f"{w:.2f}" for w in weights) + ".png")
-    merged.render(weights, args).save(path)
+    save_image(merged.render(weights, args), path)
     print(f"wrote {path}")
     return path

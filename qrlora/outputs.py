@@ -74,9 +74,10 @@ def atomic_output(path: str | os.PathLike, *, folder: bool = False) -> Iterator[
         fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp" + path.suffix, dir=path.parent)
         os.close(fd)
         tmp = Path(name)
-        os.chmod(tmp, 0o666 & ~current_umask())
     try:
         yield tmp
+        if not folder:  # after the write: some writers (safetensors) replace the file they were given
+            os.chmod(tmp, 0o666 & ~current_umask())
         if folder and path.exists():
             old = path.with_name(f".{path.name}.old")
             shutil.rmtree(old, ignore_errors=True)

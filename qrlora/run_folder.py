@@ -184,6 +184,8 @@ class RunLock:
     so a crashed run never blocks its resume. The file holds the holder's pid for the refusal message.
     """
 
+    _held: dict[Path, "RunLock"] = {}  # this process's locks: a run that ended in an error in-process left it
+
     def __init__(self, output_dir: str | os.PathLike):
         self.path = Path(output_dir) / LOCK_NAME
         self._fd: int | None = None
@@ -191,6 +193,9 @@ class RunLock:
     def acquire(self) -> "RunLock":
         """Take the lock, or raise ``UserError`` naming the folder and the pid holding it."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        key = self.path.resolve()
+        if key in RunLock._held:  # one process trains one run at a time: an earlier in-process run is over
+            RunLock._held.pop(key).release()
         while True:
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
             try:
@@ -211,12 +216,14 @@ class RunLock:
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         self._fd = fd
+        RunLock._held[key] = self
         return self
 
     def release(self) -> None:
         """Remove the lock file and drop the lock (unlink first, so no one locks a file about to vanish)."""
         if self._fd is None:
             return
+        RunLock._held.pop(self.path.resolve(), None)
         self.path.unlink(missing_ok=True)
         os.close(self._fd)
         self._fd = None

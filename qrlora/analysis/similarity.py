@@ -16,6 +16,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..checkpoint import AdapterFile, load_adapter
+from ..merge import check_compatible
 from ..errors import UserError
 from ..methods import get_method
 from .cli import _output_dir, _resolve_device, write_json
@@ -69,6 +70,7 @@ def load_pair(path1: str | os.PathLike, path2: str | os.PathLike, *, flag1: str 
     Refused: a file that is not an adapter, different ranks, no layer in common, NaN/inf values.
     """
     a1, a2 = load_adapter(path1), load_adapter(path2)
+    check_compatible([a1, a2])  # a FLUX file against an SD3 one compares nothing meaningful
     if a1.config.rank != a2.config.rank:
         raise UserError(f"{flag2} {path2}: rank {a2.config.rank} differs from {flag1} rank {a1.config.rank}; "
                         "similarity is defined between adapters of the same rank")
