@@ -11,6 +11,7 @@ import contextlib
 import os
 import shutil
 import tempfile
+import weakref
 from pathlib import Path
 from typing import Iterable, Iterator
 
@@ -92,3 +93,37 @@ def atomic_output(path: str | os.PathLike, *, folder: bool = False) -> Iterator[
         elif tmp.exists():
             tmp.unlink()
         raise
+
+
+class StagedFolder:
+    """An output folder whose files appear all at once: written into a hidden sibling, moved in by ``publish``.
+
+    ``folder / name`` is the staging path to write to; ``str(folder)`` is the final folder (for messages). A run
+    that fails before ``publish`` (a full disk, an error) leaves the final folder as it was, and its staging
+    folder is removed. The checks of ``check_writable`` and ``refuse_existing`` (for ``key_files``, the files
+    that show an earlier run's outputs are there) run first, before any compute.
+    """
+
+    def __init__(self, final: str | os.PathLike, *, key_files: Iterable[str] = (), overwrite: bool = False,
+                 flag: str = "--output_dir", estimate_bytes: int = 0):
+        self.final = check_writable(final, flag, estimate_bytes)
+        refuse_existing([self.final / name for name in key_files], overwrite)
+        self.final.parent.mkdir(parents=True, exist_ok=True)
+        self._stage = Path(tempfile.mkdtemp(prefix=f".{self.final.name}.", suffix=".tmp", dir=self.final.parent))
+        self._cleanup = weakref.finalize(self, shutil.rmtree, self._stage, True)
+
+    def __truediv__(self, name: str) -> Path:
+        return self._stage / name
+
+    def __str__(self) -> str:
+        return str(self.final)
+
+    def publish(self) -> Path:
+        """Move every staged file into the final folder (renames on one disk: they cannot run out of space)."""
+        self.final.mkdir(parents=True, exist_ok=True)
+        mode = 0o666 & ~current_umask()
+        for path in sorted(self._stage.iterdir()):
+            os.chmod(path, mode)
+            os.replace(path, self.final / path.name)
+        self._cleanup()
+        return self.final

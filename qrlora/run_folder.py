@@ -14,6 +14,7 @@ deleted only after the new one is complete.
 """
 from __future__ import annotations
 
+import atexit
 import fcntl
 import json
 import logging
@@ -34,6 +35,7 @@ CHECKPOINT_PREFIX = "checkpoint-"
 CHECKPOINT_MARKER = "checkpoint_complete.json"
 PARTIAL_SUFFIX = ".partial"
 LOCK_NAME = ".qrlora-run.lock"
+LAUNCHER_ENV = "QRLORA_LAUNCHER"
 # Adapter metadata a resumed run must share with its checkpoint (the base model is compared by content, below).
 RESUME_KEYS = ("method", "rank", "alpha", "num_experts", "target_modules", "lora_blocks", "backbone", "component")
 
@@ -164,6 +166,18 @@ def remove_partials(output_dir: Path) -> list[str]:
     return removed
 
 
+def keep_launcher(output_dir: Path) -> Path | None:
+    """Copy the wrapper that launched this run (``$QRLORA_LAUNCHER``, set by scripts/launch_train.sh) into the
+    run folder, once the inputs checked out; an existing copy (a resumed run) is kept as it is."""
+    launcher = os.environ.get(LAUNCHER_ENV)
+    if not launcher:
+        return None
+    target = output_dir / Path(launcher).name
+    if not target.exists():
+        shutil.copyfile(launcher, target)
+    return target
+
+
 def check_finite(parameters: Iterable[torch.Tensor], what: str, output_dir: Path) -> None:
     """Refuse to save diverged parameters: NaN / inf, or so large their squares overflow float32 (|x| > ~1e19).
 
@@ -217,6 +231,7 @@ class RunLock:
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         self._fd = fd
         RunLock._held[key] = self
+        atexit.register(self.release)  # a run that ends in an error removes its lock file too
         return self
 
     def release(self) -> None:

@@ -31,8 +31,8 @@ from .layers import adapter_layers, apply_constraints_, cast_base_model_
 from .methods import METHODS, AdapterConfig
 from .prior import generate_class_images
 from .quantize import LIBRARIES, check_available, quantize_base_
-from .run_folder import (RunLock, check_finite, check_resume_matches, complete_checkpoints, remove_partials, resolve_resume,
-                         write_checkpoint)
+from .run_folder import (RunLock, check_finite, check_resume_matches, complete_checkpoints, keep_launcher, remove_partials,
+                         resolve_resume, write_checkpoint)
 
 logger = logging.getLogger("qrlora.train")
 DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -224,6 +224,8 @@ def main(argv=None) -> Path:
         check_resume_matches(resume_from, metadata)
     if run_lock is not None and remove_partials(output_dir):
         logger.warning("removed the temporary files of an interrupted save in %s", output_dir)
+    if run_lock is not None:
+        keep_launcher(output_dir)
 
     # ---- 2. Accelerator: devices, processes, mixed precision, trackers ------------------------------
     accelerator = Accelerator(
