@@ -22,8 +22,12 @@ from .errors import UserError
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 
 
-def list_images(folder: str | Path, flag: str) -> list[Image.Image]:
+def list_images(folder: str | Path, flag: str, resolution: int | None = None) -> list[Image.Image]:
     """Readable RGB images of ``folder`` in name order; unreadable files are skipped with one warning.
+
+    With ``resolution``, large images are shrunk while loading (``load_image``) so a folder of 10000 x 10000
+    photos never needs gigabytes at once. Images beyond PIL's decompression-bomb limit are skipped like
+    unreadable files.
 
     Raises:
         UserError: naming ``flag`` when the folder is missing, empty, or holds no readable image.
@@ -37,15 +41,48 @@ def list_images(folder: str | Path, flag: str) -> list[Image.Image]:
     images, unreadable = [], []
     for path in files:
         try:
-            with Image.open(path) as img:
-                images.append(ImageOps.exif_transpose(img).convert("RGB"))
-        except (UnidentifiedImageError, OSError):
+            images.append(load_image(path, resolution))
+        except (UnidentifiedImageError, OSError, Image.DecompressionBombError):
             unreadable.append(path.name)
     if unreadable:
         warnings.warn(f"{flag}: skipped {len(unreadable)} unreadable file(s) in {folder}: {', '.join(unreadable)}", stacklevel=2)
     if not images:
         raise UserError(f"{flag}: folder {folder} holds no readable image")
     return images
+
+
+def load_image(path: str | Path, resolution: int | None = None) -> Image.Image:
+    """One image as 8-bit RGB, EXIF orientation applied; shrunk while loading when far above ``resolution``.
+
+    Shrinking keeps the short side at least ``max(2 * resolution, 1024)`` (JPEG decodes at a reduced DCT scale
+    via ``draft``, others by an integer box ``reduce``), so the bicubic resize to ``resolution`` that follows
+    sees the same detail. 16-bit and 32-bit integer images are scaled to 8 bits (a plain ``convert`` clips them
+    to white).
+    """
+    with Image.open(path) as img:
+        # The true source size (h, w) after EXIF rotation, before any shrinking: SDXL is conditioned on it.
+        width, height = img.size
+        if img.getexif().get(0x0112, 1) in (5, 6, 7, 8):  # orientations that swap width and height
+            width, height = height, width
+        floor = max(2 * resolution, 1024) if resolution else None
+        if floor and min(img.size) >= 2 * floor:
+            img.draft("RGB", (img.size[0] * floor // min(img.size), img.size[1] * floor // min(img.size)))
+        image = ImageOps.exif_transpose(img)
+        image = _to_8bit(image)
+        if floor and min(image.size) >= 2 * floor:
+            image = image.reduce(min(image.size) // floor)
+        image = image.convert("RGB")
+        image.info["original_size"] = (height, width)
+        return image
+
+
+def _to_8bit(image: Image.Image) -> Image.Image:
+    """``I;16*`` / ``I`` (16 or 32-bit integer grey) -> ``L`` scaled by the 16-bit range; other modes as they are."""
+    if not (image.mode.startswith("I;16") or image.mode == "I"):
+        return image
+    values = np.asarray(image).astype(np.float64)
+    full = 65535.0 if image.mode.startswith("I;16") or values.max() > 255 else 255.0
+    return Image.fromarray(np.clip(np.round(values * (255.0 / full)), 0, 255).astype(np.uint8))
 
 
 def to_training_tensor(image: Image.Image, resolution: int, center_crop: bool, flip: bool, rng: random.Random) -> TrainingImage:
@@ -55,7 +92,7 @@ def to_training_tensor(image: Image.Image, resolution: int, center_crop: bool, f
     source size (h, w) before resizing and the crop's top-left (y, x) in the resized image, as diffusers' SDXL
     DreamBooth script records them.
     """
-    original_size = (image.height, image.width)
+    original_size = image.info.get("original_size", (image.height, image.width))
     w, h = image.size
     scale = resolution / min(w, h)
     image = image.resize((max(resolution, round(w * scale)), max(resolution, round(h * scale))), Image.BICUBIC)
@@ -98,10 +135,10 @@ class DreamBoothDataset(Dataset):
         def prepare(images):
             return [to_training_tensor(img, resolution, center_crop, random_flip and rng.random() < 0.5, rng) for img in images]
 
-        self.instance = prepare(list_images(instance_dir, "--instance_data_dir") * max(1, repeats))
+        self.instance = prepare(list_images(instance_dir, "--instance_data_dir", resolution) * max(1, repeats))
         self.klass = []
         if class_dir is not None:
-            self.klass = prepare(list_images(class_dir, "--class_data_dir")[: num_class_images or None])
+            self.klass = prepare(list_images(class_dir, "--class_data_dir", resolution)[: num_class_images or None])
 
     def __len__(self) -> int:
         return max(len(self.instance), len(self.klass))

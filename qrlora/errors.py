@@ -10,8 +10,16 @@ class UserError(Exception):
     """A mistake in the user's input (a path, a flag, a file's contents). CLIs print it as one line, no traceback."""
 
 
+def describe_os_error(err: OSError) -> str:
+    """One line naming the path an ``OSError`` is about: ``out/grid.png: No space left on device``."""
+    paths = " -> ".join(str(p) for p in (err.filename, err.filename2) if p is not None)
+    reason = err.strerror or str(err) or type(err).__name__
+    return f"{paths}: {reason}" if paths else reason
+
+
 def cli_entry(main: Callable) -> Callable:
-    """Wrap a CLI ``main`` so ``UserError`` (and Ctrl-C) become ``error: ...`` on stderr and exit status 2."""
+    """Wrap a CLI ``main`` so ``UserError``, OS errors (full disk, read-only folder, a file where a folder should
+    be) and Ctrl-C become one ``error: ...`` line on stderr and a non-zero exit status."""
 
     @functools.wraps(main)
     def wrapper(*args, **kwargs):
@@ -20,6 +28,9 @@ def cli_entry(main: Callable) -> Callable:
         except UserError as err:
             print(f"error: {err}", file=sys.stderr)
             raise SystemExit(2) from None
+        except OSError as err:
+            print(f"error: {describe_os_error(err)}", file=sys.stderr)
+            raise SystemExit(1) from None
         except KeyboardInterrupt:
             print("error: interrupted", file=sys.stderr)
             raise SystemExit(130) from None

@@ -10,16 +10,20 @@ Everything is checked before anything is written, so bad input leaves the output
 from __future__ import annotations
 
 import argparse
+import math
 from pathlib import Path
+from typing import Callable
 
 import torch
 from PIL import Image, ImageDraw, ImageFont
 from tqdm.auto import tqdm
 
 from .backbones import detect_backbone
-from .checkpoint import AdapterFile, load_adapter, load_residual
+from .checkpoint import COMPONENTS, AdapterFile, load_adapter, load_residual
 from .errors import UserError, cli_entry
-from .evaluate import ImageRecord, write_manifest
+from .evaluate import MANIFEST, ImageRecord, write_manifest
+from .merge import check_mergeable
+from .outputs import atomic_output, check_writable, refuse_existing
 from .strategies import STRATEGIES, add_strategy_arguments, check_strategy
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
@@ -34,7 +38,33 @@ def parse_weights(text: str, flag: str) -> list[float]:
         raise UserError(f"{flag}: '{text}' is not a comma-separated list of numbers") from None
     if not values:
         raise UserError(f"{flag}: no weights given")
+    if not all(math.isfinite(v) for v in values):
+        raise UserError(f"{flag}: '{text}' holds a value that is not a finite number")
     return values
+
+
+def check_render_arguments(args) -> None:
+    """Rendering flags that cannot work, refused before any model is loaded."""
+    for flag in ("height", "width"):
+        value = getattr(args, flag)
+        if value < 16 or value % 16:
+            raise UserError(f"--{flag} must be a positive multiple of 16 (the latent patch size), got {value}")
+    if args.num_inference_steps < 1:
+        raise UserError(f"--num_inference_steps must be positive, got {args.num_inference_steps}")
+    if args.guidance_scale is not None and not math.isfinite(args.guidance_scale):
+        raise UserError(f"--guidance_scale must be a finite number, got {args.guidance_scale}")
+
+
+def png_estimate(args, count: int) -> int:
+    """Upper bound on the bytes of ``count`` RGB PNGs at the requested size (uncompressed, plus headers)."""
+    return count * (args.height * args.width * 3 + 4096)
+
+
+def save_image(image: Image.Image, path: Path) -> Path:
+    """Write a PNG under a temporary name, then rename: a full disk never leaves a 0-byte or truncated image."""
+    with atomic_output(path) as tmp:
+        image.save(tmp, format="PNG")
+    return path
 
 
 def default_device() -> str:
@@ -53,17 +83,28 @@ def add_render_arguments(p: argparse.ArgumentParser, backbone_default_steps: int
     g.add_argument("--device", help="default: cuda if available, else cpu")
     g.add_argument("--max_sequence_length", type=int, help="T5 prompt length (default: the pipeline's)")
     g.add_argument("--output_dir", default="inference_output")
+    g.add_argument("--overwrite", action="store_true", help="replace existing images of the same name")
+
+
+def merged_size_estimate(model_path: str) -> int:
+    """Bytes a saved merged denoiser takes: its weight files in a local pipeline folder (0 for a hub id)."""
+    folder = Path(model_path)
+    if not folder.is_dir():
+        return 0
+    return sum(f.stat().st_size for sub in COMPONENTS for f in (folder / sub).glob("*.safetensors"))
 
 
 class MergedPipeline:
     """A diffusers pipeline whose denoiser merges the given adapters with a merge strategy (``--merge_strategy``).
 
     ``roles`` = (index of the content adapter, index of the style adapter), for the strategies that merge a pair;
-    ``strategy=None`` loads the pipeline and leaves the adapters to the caller.
+    ``strategy=None`` loads the pipeline and leaves the adapters to the caller. Every input is checked, then
+    ``check_outputs()`` runs (still before the pipeline loads), then the pipeline loads and the adapters attach.
     """
 
     def __init__(self, model_path: str, adapters: list[AdapterFile], residual_path: str | None, args,
-                 strategy: str | None = "direct", roles: tuple[int, int] = (0, 1)):
+                 strategy: str | None = "direct", roles: tuple[int, int] = (0, 1),
+                 check_outputs: Callable[[], None] = lambda: None):
         self.backbone = detect_backbone(model_path)
         for adapter in adapters:
             if adapter.backbone and adapter.backbone != self.backbone.name:
@@ -73,6 +114,8 @@ class MergedPipeline:
         if strategy is not None:
             check_strategy(strategy, adapters, residual_path)
         residual = load_residual(residual_path) if residual_path else None
+        check_mergeable(adapters, residual)
+        check_outputs()
         self.device = args.device or default_device()
         dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if self.device.startswith("cuda") else torch.float32)
         self.pipe = self.backbone.pipeline_cls().from_pretrained(model_path, torch_dtype=dtype)
@@ -147,22 +190,27 @@ def grid_main(argv=None, description: str = "Merge a style and a content adapter
     args = grid_parser(description).parse_args(argv)
     style_weights = parse_weights(args.style_weights, "--style_weights")
     content_weights = parse_weights(args.content_weights, "--content_weights")
+    check_render_arguments(args)
     adapters = [load_adapter(args.style_lora_path), load_adapter(args.content_lora_path)]
-    merged = MergedPipeline(args.model_path, adapters, args.residual_path, args, strategy=args.merge_strategy, roles=(1, 0))
+    out = Path(args.output_dir)
+    names = {(s, c): out / f"inference_s{s:.2f}_c{c:.2f}.png" for c in content_weights for s in style_weights}
+
+    def check_outputs():
+        check_writable(out, "--output_dir", 2 * png_estimate(args, len(names)))  # the images, then the grid of them
+        refuse_existing([*names.values(), out / "grid.png", out / MANIFEST], args.overwrite)
+
+    merged = MergedPipeline(args.model_path, adapters, args.residual_path, args, strategy=args.merge_strategy,
+                            roles=(1, 0), check_outputs=check_outputs)
     images = {}
     for c in tqdm(content_weights, desc="content weights"):
         for s in style_weights:
             images[(s, c)] = merged.render([s, c], args)
-    out = Path(args.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
     written, records = [], []
     for (s, c), image in images.items():
-        written.append(out / f"inference_s{s:.2f}_c{c:.2f}.png")
-        image.save(written[-1])
-        records.append(ImageRecord(file=written[-1].name, prompt=args.prompt, strategy=args.merge_strategy,
+        written.append(save_image(image, names[(s, c)]))
+        records.append(ImageRecord(file=names[(s, c)].name, prompt=args.prompt, strategy=args.merge_strategy,
                                    method=adapters_method(adapters), style_weight=s, content_weight=c, seed=args.seed))
-    label_grid(images, style_weights, content_weights).save(out / "grid.png")
-    written.append(out / "grid.png")
+    written.append(save_image(label_grid(images, style_weights, content_weights), out / "grid.png"))
     written.append(write_manifest(out, records))
     print(f"wrote {len(images)} images and grid.png to {out}")
     return written
@@ -181,29 +229,39 @@ def merge_main(argv=None) -> Path | None:
     add_strategy_arguments(p)
     add_render_arguments(p)
     args = p.parse_args(argv)
+    check_render_arguments(args)
     weights = parse_weights(args.weights, "--weights") if args.weights else [1.0] * len(args.adapters)
     if len(weights) != len(args.adapters):
         raise UserError(f"--weights: {len(weights)} weights for {len(args.adapters)} adapters")
     adapters = [load_adapter(a) for a in args.adapters]
-    if args.save_merged:
-        live = [a.path for a in adapters if not a.method.static]
-        if live:
-            raise UserError(f"--save_merged: {live[0]} is an MoE adapter; it cannot be folded into weights (render it live)")
-        if Path(args.save_merged).exists() and any(Path(args.save_merged).iterdir()):
-            raise UserError(f"--save_merged: {args.save_merged} exists and is not empty; choose a new folder")
-    if args.save_merged and not STRATEGIES[args.merge_strategy].folds_weights:
-        raise UserError(f"--save_merged: --merge_strategy {args.merge_strategy} switches adapters per step; it has no single merged weight")
+    path = Path(args.output_dir) / ("merged_" + "_".join(f"{w:.2f}" for w in weights) + ".png")
+
+    def check_outputs():
+        if args.save_merged:
+            live = [a.path for a in adapters if not a.method.static]
+            if live:
+                raise UserError(f"--save_merged: {live[0]} is an MoE adapter; it cannot be folded into weights (render it live)")
+            if not STRATEGIES[args.merge_strategy].folds_weights:
+                raise UserError(f"--save_merged: --merge_strategy {args.merge_strategy} switches adapters per step; "
+                                "it has no single merged weight")
+            saved = Path(args.save_merged)
+            if saved.exists() and (not saved.is_dir() or any(saved.iterdir())) and not args.overwrite:
+                raise UserError(f"--save_merged: {saved} exists and is not an empty folder; choose a new folder or pass --overwrite")
+            check_writable(saved.parent, "--save_merged", merged_size_estimate(args.model_path))
+        if not args.no_render:
+            check_writable(path.parent, "--output_dir", png_estimate(args, 1))
+            refuse_existing([path], args.overwrite)
+
     # ZipLoRA and K-LoRA take --adapters CONTENT STYLE.
-    merged = MergedPipeline(args.model_path, adapters, args.residual_path, args, strategy=args.merge_strategy, roles=(0, 1))
+    merged = MergedPipeline(args.model_path, adapters, args.residual_path, args, strategy=args.merge_strategy,
+                            roles=(0, 1), check_outputs=check_outputs)
     if args.save_merged:
         merged.merger.merge(weights)
-        merged.denoiser.save_pretrained(args.save_merged)
+        with atomic_output(args.save_merged, folder=True) as folder:  # a full disk leaves no half-written model
+            merged.denoiser.save_pretrained(folder)
         print(f"saved the merged {merged.backbone.denoiser_name} to {args.save_merged}")
     if args.no_render:
         return None
-    out = Path(args.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / ("merged_" + "_".join(f"{w:.2f}" for w in weights) + ".png")
-    merged.render(weights, args).save(path)
+    save_image(merged.render(weights, args), path)
     print(f"wrote {path}")
     return path

@@ -18,15 +18,11 @@ from .errors import UserError, cli_entry
 from .inject import validated_targets
 from .inference import DTYPES
 from .methods import METHODS, AdapterConfig, get_method
+from .outputs import check_writable, refuse_existing
 
 
 def residual_filename(backbone: str) -> str:
     return f"{backbone}_residual_weights.safetensors"
-
-
-def _refuse_overwrite(path: Path, overwrite: bool) -> None:
-    if path.exists() and not overwrite:
-        raise UserError(f"{path} already exists; pass --overwrite to replace it")
 
 
 def base_residuals(denoiser, config: AdapterConfig, targets, blocks=None) -> dict[str, torch.Tensor]:
@@ -60,7 +56,8 @@ def save_base_residual_main(argv=None, backbone_name: str | None = None) -> Path
     args = p.parse_args(argv)
     backbone = detect_backbone(args.model_path, backbone_name)
     out = Path(args.output_dir) / residual_filename(backbone.name)
-    _refuse_overwrite(out, args.overwrite)
+    check_writable(out.parent, "--output_dir")  # the size is known only once the model is loaded
+    refuse_existing([out], args.overwrite)
     config = AdapterConfig(method=args.lora_init_method, rank=args.rank, alpha=args.lora_alpha, seed=args.seed)
     targets = args.lora_layers.split(",") if args.lora_layers else list(backbone.default_targets)
     denoiser = backbone.load_denoiser(args.model_path).to(args.device)
@@ -69,6 +66,12 @@ def save_base_residual_main(argv=None, backbone_name: str | None = None) -> Path
     save_residual(out, residuals, {**meta, "format": "qrlora-residual"})
     print(f"wrote {len(residuals)} residual layers to {out}")
     return out
+
+
+def residual_bytes(adapter: AdapterFile) -> int:
+    """Size of the residual file of ``adapter``: one float32 out x in weight per layer (the file's own shapes)."""
+    factors = [adapter.method.lora_factors(t, 1.0) for t in adapter.layers.values()]  # B (out x k), A (k x in)
+    return sum(4 * B.shape[0] * A.shape[1] for B, A in factors)
 
 
 def infer_backbone(adapter: AdapterFile) -> str:
@@ -96,7 +99,8 @@ def extract_main(argv=None) -> Path:
         raise UserError(f"{args.lora_path}: {adapter.config.method} adapters have no residual form (merge them live)")
     backbone = detect_backbone(args.model_path, infer_backbone(adapter))
     out = Path(args.output_dir) / residual_filename(backbone.name)
-    _refuse_overwrite(out, args.overwrite)
+    check_writable(out.parent, "--output_dir", residual_bytes(adapter))
+    refuse_existing([out], args.overwrite)
     denoiser = backbone.load_denoiser(args.model_path, DTYPES[args.dtype]).to(args.device)
     weights = {}
     for path in adapter.layers:

@@ -15,12 +15,11 @@ import json
 import logging
 import math
 import shlex
-import shutil
 import sys
 from pathlib import Path
 
 import torch
-from accelerate import Accelerator
+from accelerate import Accelerator, PartialState
 from accelerate.utils import ProjectConfiguration, set_seed
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from diffusers.optimization import get_scheduler
@@ -28,7 +27,7 @@ from diffusers.training_utils import free_memory
 from tqdm.auto import tqdm
 
 from .backbones import BACKBONES, detect_backbone
-from .checkpoint import ADAPTER_FILENAME, adapter_from_model, adapter_metadata, load_adapter, save_adapter
+from .checkpoint import ADAPTER_FILENAME, adapter_from_model, adapter_metadata, base_fingerprint, load_adapter, save_adapter
 from .data import DreamBoothDataset, collate
 from .errors import UserError, cli_entry
 from .export import export_lora, kohya_path
@@ -40,6 +39,8 @@ from .model_card import write_model_card
 from .objective import WEIGHTING_SCHEMES, step_generator
 from .prior import generate_class_images
 from .quantize import LIBRARIES, check_available, quantize_base_
+from .run_folder import (RunLock, check_finite, check_resume_matches, complete_checkpoints, keep_launcher, remove_partials,
+                         resolve_resume, write_checkpoint)
 from .tracking import log_validation_images
 
 logger = logging.getLogger("qrlora.train")
@@ -127,39 +128,51 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--hub_model_id", help="hub repository for --push_to_hub (default: the --output_dir folder name)")
     g.add_argument("--hub_token", help="hub token (default: the one `hf auth login` stored)")
     args = p.parse_args(argv)
-    if args.rank < 1:
-        p.error(f"--rank must be a positive integer, got {args.rank}")
-    if args.with_prior_preservation and not (args.class_data_dir and args.class_prompt):
-        p.error("--with_prior_preservation needs --class_data_dir and --class_prompt")
-    if args.report_to in ("tensorboard", "wandb") and importlib.util.find_spec(args.report_to) is None:
-        p.error(f"--report_to {args.report_to} needs the {args.report_to} package: pip install {args.report_to}")
-    if args.report_to == "wandb" and args.hub_token:
-        p.error("--hub_token cannot be used with --report_to wandb (the token would be logged); run `hf auth login` instead")
+    problem = flag_problem(args)
+    if problem:
+        p.error(problem)
     return args
 
 
-def checkpoints(output_dir: Path) -> list[Path]:
-    """``checkpoint-N`` folders in step order."""
-    found = [d for d in output_dir.glob("checkpoint-*") if d.is_dir() and d.name.split("-")[-1].isdigit()]
-    return sorted(found, key=lambda d: int(d.name.split("-")[-1]))
+# Flags that must be at least 1 (a 0 divides by zero or trains nothing) and at least 0.
+AT_LEAST_ONE = ("rank", "train_batch_size", "gradient_accumulation_steps", "max_train_steps", "num_train_epochs",
+                "checkpointing_steps", "checkpoints_total_limit", "validation_epochs", "num_validation_images",
+                "validation_inference_steps", "repeats", "moe_num_experts", "max_sequence_length", "lr_num_cycles")
+AT_LEAST_ZERO = ("num_class_images", "lr_warmup_steps", "learning_rate", "delta_scale", "max_grad_norm",
+                 "adam_weight_decay", "adam_epsilon", "prior_loss_weight", "logit_std", "lr_power", "snr_gamma")
 
 
-def resolve_resume(args, output_dir: Path) -> Path | None:
-    """The checkpoint to resume from; refuse to overwrite another run's files in ``output_dir``."""
-    existing = checkpoints(output_dir)
-    if not args.resume_from_checkpoint:
-        if existing or (output_dir / ADAPTER_FILENAME).exists():
-            held = existing[-1].name if existing else ADAPTER_FILENAME
-            raise UserError(f"--output_dir {output_dir} already holds another run's {held}; pass "
-                            "--resume_from_checkpoint latest or choose another --output_dir")
-        return None
-    if args.resume_from_checkpoint == "latest":
-        return existing[-1] if existing else None
-    path = Path(args.resume_from_checkpoint)
-    path = path if path.is_dir() else output_dir / path
-    if not (path / ADAPTER_FILENAME).is_file():
-        raise UserError(f"--resume_from_checkpoint: {args.resume_from_checkpoint} is not a checkpoint folder")
-    return path
+def flag_problem(args: argparse.Namespace) -> str | None:
+    """The first flag whose value cannot work, as a message for ``parser.error``; None when all are fine.
+
+    Checked before anything is loaded, so a typo never surfaces as a traceback after training started.
+    """
+    for name in AT_LEAST_ONE + AT_LEAST_ZERO:
+        value = getattr(args, name)
+        if value is None:
+            continue
+        if not math.isfinite(value):
+            return f"--{name} must be a finite number, got {value}"
+        if value < (1 if name in AT_LEAST_ONE else 0):
+            return f"--{name} must be {'a positive integer' if name in AT_LEAST_ONE else 'non-negative'}, got {value}"
+    for name in ("lora_alpha", "logit_mean", "mode_scale", "guidance_scale"):
+        value = getattr(args, name)
+        if value is not None and (not math.isfinite(value) or (name == "lora_alpha" and value == 0)):
+            return f"--{name} must be a finite{' non-zero' if name == 'lora_alpha' else ''} number, got {value}"
+    if args.learning_rate == 0:
+        return "--learning_rate must be positive, got 0"
+    if args.resolution < 8 or args.resolution % 8:
+        return f"--resolution must be a positive multiple of 8, got {args.resolution}"
+    for name in ("adam_beta1", "adam_beta2"):
+        if not 0 <= getattr(args, name) < 1:
+            return f"--{name} must be in [0, 1), got {getattr(args, name)}"
+    if args.with_prior_preservation and not (args.class_data_dir and args.class_prompt):
+        return "--with_prior_preservation needs --class_data_dir and --class_prompt"
+    if args.report_to in ("tensorboard", "wandb") and importlib.util.find_spec(args.report_to) is None:
+        return f"--report_to {args.report_to} needs the {args.report_to} package: pip install {args.report_to}"
+    if args.report_to == "wandb" and args.hub_token:
+        return "--hub_token cannot be used with --report_to wandb (the token would be logged); run `hf auth login` instead"
+    return None
 
 
 def epoch_batches(n: int, batch_size: int, seed: int, epoch: int, rank: int, world: int) -> list[list[int]]:
@@ -247,12 +260,23 @@ def main(argv=None) -> Path:
     config = AdapterConfig(method=args.lora_init_method, rank=args.rank, alpha=args.lora_alpha, use_zero_init=args.use_zero_init,
                            delta_scale=args.delta_scale, num_experts=args.moe_num_experts, seed=args.seed)
     output_dir = Path(args.output_dir)
-    resume_from = resolve_resume(args, output_dir)
     base_dtype(args)  # fail now, not after loading, when fp8 / nf4 cannot work here
     if args.output_kohya_format and not METHODS[args.lora_init_method].static:
         raise UserError(f"--output_kohya_format: {args.lora_init_method} adapters are token-dependent and have no LoRA form")
     dataset = DreamBoothDataset(args.instance_data_dir, resolution=args.resolution, center_crop=args.center_crop,
                                 random_flip=args.random_flip, repeats=args.repeats, seed=args.seed)
+    metadata = adapter_metadata(config, component=backbone.denoiser_name, backbone=backbone.name,
+                                base_model=args.pretrained_model_name_or_path, targets=targets,
+                                extra={"lora_blocks": json.dumps(blocks or []), "instance_prompt": args.instance_prompt})
+    # One run per folder: the main process holds the folder's lock for the whole run (the kernel drops it on exit).
+    run_lock = RunLock(output_dir).acquire() if PartialState().is_main_process else None
+    resume_from = resolve_resume(args.resume_from_checkpoint, output_dir)
+    if resume_from is not None:
+        check_resume_matches(resume_from, metadata)
+    if run_lock is not None and remove_partials(output_dir):
+        logger.warning("removed the temporary files of an interrupted save in %s", output_dir)
+    if run_lock is not None:
+        keep_launcher(output_dir)
 
     # ---- 2. Accelerator: devices, processes, mixed precision, trackers ------------------------------
     # Accumulation is done here (step 8), not by accelerate: without a prepared dataloader accelerate never
@@ -305,9 +329,9 @@ def main(argv=None) -> Path:
         quantize_base_(denoiser, args.base_precision)
     if args.gradient_checkpointing:
         denoiser.enable_gradient_checkpointing()
-    metadata = adapter_metadata(config, component=backbone.denoiser_name, backbone=backbone.name,
-                                base_model=args.pretrained_model_name_or_path, targets=targets,
-                                extra={"lora_blocks": json.dumps(blocks or []), "instance_prompt": args.instance_prompt})
+    metadata["base_fingerprint"] = base_fingerprint({p: layer.base_layer.weight for p, layer in adapter_layers(denoiser)})
+    if resume_from is not None:
+        check_resume_matches(resume_from, metadata)  # now with the base weights' fingerprint
 
     # ---- 6. Optimizer and schedule: exactly max_steps updates, ceil(batches / accumulation) per epoch --
     world = accelerator.num_processes
@@ -351,12 +375,9 @@ def main(argv=None) -> Path:
         accelerator.init_trackers("qrlora", config={k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))})
 
     def save_checkpoint(step: int) -> None:
-        if accelerator.is_main_process and args.checkpoints_total_limit:
-            existing = checkpoints(output_dir)
-            for old in existing[: max(0, len(existing) - args.checkpoints_total_limit + 1)]:
-                shutil.rmtree(old)
-        accelerator.save_state(str(output_dir / f"checkpoint-{step}"))
-        accelerator.wait_for_everyone()
+        check_finite(params, f"checkpoint-{step}", output_dir)
+        write_checkpoint(output_dir, step, lambda folder: accelerator.save_state(str(folder)), is_main=accelerator.is_main_process,
+                         barrier=accelerator.wait_for_everyone, keep=args.checkpoints_total_limit)
 
     # ---- 8. Train: one optimizer update per group of micro-batches ----------------------------------
     progress = tqdm(total=max_steps, initial=global_step, desc="steps", disable=not accelerator.is_local_main_process)
@@ -385,7 +406,7 @@ def main(argv=None) -> Path:
             update_loss = torch.stack(losses).mean()
             reduced = accelerator.reduce(update_loss, "mean") if world > 1 else update_loss
             if not torch.isfinite(reduced):
-                kept = checkpoints(output_dir)
+                kept = complete_checkpoints(output_dir)
                 raise UserError(f"loss is {reduced.item()} at step {global_step + 1}; training stopped, "
                                 f"last good checkpoint: {kept[-1] if kept else 'none (no checkpoint saved yet)'}")
             if args.max_grad_norm > 0:
@@ -411,6 +432,7 @@ def main(argv=None) -> Path:
     accelerator.wait_for_everyone()
     final = output_dir / ADAPTER_FILENAME
     if accelerator.is_main_process:
+        check_finite(params, "the final save", output_dir)
         adapter = adapter_from_model(model, config, metadata, component=backbone.denoiser_name)
         save_adapter(final, adapter)
         logger.info("saved %s", final)
@@ -419,6 +441,8 @@ def main(argv=None) -> Path:
             images = run_validation(backbone, args, model, vae, scheduler, validation_cond, global_step, accelerator, weight_dtype)
         publish_run(args, backbone, adapter, final, images, argv)
     accelerator.end_training()
+    if run_lock is not None:
+        run_lock.release()
     return final
 
 

@@ -34,7 +34,12 @@ RESOLUTION="${RESOLUTION:-$DEFAULT_RESOLUTION}"
 MIXED_PRECISION="${MIXED_PRECISION:-bf16}"
 RUN_NAME="$(date +%Y%m%d-%H%M%S)-${TRIGGER}-${RANK_ARG}"
 [[ "$BACKBONE" == flux ]] || RUN_NAME="${RUN_NAME}-${METHOD}"   # published layout: exps_flux/<date-time>-<trigger>-<rank>
-OUTPUT_DIR="${OUTPUT_DIR:-$EXP_ROOT/$RUN_NAME}"
+# The launching shell's pid makes the name unique: a sweep that starts two runs in one second gets two folders.
+OUTPUT_DIR="${OUTPUT_DIR:-$EXP_ROOT/$RUN_NAME-p$$}"
+
+# The trainer creates OUTPUT_DIR and copies this wrapper into it (so the run folder keeps what launched it)
+# only after every input checked out: a typo never leaves an empty run folder behind.
+export QRLORA_LAUNCHER="$WRAPPER"
 
 # One process: run the trainer directly (accelerate needs no launcher for it, and user errors stay one line).
 # Several: accelerate's launcher starts one data-parallel process per GPU id.
@@ -71,6 +76,4 @@ if [[ "${DRY_RUN:-0}" == 1 ]]; then
   printf '%q ' "${COMMAND[@]}"; echo
   exit 0
 fi
-mkdir -p "$OUTPUT_DIR"
-cp "$WRAPPER" "$OUTPUT_DIR/"   # the run folder keeps the wrapper that launched it
 exec "${COMMAND[@]}"

@@ -161,9 +161,14 @@ def test_bad_merge_input(case, tiny_sd3, tiny_flux, sd3_pair, tmp_path):
                     "--lora_path", style, "--output_dir", str(tmp_path)])
         extra = ["--residual_path", str(tmp_path / "sd3_residual_weights.safetensors")]
     elif case == "other_base_model":
-        other = load_adapter(content)
-        other.metadata["base_model"] = "someone/else"
-        content = str(save_adapter(tmp_path / "other.safetensors", other))
+        from qrlora.checkpoint import base_fingerprint  # bases are compared by content (weight norms), not by path
+
+        weights = {p: w for p, w in load_denoiser(tiny_sd3, "sd3").state_dict().items()}
+        for name, factor in (("style", 1.0), ("content", 1.5)):
+            adapter = load_adapter(style if name == "style" else content)
+            adapter.metadata["base_fingerprint"] = base_fingerprint({p: weights[p + ".weight"] * factor for p in adapter.layers})
+            path = str(save_adapter(tmp_path / f"{name}.safetensors", adapter))
+            style, content = (path, content) if name == "style" else (style, path)
     elif case == "wrong_backbone":
         content = str(make_adapter(tiny_flux, "flux", tmp_path / "f.safetensors"))
     proc = run_script([sys.executable, "SD3_dir/inference.py", "--model_path", model, "--style_lora_path", style,

@@ -8,22 +8,22 @@ from pathlib import Path
 import torch
 
 from ..errors import UserError
+from ..outputs import StagedFolder, atomic_output
 
 
 def write_json(path: str | os.PathLike, obj) -> Path:
     """Write ``obj`` as indented JSON; refuses NaN/inf (``allow_nan=False``) so files stay strict JSON."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(obj, indent=2, allow_nan=False) + "\n")
+    text = json.dumps(obj, indent=2, allow_nan=False) + "\n"
+    with atomic_output(path) as tmp:
+        tmp.write_text(text)
     return path
 
 
-def _output_dir(path: str | os.PathLike) -> Path:
-    out = Path(path)
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--output_dir {out}: exists and is not a folder")
-    out.mkdir(parents=True, exist_ok=True)
-    return out
+def _output_dir(path: str | os.PathLike, key_file: str, overwrite: bool) -> StagedFolder:
+    """The run's output folder, staged: checked now (a folder, writable, ``key_file`` of an earlier run not
+    there unless ``overwrite``), filled in a hidden sibling, published all at once by ``.publish()``."""
+    return StagedFolder(path, key_files=[key_file], overwrite=overwrite)
 
 
 def _resolve_device(name: str) -> torch.device:

@@ -137,6 +137,7 @@ def add_expert_usage_arguments(parser: argparse.ArgumentParser) -> argparse.Argu
     parser.add_argument("--output_dir", default="analysis_results", help="where figures and JSON go")
     parser.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda:0 ...")
     parser.add_argument("--dpi", type=int, default=150, help="resolution of the PNG figures (default: 150)")
+    parser.add_argument("--overwrite", action="store_true", help="replace the outputs of an earlier run in --output_dir")
     return parser
 
 
@@ -194,7 +195,7 @@ def run_expert_usage_cli(args: argparse.Namespace) -> dict:
     device = _resolve_device(args.device)
     dtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}.get(
         args.dtype, torch.bfloat16 if device.type == "cuda" else torch.float32)
-    out = _output_dir(args.output_dir)
+    out = _output_dir(args.output_dir, "expert_usage.json", args.overwrite)
     pipe = _load_pipeline(args.model_path, dtype)
     denoiser = getattr(pipe, adapter.component, None)
     if denoiser is None:
@@ -221,6 +222,7 @@ def run_expert_usage_cli(args: argparse.Namespace) -> dict:
     save_step_curve(out / "expert_usage_per_step.png", np.asarray(payload["per_step"]),
                     title=f"Expert usage over denoising steps (mean over {len(usage.layers)} layers): {name}",
                     dpi=args.dpi)
+    out.publish()
     print("mean gate weight per expert (over layers, prompts, steps):")
     for e, v in enumerate(payload["expert_mean"]):
         print(f"  expert {e}: {v:.4f}")
@@ -309,6 +311,7 @@ def add_compare_usage_arguments(parser: argparse.ArgumentParser) -> argparse.Arg
     parser.add_argument("--style_name", default="style", help="label of the style adapter")
     parser.add_argument("--output_dir", default="analysis_result", help="where the figure and JSON go")
     parser.add_argument("--dpi", type=int, default=150, help="resolution of the PNG figure (default: 150)")
+    parser.add_argument("--overwrite", action="store_true", help="replace the outputs of an earlier run in --output_dir")
     return parser
 
 
@@ -317,7 +320,7 @@ def run_compare_usage_cli(args: argparse.Namespace) -> dict:
     names = (args.content_name, args.style_name)
     result = compare_usage(_load_usage(args.content_usage, "--content_usage"),
                            _load_usage(args.style_usage, "--style_usage"), names=names)
-    out = _output_dir(args.output_dir)
+    out = _output_dir(args.output_dir, "usage_comparison.json", args.overwrite)
     write_json(out / "usage_comparison.json", result)
     layers = result["layers"]
     diff = np.asarray([result["per_layer"][l]["diff"] for l in layers])
@@ -346,6 +349,7 @@ def run_compare_usage_cli(args: argparse.Namespace) -> dict:
     fig.suptitle(f"Expert usage, {names[0]} vs {names[1]}: global cosine {result['global_cosine']:.3f}, "
                  f"mean JS divergence {result['layer_jsd']['mean']:.3f} bits")
     fig.savefig(out / "usage_difference.png", dpi=args.dpi)
+    out.publish()
     print(f"global cosine similarity of usage: {result['global_cosine']:.4f} (1 = identical usage)")
     print(f"per-layer JS divergence: mean {result['layer_jsd']['mean']:.4f}, max {result['layer_jsd']['max']:.4f} bits")
     print(f"{'expert':<8}{names[0]:>12}{names[1]:>12}{'diff':>10}")

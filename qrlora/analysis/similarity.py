@@ -16,6 +16,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..checkpoint import AdapterFile, load_adapter
+from ..merge import check_compatible
 from ..errors import UserError
 from ..methods import get_method
 from .cli import _output_dir, _resolve_device, write_json
@@ -60,6 +61,7 @@ def load_pair(path1: str | os.PathLike, path2: str | os.PathLike, *, flag1: str 
     Refused: a file that is not an adapter, different ranks, no layer in common, NaN/inf values.
     """
     a1, a2 = load_adapter(path1), load_adapter(path2)
+    check_compatible([a1, a2])  # a FLUX file against an SD3 one compares nothing meaningful
     if a1.config.rank != a2.config.rank:
         raise UserError(f"{flag2} {path2}: rank {a2.config.rank} differs from {flag1} rank {a1.config.rank}; "
                         "similarity is defined between adapters of the same rank")
@@ -146,6 +148,7 @@ def add_similarity_arguments(parser: argparse.ArgumentParser, *, lora1_name: str
                         help=f"histogram bins per variable for the NMI estimate (default: {DEFAULT_BINS})")
     parser.add_argument("--device", default="auto", help="torch device for the metrics: auto (cuda if available), cpu, cuda:0 ...")
     parser.add_argument("--dpi", type=int, default=150, help="resolution of the PNG figures (default: 150)")
+    parser.add_argument("--overwrite", action="store_true", help="replace the outputs of an earlier run in --output_dir")
     parser.add_argument("--metrics", nargs="+", default=list(METRICS), metavar="METRIC",
                         help=f"metrics to compute, any of {' '.join(METRICS)} (default: all; NMI is the slowest)")
     parser.add_argument("--matrices", nargs="+", metavar="TYPE",
@@ -168,7 +171,7 @@ def _adapter_info(adapter: AdapterFile, name: str, layers: Sequence[str]) -> dic
 def run_similarity(lora1_path, lora2_path, output_dir, *, names=("style", "content"), fixed_scale=False,
                    bins=DEFAULT_BINS, device="cpu", dpi=150, require_method: Sequence[str] | None = None,
                    metrics: Sequence[str] = METRICS, matrices: Sequence[str] | None = None, progress=True,
-                   figures=True) -> dict:
+                   figures=True, overwrite=False) -> dict:
     """The full per-layer analysis of one adapter pair; returns ``all_statistics_summary`` as written.
 
     Writes into ``output_dir``: ``{T}_{metric}_data.json`` (``{layer: value}`` in depth order) for every
@@ -193,7 +196,7 @@ def run_similarity(lora1_path, lora2_path, output_dir, *, names=("style", "conte
             raise UserError(f"--matrices: {', '.join(unknown)} not available for {a1.config.method}/{a2.config.method} "
                             f"adapters; choose from {', '.join(available)}")
         types = [t for t in types if t[0] in matrices]
-    out = _output_dir(output_dir)
+    out = _output_dir(output_dir, "all_statistics_summary.json", overwrite)
     result = pair_similarity(a1, a2, layers, bins=bins, device=device, types=types, metrics=metrics, progress=progress)
     scale = "fixed" if fixed_scale else "auto"
     summary = {}
@@ -220,6 +223,7 @@ def run_similarity(lora1_path, lora2_path, output_dir, *, names=("style", "conte
                  "dimension), tall factors as stored; CKA: both centre to zero -> 1, one -> 0; NMI = I/sqrt(H(X)H(Y)) "
                  "from a bins x bins joint histogram, constant input -> 0",
     })
+    out.publish()
     _print_summary(summary, names, metrics)
     print(f"wrote {len(plots) * 2 + 1 if figures else 0} figures and {len(plots) + 2} JSON files to {out}")
     return summary
@@ -244,7 +248,7 @@ def _print_summary(summary: Mapping[str, Mapping[str, Mapping[str, float]]], nam
 
 def run_compare(qr_paths: Sequence[str], baseline_paths: Sequence[str], output_dir, *, names=("style", "content"),
                 fixed_scale=False, bins=DEFAULT_BINS, device="cpu", dpi=150, metrics: Sequence[str] = METRICS,
-                progress=True) -> dict:
+                progress=True, overwrite=False) -> dict:
     """The paper's central figure: per-layer similarity of ``dW`` for a QR-LoRA pair next to a LoRA pair.
 
     Writes ``dW_comparison.png`` (rows: metrics; columns: the two pairs; shared y axis per metric) and
@@ -270,7 +274,7 @@ def run_compare(qr_paths: Sequence[str], baseline_paths: Sequence[str], output_d
     if pairs[0]["label"] == pairs[1]["label"]:
         pairs[0]["label"] += " [pair 1]"
         pairs[1]["label"] += " [pair 2]"
-    out = _output_dir(output_dir)
+    out = _output_dir(output_dir, "dW_comparison.json", overwrite)
     table = {m: {p["label"]: p["summary"][m] for p in pairs} for m in metrics}
     ratio = {}
     for m in metrics:
@@ -280,6 +284,7 @@ def run_compare(qr_paths: Sequence[str], baseline_paths: Sequence[str], output_d
                         fixed_scale=fixed_scale, dpi=dpi, metrics=metrics)
     payload = {"pairs": pairs, "summary_table": table, "ratio_abs_mean": ratio, "bins": bins, "metrics": metrics}
     write_json(out / "dW_comparison.json", payload)
+    out.publish()
     print(f"\ndW similarity, {names[0]} vs {names[1]} (mean +- std over layers; |mean| = mean of absolute values)")
     print(f"{'metric':<8}" + "".join(f"{p['label']:>34}" for p in pairs) + f"{'ratio of |mean|':>18}")
     for m in metrics:
@@ -296,7 +301,7 @@ def run_similarity_cli(args: argparse.Namespace, *, require_method: Sequence[str
     device = _resolve_device(args.device)
     names = (args.lora1_name, args.lora2_name)
     common = dict(names=names, fixed_scale=args.fixed_scale, bins=args.bins, device=device, dpi=args.dpi,
-                  metrics=args.metrics)
+                  metrics=args.metrics, overwrite=args.overwrite)
     if args.compare:
         missing = [f for f, v in (("--baseline1_path", args.baseline1_path), ("--baseline2_path", args.baseline2_path)) if not v]
         if missing:

@@ -16,7 +16,7 @@ from typing import Mapping, Sequence
 import torch
 from torch import nn
 
-from ..checkpoint import AdapterFile
+from ..checkpoint import AdapterFile, base_fingerprint, fingerprint_difference
 from ..errors import UserError
 from ..inject import attach_adapter, set_adapter_weights
 
@@ -24,17 +24,40 @@ BASIS_RTOL = 1e-4  # bases computed on different devices differ by rounding only
 
 
 def check_compatible(adapters: Sequence[AdapterFile]) -> None:
-    """Refuse adapters trained on different base models or components, naming the files."""
+    """Refuse adapters of different components, backbones or base models, naming the files.
+
+    Base models are compared by content (``base_fingerprint``, the norms of the adapted base weights), never by
+    the path or hub id they were opened from: the same model under two paths is the same model.
+    """
     first = adapters[0]
     for other in adapters[1:]:
         if other.component != first.component:
             raise UserError(f"{other.path} adapts the {other.component}, {first.path} the {first.component}")
-        if first.base_model and other.base_model and first.base_model != other.base_model:
-            raise UserError(
-                f"{other.path} was trained on {other.base_model}, {first.path} on {first.base_model}: different base models"
-            )
         if first.backbone and other.backbone and first.backbone != other.backbone:
             raise UserError(f"{other.path} is a {other.backbone} adapter, {first.path} a {first.backbone} adapter")
+        layer = fingerprint_difference(first.metadata.get("base_fingerprint"), other.metadata.get("base_fingerprint"))
+        if layer:
+            raise UserError(f"{other.path} was trained on another base model than {first.path} "
+                            f"(the base weight of layer {layer} differs): different base models")
+
+
+def check_base_model(model: nn.Module, adapters: Sequence[AdapterFile]) -> None:
+    """Refuse an adapter whose recorded base weights differ from ``model``'s (trained on another model)."""
+    for adapter in adapters:
+        recorded = adapter.metadata.get("base_fingerprint")
+        if not recorded:
+            continue
+        weights = {}
+        for path in adapter.layers:
+            try:
+                module = model.get_submodule(path)
+            except AttributeError:
+                continue  # reported with the layer's name when the adapter is applied
+            weights[path] = getattr(module, "base_layer", module).weight
+        layer = fingerprint_difference(recorded, base_fingerprint(weights))
+        if layer:
+            raise UserError(f"{adapter.path} was trained on another base model ({adapter.base_model}); "
+                            f"the base weight of layer {layer} differs: different base models")
 
 
 def check_shared_basis(adapters: Sequence[AdapterFile]) -> None:
@@ -58,6 +81,18 @@ def check_shared_basis(adapters: Sequence[AdapterFile]) -> None:
                     )
 
 
+def check_mergeable(adapters: Sequence[AdapterFile], residual: Mapping[str, torch.Tensor] | None = None) -> None:
+    """Everything about a merge that can be refused from the files alone, before any model is loaded."""
+    if not adapters:
+        raise UserError("no adapters to merge")
+    check_compatible(adapters)
+    if residual is not None:
+        live = [a for a in adapters if not a.method.static]
+        if live:
+            raise UserError(f"{live[0].path}: MoE adapters merge live; residual form is for static adapters")
+        check_shared_basis(adapters)
+
+
 class Merger:
     """Folds static adapters into a denoiser's weights and keeps MoE adapters live, re-mergeable at any weights.
 
@@ -68,18 +103,13 @@ class Merger:
     """
 
     def __init__(self, model: nn.Module, adapters: Sequence[AdapterFile], residual: Mapping[str, torch.Tensor] | None = None):
-        if not adapters:
-            raise UserError("no adapters to merge")
-        check_compatible(adapters)
+        check_mergeable(adapters, residual)
+        check_base_model(model, adapters)
         self.model = model
         self.adapters = list(adapters)
         self.static = [i for i, a in enumerate(adapters) if a.method.static]
         self.live = [i for i, a in enumerate(adapters) if not a.method.static]
         self.residual = residual
-        if residual is not None:
-            if self.live:
-                raise UserError(f"{adapters[self.live[0]].path}: MoE adapters merge live; residual form is for static adapters")
-            check_shared_basis([adapters[i] for i in self.static])
         # Low-rank factors (B, A) with B A = dW, kept small: a dense dW per adapter and layer would cost as much
         # memory as the targeted weights themselves (about 20 GiB per adapter on FLUX.1-dev in float32).
         self._factors = {i: self._adapter_factors(adapters[i]) for i in self.static}
