@@ -84,7 +84,6 @@ def main(argv=None) -> list[Path]:
     p.add_argument("--style_weights", default="1.0", help="comma list")
     p.add_argument("--content_weights", default="1.0", help="comma list")
     p.add_argument("--seeds", default="0", help="comma list; several seeds give each cell a standard error")
-    p.add_argument("--overwrite", action="store_true", help="replace an earlier comparison in --output_dir")
     add_strategy_options(p)
     add_evaluation_arguments(p)
     add_render_arguments(p)

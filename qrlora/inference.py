@@ -83,7 +83,7 @@ def add_render_arguments(p: argparse.ArgumentParser, backbone_default_steps: int
     g.add_argument("--device", help="default: cuda if available, else cpu")
     g.add_argument("--max_sequence_length", type=int, help="T5 prompt length (default: the pipeline's)")
     g.add_argument("--output_dir", default="inference_output")
-    g.add_argument("--overwrite", action="store_true", help="replace existing images of the same name")
+    g.add_argument("--overwrite", action="store_true", help="replace existing outputs of the same name (images, a comparison, a written adapter)")
 
 
 def merged_size_estimate(model_path: str) -> int:

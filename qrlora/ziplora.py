@@ -275,7 +275,6 @@ def main(argv=None) -> Path:
     p.add_argument("--content_lora_path", required=True)
     p.add_argument("--style_lora_path", required=True)
     p.add_argument("--output", required=True, help="adapter file to write (plain lora layout)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing --output file")
     add_ziplora_arguments(p)
     add_render_arguments(p)
     args = p.parse_args(argv)

@@ -18,7 +18,7 @@ from safetensors.torch import load_file, save_file
 from conftest import REPO, error_lines, load_denoiser, make_adapter
 from qrlora.checkpoint import ADAPTER_FILENAME, base_fingerprint, load_adapter
 from qrlora.errors import UserError, cli_entry
-from qrlora.run_folder import (CHECKPOINT_MARKER, RunLock, check_finite, complete_checkpoints, resolve_resume,
+from qrlora.run_folder import (CHECKPOINT_MARKER, check_finite, complete_checkpoints, resolve_resume,
                                write_checkpoint)
 
 
@@ -255,7 +255,7 @@ def test_second_run_in_one_folder_is_refused_naming_the_holder(tiny_sd3, tmp_pat
         holder.wait()
     assert f"{tmp_path / 'run'} is in use by another training run (pid {holder.pid})" in line
     main(train_args(tiny_sd3, tmp_path / "run", 1))  # the holder is gone: the kernel dropped its lock
-    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == [ADAPTER_FILENAME]
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["README.md", ADAPTER_FILENAME]  # + model card
 
 
 def test_resume_refuses_changed_settings(tiny_sd3, tmp_path, capsys):

@@ -6,6 +6,7 @@ from torch import nn
 from qrlora.checkpoint import (
     adapter_from_model,
     adapter_metadata,
+    base_fingerprint,
     load_adapter,
     load_residual,
     residuals_from_adapter,
@@ -318,12 +319,17 @@ def test_shapes_that_do_not_fit_are_named(tmp_path):
 
 
 def test_different_base_models_refused(tmp_path):
-    a, _ = save_trained(tmp_path, "deltaR", name="a")
-    other = load_adapter(a)
-    other.metadata["base_model"] = "some/other-model"
+    """Bases are compared by their weights (the recorded fingerprint), not by the path they were opened from."""
+    a, model = save_trained(tmp_path, "deltaR", name="a")
+    weights = {p: layer.base_layer.weight for p, layer in adapter_layers(model)}
+    first, same, other = load_adapter(a), load_adapter(a), load_adapter(a)
+    first.metadata["base_fingerprint"] = base_fingerprint(weights)
+    same.metadata.update(base_model="/another/path/to/toy-0", base_fingerprint=base_fingerprint(weights))
+    other.metadata["base_fingerprint"] = base_fingerprint({p: 2 * w for p, w in weights.items()})
     other.path = "other.safetensors"
+    Merger(Toy(), [first, same])  # one model under two paths is one model
     with pytest.raises(UserError, match="different base models"):
-        Merger(Toy(), [load_adapter(a), other])
+        Merger(Toy(), [first, other])
 
 
 def test_rank_and_moe_errors():
