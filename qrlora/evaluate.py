@@ -31,6 +31,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from .data import list_images
+from .devices import resolve_device
 from .errors import UserError, cli_entry
 
 DEFAULT_CLIP = "openai/clip-vit-large-patch14"
@@ -294,7 +295,7 @@ def evaluate_folders(folders: Sequence[str], args, output_dir: str | Path) -> li
     entries = [entry for folder in folders for entry in read_manifest(folder)]
     style_refs = load_references(args.style_refs, "--style_refs")
     content_refs = load_references(args.content_refs, "--content_refs")
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = str(resolve_device(args.device))
     clip = Embedder("clip", args.clip_model, "--clip_model", device, args.eval_batch_size)
     dino = Embedder("dino", args.dino_model, "--dino_model", device, args.eval_batch_size) if content_refs else None
     rows = score_images(entries, clip, dino, style_refs=style_refs, content_refs=content_refs,

@@ -20,14 +20,13 @@ from tqdm.auto import tqdm
 
 from .backbones import detect_backbone
 from .checkpoint import COMPONENTS, AdapterFile, load_adapter, load_residual
+from .devices import DTYPES, resolve_device, resolve_dtype
 from .errors import UserError, cli_entry
 from .evaluate import MANIFEST, ImageRecord, write_manifest
 from .merge import check_mergeable
 from .outputs import atomic_output, check_writable, refuse_existing
 from .strategies import STRATEGIES, add_strategy_arguments, check_strategy
 
-DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-          "float16": torch.float16, "fp16": torch.float16}
 
 
 def parse_weights(text: str, flag: str) -> list[float]:
@@ -65,10 +64,6 @@ def save_image(image: Image.Image, path: Path) -> Path:
     with atomic_output(path) as tmp:
         image.save(tmp, format="PNG")
     return path
-
-
-def default_device() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def add_render_arguments(p: argparse.ArgumentParser, backbone_default_steps: int = 28) -> None:
@@ -116,8 +111,8 @@ class MergedPipeline:
         residual = load_residual(residual_path) if residual_path else None
         check_mergeable(adapters, residual)
         check_outputs()
-        self.device = args.device or default_device()
-        dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if self.device.startswith("cuda") else torch.float32)
+        self.device = str(resolve_device(args.device))
+        dtype = resolve_dtype(args.dtype, self.device)
         self.pipe = self.backbone.pipeline_cls().from_pretrained(model_path, torch_dtype=dtype)
         self.denoiser = getattr(self.pipe, self.backbone.denoiser_name)
         self.pipe.to(self.device)

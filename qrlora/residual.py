@@ -14,9 +14,9 @@ from tqdm.auto import tqdm
 
 from .backbones import BACKBONES, detect_backbone
 from .checkpoint import AdapterFile, adapter_metadata, load_adapter, residuals_from_adapter, save_residual
+from .devices import DTYPES, default_device, resolve_device
 from .errors import UserError, cli_entry
 from .inject import validated_targets
-from .inference import DTYPES
 from .methods import METHODS, AdapterConfig, get_method
 from .outputs import check_writable, refuse_existing
 
@@ -50,7 +50,7 @@ def save_base_residual_main(argv=None, backbone_name: str | None = None) -> Path
     p.add_argument("--lora_layers", help="comma-separated targets (default: the backbone's)")
     p.add_argument("--lora_blocks")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", default=default_device(), help="default: cuda if available, else cpu")
     p.add_argument("--output_dir", default=".")
     p.add_argument("--overwrite", action="store_true")
     args = p.parse_args(argv)
@@ -60,7 +60,7 @@ def save_base_residual_main(argv=None, backbone_name: str | None = None) -> Path
     refuse_existing([out], args.overwrite)
     config = AdapterConfig(method=args.lora_init_method, rank=args.rank, alpha=args.lora_alpha, seed=args.seed)
     targets = args.lora_layers.split(",") if args.lora_layers else list(backbone.default_targets)
-    denoiser = backbone.load_denoiser(args.model_path).to(args.device)
+    denoiser = backbone.load_denoiser(args.model_path).to(resolve_device(args.device))
     residuals = base_residuals(denoiser, config, targets, args.lora_blocks.split(",") if args.lora_blocks else None)
     meta = adapter_metadata(config, component=backbone.denoiser_name, backbone=backbone.name, base_model=args.model_path, targets=targets)
     save_residual(out, residuals, {**meta, "format": "qrlora-residual"})
@@ -101,7 +101,7 @@ def extract_main(argv=None) -> Path:
     out = Path(args.output_dir) / residual_filename(backbone.name)
     check_writable(out.parent, "--output_dir", residual_bytes(adapter))
     refuse_existing([out], args.overwrite)
-    denoiser = backbone.load_denoiser(args.model_path, DTYPES[args.dtype]).to(args.device)
+    denoiser = backbone.load_denoiser(args.model_path, DTYPES[args.dtype]).to(resolve_device(args.device))
     weights = {}
     for path in adapter.layers:
         try:

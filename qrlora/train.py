@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 from .backbones import BACKBONES, detect_backbone
 from .checkpoint import ADAPTER_FILENAME, adapter_from_model, adapter_metadata, base_fingerprint, load_adapter, save_adapter
 from .data import DreamBoothDataset, collate
+from .devices import DTYPES, MIXED_PRECISION_DTYPES
 from .errors import UserError, cli_entry
 from .export import export_lora, kohya_path
 from .hub import push_run_folder
@@ -44,7 +45,6 @@ from .run_folder import (RunLock, check_finite, check_resume_matches, complete_c
 from .tracking import log_validation_images
 
 logger = logging.getLogger("qrlora.train")
-DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -220,7 +220,7 @@ def base_dtype(args) -> torch.dtype | None:
     if args.base_precision in LIBRARIES:
         check_available(args.base_precision)
         return torch.bfloat16
-    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}.get(args.base_precision)
+    return DTYPES.get(args.base_precision)  # None: as stored
 
 
 def update_groups(batches: list[list[int]], accumulation: int) -> list[list[list[int]]]:
@@ -287,7 +287,7 @@ def main(argv=None) -> Path:
     )
     logging.basicConfig(format="%(levelname)s %(name)s: %(message)s", level=logging.INFO if accelerator.is_main_process else logging.WARNING)
     set_seed(args.seed, device_specific=True)  # third-party code only: training draws use step_generator
-    weight_dtype = DTYPES[accelerator.mixed_precision]
+    weight_dtype = MIXED_PRECISION_DTYPES[accelerator.mixed_precision]
     # The frozen base trains in the dtype asked for (--base_precision), else in the mixed-precision dtype.
     model_dtype = base_dtype(args) or weight_dtype
     device = accelerator.device

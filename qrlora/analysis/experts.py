@@ -15,8 +15,9 @@ import torch
 from tqdm.auto import tqdm
 
 from ..checkpoint import ADAPTER_FILENAME, load_adapter
+from ..devices import DTYPES, resolve_device, resolve_dtype
 from ..errors import UserError
-from .cli import _output_dir, _resolve_device, write_json
+from .cli import _output_dir, write_json
 from .metrics import cosine_similarity, summarize
 from .ordering import block_of, order_layers
 from .plots import _expert_labels, _figure, _layer_axis, save_step_curve, save_usage_heatmap
@@ -131,7 +132,7 @@ def add_expert_usage_arguments(parser: argparse.ArgumentParser) -> argparse.Argu
     parser.add_argument("--height", type=int, help="image height (default: the pipeline's)")
     parser.add_argument("--width", type=int, help="image width (default: the pipeline's)")
     parser.add_argument("--seed", type=int, default=0, help="noise seed of the first prompt; prompt i uses seed + i")
-    parser.add_argument("--dtype", default="auto", choices=("auto", "float32", "float16", "bfloat16"),
+    parser.add_argument("--dtype", default="auto", choices=("auto", *DTYPES),
                         help="pipeline dtype (auto: bfloat16 on CUDA, float32 on CPU)")
     parser.add_argument("--lora_name", help="label in titles and JSON (default: the adapter's run folder or file name)")
     parser.add_argument("--output_dir", default="analysis_results", help="where figures and JSON go")
@@ -192,9 +193,8 @@ def run_expert_usage_cli(args: argparse.Namespace) -> dict:
     if args.num_experts is not None and args.num_experts != adapter.config.num_experts:
         raise UserError(f"--num_experts {args.num_experts}: the adapter {args.lora_path} has "
                         f"{adapter.config.num_experts} experts")
-    device = _resolve_device(args.device)
-    dtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}.get(
-        args.dtype, torch.bfloat16 if device.type == "cuda" else torch.float32)
+    device = resolve_device(args.device)
+    dtype = resolve_dtype(args.dtype, device)
     out = _output_dir(args.output_dir, "expert_usage.json", args.overwrite)
     pipe = _load_pipeline(args.model_path, dtype)
     denoiser = getattr(pipe, adapter.component, None)

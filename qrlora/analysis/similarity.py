@@ -16,10 +16,11 @@ import torch
 from tqdm.auto import tqdm
 
 from ..checkpoint import AdapterFile, load_adapter
+from ..devices import resolve_device
 from ..merge import check_compatible
 from ..errors import UserError
 from ..methods import get_method
-from .cli import _output_dir, _resolve_device, write_json
+from .cli import _output_dir, write_json
 from .metrics import DEFAULT_BINS, METRICS, matrix_similarity, summarize
 from .ordering import block_of, order_layers
 from .plots import save_compare_figure, save_histogram, save_line_plot, save_overview
@@ -298,7 +299,7 @@ def run_compare(qr_paths: Sequence[str], baseline_paths: Sequence[str], output_d
 
 def run_similarity_cli(args: argparse.Namespace, *, require_method: Sequence[str] | None = None) -> dict:
     """Dispatch parsed :func:`add_similarity_arguments` flags to :func:`run_similarity` or :func:`run_compare`."""
-    device = _resolve_device(args.device)
+    device = resolve_device(args.device)
     names = (args.lora1_name, args.lora2_name)
     common = dict(names=names, fixed_scale=args.fixed_scale, bins=args.bins, device=device, dpi=args.dpi,
                   metrics=args.metrics, overwrite=args.overwrite)
