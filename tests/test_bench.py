@@ -135,3 +135,17 @@ def test_gpu_flux_logic_on_tiny_cpu_model(monkeypatch):
                "precision": "bf16", "timing": "-", "machine": {"cpu": "cpu", "date": "-"}, "skipped": {},
                "init": init, "train": [peft, ours]}
     assert "| variant |" in gpu_flux.render(payload)
+
+
+def test_readme_tables_are_the_committed_reports():
+    """Every benchmark number in the README comes from ``bench/reports/*.json``: editing one without the other fails."""
+    sys.path.insert(0, str(BENCH))
+    try:
+        import readme_table
+    finally:
+        sys.path.remove(str(BENCH))
+    readme = (REPO / "README.md").read_text()
+    assert readme.count(readme_table.START) == 1 and readme.count(readme_table.END) == 1
+    block = readme.split(readme_table.START, 1)[1].split(readme_table.END, 1)[0]
+    assert readme_table.START + block + readme_table.END == readme_table.render(), \
+        "README benchmark tables differ from bench/reports: run python bench/readme_table.py --write"
