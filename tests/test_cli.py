@@ -71,6 +71,7 @@ PYTHON_M = ["qrlora.train", "qrlora.merge", "qrlora.export", "qrlora.evaluate", 
 
 
 @pytest.mark.parametrize("module", PYTHON_M)
+@pytest.mark.filterwarnings("ignore:.*found in sys.modules:RuntimeWarning")  # in-process: the module is imported already
 def test_python_m_answers_help(module, monkeypatch, capsys):
     monkeypatch.setattr(sys, "argv", [module, "--help"])
     with pytest.raises(SystemExit) as exc:
