@@ -7,14 +7,25 @@ import ast
 import runpy
 import subprocess
 import sys
-import tomllib
 
 import pytest
 
 from conftest import REPO
 
-# Read from pyproject.toml, the file that declares them, not from the installed metadata (stale until a reinstall).
-COMMANDS = sorted(tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scripts"].items())
+
+def declared_commands() -> list[tuple[str, str]]:
+    """(name, module:function) from pyproject.toml, the file that declares them; the installed metadata is stale
+    until a reinstall. Python 3.10 has no tomllib and reads the installed metadata."""
+    try:
+        import tomllib
+    except ModuleNotFoundError:
+        from importlib.metadata import distribution
+
+        return sorted((ep.name, ep.value) for ep in distribution("qrlora").entry_points if ep.group == "console_scripts")
+    return sorted(tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scripts"].items())
+
+
+COMMANDS = declared_commands()
 SCRIPTS = sorted(str(p.relative_to(REPO)) for d in ("SD3_dir", "flux_dir", "SDXL_dir", "test") for p in (REPO / d).glob("*.py"))
 
 

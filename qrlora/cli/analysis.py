@@ -1,6 +1,7 @@
 """The analysis scripts' CLIs (``test/visualize_qrlora_similarity.py``, ``test/analyze_sd3_ica_similarity.py``,
 ``test/analyze_moe_experts.py``, ``test/compare_expert_usage.py``): their flags and the calls into
-``qrlora.analysis``. Each script is this module's ``main`` with its own description and defaults."""
+``qrlora.analysis``. Each script is one ``*_main`` here; the two similarity scripts pass their own description,
+labels and output folder (the ICA one also restricts the method)."""
 from __future__ import annotations
 
 import argparse
