@@ -7,7 +7,8 @@ upload, tracker images), ``runs`` (finding the runs the wrappers wrote), ``infer
 ``backbones`` (model families), ``data`` / ``prior`` (DreamBooth images), ``train`` (the trainer), ``quantize``
 (fp8 / nf4 base), ``analysis`` (similarity, expert usage), ``tiny`` (offline test pipelines), ``errors``
 (one-line CLI errors), ``strategies`` / ``ziplora`` / ``klora`` (merge strategies), ``evaluate`` (CLIP / DINO
-scores), ``compare`` (the comparison command), ``tiny_scorers`` (offline CLIP and DINO models).
+scores), ``compare`` (the comparison command), ``tiny_scorers`` (offline CLIP and DINO models). ``cli`` holds
+every command's flags and ``main`` (the one CLI layer; ``tiny`` still parses its own).
 """
 from .methods import METHODS, AdapterConfig, get_method
 

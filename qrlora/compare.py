@@ -11,7 +11,11 @@ folder) is checked before the first image renders.
 """
 from __future__ import annotations
 
-import argparse
+if __name__ == "__main__":  # python -m qrlora.compare: hand over before defining anything (see qrlora/cli/__init__.py)
+    from qrlora.cli.compare import main
+    main()
+    raise SystemExit(0)
+
 import gc
 from pathlib import Path
 
@@ -19,11 +23,10 @@ import torch
 from tqdm.auto import tqdm
 
 from .checkpoint import load_adapter, save_adapter
-from .errors import UserError, cli_entry
-from .evaluate import (ImageRecord, load_model, add_evaluation_arguments, check_output_dir, evaluate_folders, load_references,
-                       write_manifest)
-from .inference import MergedPipeline, add_render_arguments, adapters_method, parse_weights
-from .strategies import STRATEGIES, add_strategy_options, check_strategy
+from .errors import UserError
+from .evaluate import ImageRecord, check_output_dir, evaluate_folders, load_model, load_references, write_manifest
+from .inference import MergedPipeline, adapters_method, parse_weights
+from .strategies import STRATEGIES, check_strategy
 
 
 def parse_strategies(text: str) -> list[str]:
@@ -71,25 +74,9 @@ def render_strategy(name: str, adapters, args, style_weights, content_weights, s
         torch.cuda.empty_cache()
 
 
-@cli_entry
-def main(argv=None) -> list[Path]:
-    """``python -m qrlora.compare``: render each merge strategy of a content and a style adapter, then score them."""
-    p = argparse.ArgumentParser(prog="python -m qrlora.compare", description=main.__doc__)
-    p.add_argument("--model_path", required=True)
-    p.add_argument("--content_lora_path", required=True)
-    p.add_argument("--style_lora_path", required=True)
-    p.add_argument("--content_refs", required=True, help="folder of content reference images (DINO)")
-    p.add_argument("--style_refs", required=True, help="folder of style reference images (CLIP-I)")
-    p.add_argument("--strategies", default=",".join(STRATEGIES), help="comma list of merge strategies to compare")
-    p.add_argument("--style_weights", default="1.0", help="comma list")
-    p.add_argument("--content_weights", default="1.0", help="comma list")
-    p.add_argument("--seeds", default="0", help="comma list; several seeds give each cell a standard error")
-    add_strategy_options(p)
-    add_evaluation_arguments(p)
-    add_render_arguments(p)
-    p.set_defaults(output_dir="compare_output")
-    args = p.parse_args(argv)
-
+def compare(args) -> list[Path]:
+    """``python -m qrlora.compare`` (flags: ``qrlora.cli.compare``): render each merge strategy of a content and a
+    style adapter, then score them."""
     # 1. Check everything before the first render.
     strategies = parse_strategies(args.strategies)
     style_weights = parse_weights(args.style_weights, "--style_weights")
@@ -115,7 +102,3 @@ def main(argv=None) -> list[Path]:
     print((out / "summary.md").read_text(), end="")
     print(f"wrote {', '.join(p.name for p in written)} to {out}")
     return written
-
-
-if __name__ == "__main__":
-    main()

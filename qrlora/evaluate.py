@@ -16,7 +16,11 @@ one series per strategy).
 """
 from __future__ import annotations
 
-import argparse
+if __name__ == "__main__":  # python -m qrlora.evaluate: hand over before defining anything (see qrlora/cli/__init__.py)
+    from qrlora.cli.evaluate import main
+    main()
+    raise SystemExit(0)
+
 import csv
 import json
 import math
@@ -32,7 +36,7 @@ from tqdm.auto import tqdm
 
 from .data import list_images
 from .devices import resolve_device
-from .errors import UserError, cli_entry
+from .errors import UserError
 
 DEFAULT_CLIP = "openai/clip-vit-large-patch14"
 DEFAULT_DINO = "facebook/dino-vits16"
@@ -275,17 +279,8 @@ def write_results(rows: Sequence[dict], cells: Sequence[dict], output_dir: str |
 
 
 # ---------------------------------------------------------------------------------------------------------
-# CLI
+# The command (its flags: qrlora.cli.evaluate)
 # ---------------------------------------------------------------------------------------------------------
-def add_evaluation_arguments(p: argparse.ArgumentParser) -> None:
-    """Flags shared by ``qrlora.evaluate`` and ``qrlora.compare``."""
-    g = p.add_argument_group("evaluation")
-    g.add_argument("--clip_model", default=DEFAULT_CLIP, help="hub id or local folder of a CLIP model (CLIP-T, CLIP-I)")
-    g.add_argument("--dino_model", default=DEFAULT_DINO, help="hub id or local folder of a DINO / DINOv2 model")
-    g.add_argument("--concept_tokens", default=DEFAULT_CONCEPT_TOKENS, help="comma list removed from prompts for CLIP-T")
-    g.add_argument("--eval_batch_size", type=int, default=16)
-
-
 def load_references(folder: str | None, flag: str) -> list[Image.Image]:
     return list_images(folder, flag) if folder else []
 
@@ -310,24 +305,11 @@ def check_output_dir(output_dir: str | Path, overwrite: bool) -> None:
         raise UserError(f"--output_dir: {output_dir} already holds {existing[0]}; pass --overwrite or choose a new folder")
 
 
-@cli_entry
-def main(argv=None) -> list[Path]:
-    """``python -m qrlora.evaluate``: score folders of generated images against style and content references."""
-    p = argparse.ArgumentParser(prog="python -m qrlora.evaluate", description=main.__doc__)
-    p.add_argument("--images", nargs="+", required=True, help="folders with generated images and a manifest.json")
-    p.add_argument("--style_refs", help="folder of style reference images (CLIP-I style score)")
-    p.add_argument("--content_refs", help="folder of content reference images (DINO content score)")
-    p.add_argument("--output_dir", default="evaluation_output")
-    p.add_argument("--overwrite", action="store_true", help="replace an earlier evaluation in --output_dir")
-    p.add_argument("--device", help="default: cuda if available, else cpu")
-    add_evaluation_arguments(p)
-    args = p.parse_args(argv)
+def evaluate(args) -> list[Path]:
+    """``python -m qrlora.evaluate`` (flags: ``qrlora.cli.evaluate``): score folders of generated images against
+    style and content references."""
     check_output_dir(args.output_dir, args.overwrite)
     written = evaluate_folders(args.images, args, args.output_dir)
     print((Path(args.output_dir) / "summary.md").read_text(), end="")
     print(f"wrote {', '.join(p.name for p in written)} to {args.output_dir}")
     return written
-
-
-if __name__ == "__main__":
-    main()

@@ -16,7 +16,11 @@ applies ``W + (alpha / rank) B A`` at ``alpha = rank`` reproduces our merge exac
 """
 from __future__ import annotations
 
-import argparse
+if __name__ == "__main__":  # python -m qrlora.export: hand over before defining anything (see qrlora/cli/__init__.py)
+    from qrlora.cli.export import main
+    main()
+    raise SystemExit(0)
+
 import json
 import os
 from pathlib import Path
@@ -28,7 +32,7 @@ from safetensors import safe_open
 from .backbones import BACKBONES
 from .backbones.base import Backbone, OriginalModule
 from .checkpoint import FORMAT_NAME, AdapterFile, atomic_save_safetensors, load_adapter
-from .errors import UserError, cli_entry
+from .errors import UserError
 
 FORMATS = ("diffusers", "kohya")
 LORA_ADAPTER_METADATA_KEY = "lora_adapter_metadata"  # diffusers.loaders.lora_base.LORA_ADAPTER_METADATA_KEY
@@ -175,18 +179,8 @@ def kohya_path(adapter_path: str | os.PathLike) -> Path:
     return path.with_name(f"{path.stem}_kohya{path.suffix}")
 
 
-@cli_entry
-def main(argv=None) -> Path:
-    p = argparse.ArgumentParser(prog="python -m qrlora.export", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("input", help="a QR-LoRA adapter file (pytorch_lora_weights.safetensors)")
-    p.add_argument("output", help="the LoRA file to write")
-    p.add_argument("--format", choices=FORMATS, default="diffusers",
-                   help="diffusers: diffusers / PEFT layout (default); kohya: ComfyUI, A1111/Forge, kohya sd-scripts")
-    p.add_argument("--backbone", choices=list(BACKBONES),
-                   help="the adapter's model family, for --format kohya on files without metadata")
-    p.add_argument("--overwrite", action="store_true")
-    args = p.parse_args(argv)
+def export_file(args) -> Path:
+    """``python -m qrlora.export`` (flags: ``qrlora.cli.export``): ``args.input`` to ``args.output`` in ``args.format``."""
     adapter = load_adapter(args.input)
     out = Path(args.output)
     if out.exists() and not args.overwrite:
@@ -198,7 +192,3 @@ def main(argv=None) -> Path:
         modules = sum(k.endswith(("lora_A.weight", "lora_down.weight")) for k in f.keys())
     print(f"wrote {out}: {args.format} layout, {modules} LoRA modules for {len(adapter.layers)} adapted layers")
     return out
-
-
-if __name__ == "__main__":
-    main()

@@ -1,15 +1,15 @@
 """Merge inference: combine adapters with chosen weights and render images (published scripts + ``qrlora.merge``).
 
 Every published inference entry point (``flux_dir/inference_merge_residual.py``, ``SD3_dir/inference_ica.py``,
-``SD3_dir/inference_moe.py``, ``SD3_dir/inference.sh``) is ``grid_main``: a style and a content adapter, a grid
+``SD3_dir/inference_moe.py``, ``SD3_dir/inference.sh``) is ``render_grid``: a style and a content adapter, a grid
 of weights (the product of two comma lists), one PNG per pair and ``grid.png``. ``python -m qrlora.merge`` is
-``merge_main``: any number of adapters with one weight each, optional ``--save_merged``.
+``merge_adapters``: any number of adapters with one weight each, optional ``--save_merged``. Their flags live in
+``qrlora.cli.merge`` (``grid_main``, ``merge_main``).
 
 Everything is checked before anything is written, so bad input leaves the output folder untouched.
 """
 from __future__ import annotations
 
-import argparse
 import math
 from pathlib import Path
 from typing import Callable
@@ -20,12 +20,12 @@ from tqdm.auto import tqdm
 
 from .backbones import detect_backbone
 from .checkpoint import COMPONENTS, AdapterFile, load_adapter, load_residual
-from .devices import DTYPES, resolve_device, resolve_dtype
-from .errors import UserError, cli_entry
+from .devices import resolve_device, resolve_dtype
+from .errors import UserError
 from .evaluate import MANIFEST, ImageRecord, write_manifest
 from .merge import check_mergeable
 from .outputs import atomic_output, check_writable, refuse_existing
-from .strategies import STRATEGIES, add_strategy_arguments, check_strategy
+from .strategies import STRATEGIES, check_strategy
 
 
 
@@ -64,21 +64,6 @@ def save_image(image: Image.Image, path: Path) -> Path:
     with atomic_output(path) as tmp:
         image.save(tmp, format="PNG")
     return path
-
-
-def add_render_arguments(p: argparse.ArgumentParser, backbone_default_steps: int = 28) -> None:
-    g = p.add_argument_group("rendering")
-    g.add_argument("--prompt", default="a photo of a <c> cat in <s> style")
-    g.add_argument("--num_inference_steps", type=int, default=backbone_default_steps)
-    g.add_argument("--guidance_scale", type=float, help="default: the pipeline's")
-    g.add_argument("--height", type=int, default=1024)
-    g.add_argument("--width", type=int, default=1024)
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--dtype", choices=list(DTYPES), help="default: bfloat16 on a GPU, float32 on the CPU")
-    g.add_argument("--device", help="default: cuda if available, else cpu")
-    g.add_argument("--max_sequence_length", type=int, help="T5 prompt length (default: the pipeline's)")
-    g.add_argument("--output_dir", default="inference_output")
-    g.add_argument("--overwrite", action="store_true", help="replace existing outputs of the same name (images, a comparison, a written adapter)")
 
 
 def merged_size_estimate(model_path: str) -> int:
@@ -166,23 +151,8 @@ def label_grid(images: dict[tuple[float, float], Image.Image], style_weights, co
     return grid
 
 
-def grid_parser(description: str, backbone_default_steps: int = 28) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=description)
-    p.add_argument("--model_path", required=True, help="diffusers pipeline folder or hub id")
-    p.add_argument("--style_lora_path", required=True)
-    p.add_argument("--content_lora_path", required=True)
-    p.add_argument("--residual_path", help="residual file: merge in residual form (default: delta form, no file needed)")
-    p.add_argument("--style_weights", default="0.0,0.5,1.0", help="comma list")
-    p.add_argument("--content_weights", default="0.0,0.5,1.0", help="comma list")
-    add_strategy_arguments(p)
-    add_render_arguments(p, backbone_default_steps)
-    return p
-
-
-@cli_entry
-def grid_main(argv=None, description: str = "Merge a style and a content adapter over a grid of weights.") -> list[Path]:
+def render_grid(args) -> list[Path]:
     """The published inference scripts: render ``inference_s{s:.2f}_c{c:.2f}.png`` for every weight pair + ``grid.png``."""
-    args = grid_parser(description).parse_args(argv)
     style_weights = parse_weights(args.style_weights, "--style_weights")
     content_weights = parse_weights(args.content_weights, "--content_weights")
     check_render_arguments(args)
@@ -211,19 +181,8 @@ def grid_main(argv=None, description: str = "Merge a style and a content adapter
     return written
 
 
-@cli_entry
-def merge_main(argv=None) -> Path | None:
+def merge_adapters(args) -> Path | None:
     """``python -m qrlora.merge``: any adapters, one weight each; render a prompt and/or save the merged denoiser."""
-    p = argparse.ArgumentParser(prog="python -m qrlora.merge", description=merge_main.__doc__)
-    p.add_argument("--model_path", required=True)
-    p.add_argument("--adapters", nargs="+", required=True, help="adapter files (static methods mixed; MoE live)")
-    p.add_argument("--weights", help="comma list, one per adapter (default: all 1.0)")
-    p.add_argument("--residual_path", help="merge in residual form (adapters must share Q and R)")
-    p.add_argument("--save_merged", help="write the merged denoiser here in the diffusers layout (static adapters only)")
-    p.add_argument("--no_render", action="store_true", help="skip rendering the prompt")
-    add_strategy_arguments(p)
-    add_render_arguments(p)
-    args = p.parse_args(argv)
     check_render_arguments(args)
     weights = parse_weights(args.weights, "--weights") if args.weights else [1.0] * len(args.adapters)
     if len(weights) != len(args.adapters):

@@ -3,21 +3,21 @@
 Two ways to get one: from the base model alone for a method/rank/seed (``save_flux_residual.py``,
 ``save_SD3_residual.py``), or from the bases stored in an adapter file (``extract_residual_from_checkpoint.py``),
 which is exact for every static method, ICA included, because the file holds the very basis it was trained on.
+Their flags live in ``qrlora.cli.residual``.
 """
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
-from .backbones import BACKBONES, detect_backbone
+from .backbones import detect_backbone
 from .checkpoint import AdapterFile, adapter_metadata, load_adapter, residuals_from_adapter, save_residual
-from .devices import DTYPES, default_device, resolve_device
-from .errors import UserError, cli_entry
+from .devices import DTYPES, resolve_device
+from .errors import UserError
 from .inject import validated_targets
-from .methods import METHODS, AdapterConfig, get_method
+from .methods import AdapterConfig, get_method
 from .outputs import check_writable, refuse_existing
 
 
@@ -38,22 +38,8 @@ def base_residuals(denoiser, config: AdapterConfig, targets, blocks=None) -> dic
     return out
 
 
-@cli_entry
-def save_base_residual_main(argv=None, backbone_name: str | None = None) -> Path:
-    """Residual of every targeted layer of the base model, for a method, rank and seed."""
-    p = argparse.ArgumentParser(description=save_base_residual_main.__doc__)
-    p.add_argument("--model_path", "--pretrained_model_name_or_path", dest="model_path",
-                   default=BACKBONES[backbone_name].default_model if backbone_name else None, required=backbone_name is None)
-    p.add_argument("--rank", type=int, default=64)
-    p.add_argument("--lora_alpha", type=float)
-    p.add_argument("--lora_init_method", choices=[m for m in METHODS if METHODS[m].static], default="triu_deltaR")
-    p.add_argument("--lora_layers", help="comma-separated targets (default: the backbone's)")
-    p.add_argument("--lora_blocks")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default=default_device(), help="default: cuda if available, else cpu")
-    p.add_argument("--output_dir", default=".")
-    p.add_argument("--overwrite", action="store_true")
-    args = p.parse_args(argv)
+def save_base_residual(args, backbone_name: str | None = None) -> Path:
+    """Residual of every targeted layer of the base model, for a method, rank and seed (flags: ``qrlora.cli.residual``)."""
     backbone = detect_backbone(args.model_path, backbone_name)
     out = Path(args.output_dir) / residual_filename(backbone.name)
     check_writable(out.parent, "--output_dir")  # the size is known only once the model is loaded
@@ -83,17 +69,8 @@ def infer_backbone(adapter: AdapterFile) -> str:
     return "flux" if any(p.startswith("single_transformer_blocks.") for p in adapter.layers) else "sd3"
 
 
-@cli_entry
-def extract_main(argv=None) -> Path:
-    """The residual from the bases stored in an adapter file (exact for every static method, FLUX/SD3/SDXL)."""
-    p = argparse.ArgumentParser(description=extract_main.__doc__)
-    p.add_argument("--model_path", required=True)
-    p.add_argument("--lora_path", required=True)
-    p.add_argument("--output_dir", required=True)
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", choices=list(DTYPES), default="float32", help="dtype to load the base weights in")
-    p.add_argument("--overwrite", action="store_true")
-    args = p.parse_args(argv)
+def extract_residual(args) -> Path:
+    """The residual from the bases stored in an adapter file (flags: ``qrlora.cli.residual``)."""
     adapter = load_adapter(args.lora_path)
     if not adapter.method.static:
         raise UserError(f"{args.lora_path}: {adapter.config.method} adapters have no residual form (merge them live)")

@@ -14,7 +14,11 @@ print shell assignments (``FOUND_STYLE_LORA=...``) for ``scripts/find_runs.sh``,
 """
 from __future__ import annotations
 
-import argparse
+if __name__ == "__main__":  # python -m qrlora.runs: hand over before defining anything (see qrlora/cli/__init__.py)
+    from qrlora.cli.runs import main
+    main()
+    raise SystemExit(0)
+
 import re
 import shlex
 import sys
@@ -25,7 +29,7 @@ from typing import Iterable, Sequence
 from safetensors import safe_open
 
 from .checkpoint import ADAPTER_FILENAME, read_safetensors
-from .errors import UserError, cli_entry
+from .errors import UserError
 from .methods import METHODS
 
 TASKS = {"s": "style", "c": "content"}
@@ -120,22 +124,9 @@ def _assign(name: str, value: str) -> str:
     return f"{name}={shlex.quote(value)}"
 
 
-@cli_entry
-def main(argv=None) -> None:
-    p = argparse.ArgumentParser(prog="python -m qrlora.runs", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("what", choices=["pair", "latest", "model"],
-                   help="pair: newest style + content run; latest: newest run; model: the base model --adapter recorded")
-    p.add_argument("--adapter", help="for `model`: an adapter file")
-    p.add_argument("--roots", nargs="+", default=["."], help="folders whose exps_* subfolders hold runs")
-    p.add_argument("--backbone")
-    p.add_argument("--methods", type=lambda s: [m for m in s.split(",") if m], help="comma list of methods to accept")
-    p.add_argument("--static", action="store_true", help="only methods that fold into weights (not moe)")
-    p.add_argument("--hint", default="", help="what to tell the user to set when nothing is found")
-    args = p.parse_args(argv)
+def print_found(args) -> None:
+    """``python -m qrlora.runs`` (flags: ``qrlora.cli.runs``): print the shell assignments of what ``args.what`` asks."""
     if args.what == "model":
-        if not args.adapter:
-            p.error("model needs --adapter FILE")
         _, meta = read_safetensors(args.adapter)
         if not meta.get("base_model"):
             raise UserError(f"{args.adapter}: the file does not record its base model; {args.hint or 'set MODEL_NAME'}")
@@ -159,7 +150,3 @@ def main(argv=None) -> None:
     latest = max(runs, key=lambda r: (r.task == "style", r.mtime))  # style first: the analyses' default prompt is a style
     print(f"run: {latest.describe()}", file=sys.stderr)
     print("\n".join([_assign("FOUND_LORA", str(latest.adapter)), _assign("FOUND_MODEL", latest.base_model)]))
-
-
-if __name__ == "__main__":
-    main()

@@ -10,14 +10,13 @@ pipeline keywords it needs (K-LoRA's step callback).
 """
 from __future__ import annotations
 
-import argparse
 from typing import Sequence
 
 from .checkpoint import AdapterFile
 from .errors import UserError
-from .klora import KLORA_ALPHA, KLORA_BETA, KLORA_K, KLoRA
+from .klora import KLoRA
 from .merge import Merger
-from .ziplora import add_ziplora_arguments, column_scaled_adapter, learn_from_args, zipped_adapter
+from .ziplora import column_scaled_adapter, learn_from_args, zipped_adapter
 
 
 class DirectMerge:
@@ -80,22 +79,6 @@ class KLoRAMerge:
 
 
 STRATEGIES = {"direct": DirectMerge, "ziplora": ZipLoRAMerge, "klora": KLoRAMerge}
-
-
-def add_strategy_arguments(p: argparse.ArgumentParser) -> None:
-    """``--merge_strategy`` and each strategy's flags."""
-    p.add_argument("--merge_strategy", choices=list(STRATEGIES), default="direct",
-                   help="direct: weighted addition (default); ziplora: learned column coefficients; klora: top-K switch")
-    add_strategy_options(p)
-
-
-def add_strategy_options(p: argparse.ArgumentParser) -> None:
-    """The flags of the ZipLoRA and K-LoRA strategies."""
-    add_ziplora_arguments(p)
-    g = p.add_argument_group("K-LoRA (--merge_strategy klora)")
-    g.add_argument("--klora_k", type=int, default=KLORA_K, help="top-K entries compared per layer (published code: 64)")
-    g.add_argument("--klora_alpha", type=float, default=KLORA_ALPHA, help="S(t) = alpha t/T + beta (paper: 1.5)")
-    g.add_argument("--klora_beta", type=float, default=KLORA_BETA, help="(paper: 0.5)")
 
 
 def check_strategy(name: str, adapters: Sequence[AdapterFile], residual_path: str | None) -> None:

@@ -6,17 +6,20 @@ tests cannot download them. These writers build the same transformers classes (`
 DINO ViT-S/16) at toy widths from a seed, and save them with ``save_pretrained``, so evaluation loads them
 exactly as it loads a hub model. Their scores are meaningless numbers; only the machinery is real.
 
-CLI::
+CLI (``qrlora.cli.tiny_scorers``)::
 
     python -m qrlora.tiny_scorers --output DIR [--seed 0]      # writes DIR/clip and DIR/dino
 """
 from __future__ import annotations
 
-import argparse
+if __name__ == "__main__":  # python -m qrlora.tiny_scorers: hand over before defining anything (see qrlora/cli/__init__.py)
+    from qrlora.cli.tiny_scorers import main
+    main()
+    raise SystemExit(0)
+
 import os
 from pathlib import Path
 
-import torch
 from transformers import (
     CLIPConfig,
     CLIPImageProcessor,
@@ -73,17 +76,3 @@ def build_tiny_scorers(output_dir: str | os.PathLike, seed: int = 0) -> tuple[Pa
     if not (dino / "config.json").is_file():
         build_tiny_dino(dino, seed)
     return clip, dino
-
-
-def main(argv=None) -> None:
-    p = argparse.ArgumentParser(prog="python -m qrlora.tiny_scorers", description=__doc__.splitlines()[0])
-    p.add_argument("--output", required=True)
-    p.add_argument("--seed", type=int, default=0)
-    args = p.parse_args(argv)
-    with torch.no_grad():
-        clip, dino = build_tiny_scorers(args.output, args.seed)
-    print(f"wrote tiny CLIP to {clip} and tiny DINO to {dino}")
-
-
-if __name__ == "__main__":
-    main()

@@ -8,14 +8,15 @@ diffusers' DreamBooth LoRA scripts where they exist.
 """
 from __future__ import annotations
 
-import argparse
+if __name__ == "__main__":  # python -m qrlora.train: hand over before defining anything (see qrlora/cli/__init__.py)
+    from qrlora.cli.train import main
+    main()
+    raise SystemExit(0)
+
 import contextlib
-import importlib.util
 import json
 import logging
 import math
-import shlex
-import sys
 from pathlib import Path
 
 import torch
@@ -26,18 +27,18 @@ from diffusers.optimization import get_scheduler
 from diffusers.training_utils import free_memory
 from tqdm.auto import tqdm
 
-from .backbones import BACKBONES, detect_backbone
+from .backbones import detect_backbone
 from .checkpoint import ADAPTER_FILENAME, adapter_from_model, adapter_metadata, base_fingerprint, load_adapter, save_adapter
 from .data import DreamBoothDataset, collate
 from .devices import DTYPES, MIXED_PRECISION_DTYPES
-from .errors import UserError, cli_entry
+from .errors import UserError
 from .export import export_lora, kohya_path
 from .hub import push_run_folder
 from .inject import inject_adapters, trainable_parameters
 from .layers import adapter_layers, apply_constraints_, cast_base_model_
 from .methods import METHODS, AdapterConfig
 from .model_card import write_model_card
-from .objective import WEIGHTING_SCHEMES, step_generator
+from .objective import step_generator
 from .prior import generate_class_images
 from .quantize import LIBRARIES, check_available, quantize_base_
 from .run_folder import (RunLock, check_finite, check_resume_matches, complete_checkpoints, keep_launcher, remove_partials,
@@ -45,134 +46,6 @@ from .run_folder import (RunLock, check_finite, check_resume_matches, complete_c
 from .tracking import log_validation_images
 
 logger = logging.getLogger("qrlora.train")
-
-
-def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m qrlora.train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    g = p.add_argument_group("model")
-    g.add_argument("--pretrained_model_name_or_path", required=True, help="diffusers pipeline folder or hub id")
-    g.add_argument("--backbone", choices=list(BACKBONES), help="expected backbone (default: from model_index.json)")
-    g.add_argument("--pretrained_vae_model_name_or_path", help="a separate VAE (e.g. SDXL's fp16-safe VAE)")
-    g.add_argument("--base_precision", choices=["fp32", "bf16", "fp16", "fp8", "nf4"], help="load the frozen base weights in this dtype (default: as stored, then cast to the mixed precision)")
-    g = p.add_argument_group("data")
-    g.add_argument("--instance_data_dir", required=True)
-    g.add_argument("--instance_prompt", required=True)
-    g.add_argument("--with_prior_preservation", action="store_true")
-    g.add_argument("--class_data_dir")
-    g.add_argument("--class_prompt")
-    g.add_argument("--num_class_images", type=int, default=100)
-    g.add_argument("--prior_loss_weight", type=float, default=1.0)
-    g.add_argument("--resolution", type=int, default=512)
-    g.add_argument("--center_crop", action="store_true")
-    g.add_argument("--random_flip", action="store_true")
-    g.add_argument("--repeats", type=int, default=1)
-    g.add_argument("--cache_latents", action="store_true")
-    g.add_argument("--max_sequence_length", type=int, help="T5 prompt length (default: 77 SD3, 512 FLUX)")
-    g = p.add_argument_group("adapter")
-    g.add_argument("--rank", type=int, default=4)
-    g.add_argument("--lora_alpha", type=float, help="default: rank (scale 1)")
-    g.add_argument("--lora_layers", help="comma-separated target suffixes (default: the backbone's published set)")
-    g.add_argument("--lora_blocks", help="comma-separated block names to restrict targets to (e.g. up_blocks.0.attentions.0)")
-    g.add_argument("--lora_init_method", choices=list(METHODS), default="deltaR")
-    g.add_argument("--use_zero_init", action=argparse.BooleanOptionalAction, default=True, help="zero coefficients at init (identity)")
-    g.add_argument("--delta_scale", type=float, default=0.01, help="std of the coefficients with --no-use_zero_init")
-    g.add_argument("--moe_num_experts", type=int, default=8)
-    g = p.add_argument_group("optimisation")
-    g.add_argument("--train_batch_size", type=int, default=1)
-    g.add_argument("--gradient_accumulation_steps", type=int, default=1)
-    g.add_argument("--max_train_steps", type=int)
-    g.add_argument("--num_train_epochs", type=int, default=1)
-    g.add_argument("--learning_rate", type=float, default=1e-4)
-    g.add_argument("--scale_lr", action="store_true")
-    g.add_argument("--lr_scheduler", default="constant")
-    g.add_argument("--lr_warmup_steps", type=int, default=0)
-    g.add_argument("--lr_num_cycles", type=int, default=1)
-    g.add_argument("--lr_power", type=float, default=1.0)
-    g.add_argument("--optimizer", choices=["AdamW", "prodigy"], default="AdamW", type=lambda s: {"adamw": "AdamW"}.get(s.lower(), s.lower()))
-    g.add_argument("--use_8bit_adam", action="store_true")
-    g.add_argument("--adam_beta1", type=float, default=0.9)
-    g.add_argument("--adam_beta2", type=float, default=0.999)
-    g.add_argument("--adam_weight_decay", type=float, default=1e-4)
-    g.add_argument("--adam_epsilon", type=float, default=1e-8)
-    g.add_argument("--prodigy_beta3", type=float, help="Prodigy's step-size EMA coefficient (default: sqrt(beta2))")
-    g.add_argument("--prodigy_decouple", action=argparse.BooleanOptionalAction, default=True, help="AdamW-style decoupled weight decay")
-    g.add_argument("--prodigy_use_bias_correction", action=argparse.BooleanOptionalAction, default=True, help="Adam bias correction (diffusers' scripts turn it on)")
-    g.add_argument("--prodigy_safeguard_warmup", action=argparse.BooleanOptionalAction, default=True, help="remove lr from the denominator of the D estimate during warm-up")
-    g.add_argument("--max_grad_norm", type=float, default=1.0)
-    g.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], default="no")
-    g.add_argument("--gradient_checkpointing", action="store_true")
-    g.add_argument("--seed", type=int, default=0)
-    g = p.add_argument_group("objective")
-    g.add_argument("--weighting_scheme", choices=list(WEIGHTING_SCHEMES), help="flow matching timestep density and loss weighting (default: the backbone's: logit_normal SD3, none FLUX)")
-    g.add_argument("--logit_mean", type=float, default=0.0)
-    g.add_argument("--logit_std", type=float, default=1.0)
-    g.add_argument("--mode_scale", type=float, default=1.29)
-    g.add_argument("--precondition_outputs", type=int, choices=[0, 1], help="x0-preconditioned flow loss (default 1 on SD3 as diffusers, 0 on FLUX)")
-    g.add_argument("--guidance_scale", type=float, default=1.0, help="FLUX guidance embedding during training")
-    g.add_argument("--snr_gamma", type=float, help="SDXL min-SNR weighting")
-    g = p.add_argument_group("validation, logging and checkpoints")
-    g.add_argument("--output_dir", default="qrlora-output")
-    g.add_argument("--validation_prompt")
-    g.add_argument("--num_validation_images", type=int, default=4)
-    g.add_argument("--validation_epochs", type=int, default=50)
-    g.add_argument("--validation_inference_steps", type=int, default=28)
-    g.add_argument("--report_to", choices=["tensorboard", "wandb", "none"], default="none")
-    g.add_argument("--logging_dir", default="logs")
-    g.add_argument("--checkpointing_steps", type=int, default=500)
-    g.add_argument("--checkpoints_total_limit", type=int)
-    g.add_argument("--resume_from_checkpoint", help="a checkpoint-N folder, or 'latest'")
-    g = p.add_argument_group("export and publishing")
-    g.add_argument("--output_kohya_format", action="store_true",
-                   help="also write pytorch_lora_weights_kohya.safetensors (ComfyUI, A1111/Forge, kohya sd-scripts)")
-    g.add_argument("--push_to_hub", action="store_true", help="upload the run folder to the Hugging Face Hub at the end")
-    g.add_argument("--hub_model_id", help="hub repository for --push_to_hub (default: the --output_dir folder name)")
-    g.add_argument("--hub_token", help="hub token (default: the one `hf auth login` stored)")
-    args = p.parse_args(argv)
-    problem = flag_problem(args)
-    if problem:
-        p.error(problem)
-    return args
-
-
-# Flags that must be at least 1 (a 0 divides by zero or trains nothing) and at least 0.
-AT_LEAST_ONE = ("rank", "train_batch_size", "gradient_accumulation_steps", "max_train_steps", "num_train_epochs",
-                "checkpointing_steps", "checkpoints_total_limit", "validation_epochs", "num_validation_images",
-                "validation_inference_steps", "repeats", "moe_num_experts", "max_sequence_length", "lr_num_cycles")
-AT_LEAST_ZERO = ("num_class_images", "lr_warmup_steps", "learning_rate", "delta_scale", "max_grad_norm",
-                 "adam_weight_decay", "adam_epsilon", "prior_loss_weight", "logit_std", "lr_power", "snr_gamma")
-
-
-def flag_problem(args: argparse.Namespace) -> str | None:
-    """The first flag whose value cannot work, as a message for ``parser.error``; None when all are fine.
-
-    Checked before anything is loaded, so a typo never surfaces as a traceback after training started.
-    """
-    for name in AT_LEAST_ONE + AT_LEAST_ZERO:
-        value = getattr(args, name)
-        if value is None:
-            continue
-        if not math.isfinite(value):
-            return f"--{name} must be a finite number, got {value}"
-        if value < (1 if name in AT_LEAST_ONE else 0):
-            return f"--{name} must be {'a positive integer' if name in AT_LEAST_ONE else 'non-negative'}, got {value}"
-    for name in ("lora_alpha", "logit_mean", "mode_scale", "guidance_scale"):
-        value = getattr(args, name)
-        if value is not None and (not math.isfinite(value) or (name == "lora_alpha" and value == 0)):
-            return f"--{name} must be a finite{' non-zero' if name == 'lora_alpha' else ''} number, got {value}"
-    if args.learning_rate == 0:
-        return "--learning_rate must be positive, got 0"
-    if args.resolution < 8 or args.resolution % 8:
-        return f"--resolution must be a positive multiple of 8, got {args.resolution}"
-    for name in ("adam_beta1", "adam_beta2"):
-        if not 0 <= getattr(args, name) < 1:
-            return f"--{name} must be in [0, 1), got {getattr(args, name)}"
-    if args.with_prior_preservation and not (args.class_data_dir and args.class_prompt):
-        return "--with_prior_preservation needs --class_data_dir and --class_prompt"
-    if args.report_to in ("tensorboard", "wandb") and importlib.util.find_spec(args.report_to) is None:
-        return f"--report_to {args.report_to} needs the {args.report_to} package: pip install {args.report_to}"
-    if args.report_to == "wandb" and args.hub_token:
-        return "--hub_token cannot be used with --report_to wandb (the token would be logged); run `hf auth login` instead"
-    return None
 
 
 def epoch_batches(n: int, batch_size: int, seed: int, epoch: int, rank: int, world: int) -> list[list[int]]:
@@ -242,9 +115,9 @@ def batch_latents(backbone, vae, batch: dict, generator: torch.Generator, dtype:
     return backbone.normalize_latents(vae.config, dist.sample(generator)).to(dtype)
 
 
-@cli_entry
-def main(argv=None) -> Path:
-    args = parse_args(argv)
+def train(args, command: str) -> Path:
+    """Train one adapter as the parsed flags (``qrlora.cli.train``) say; ``command`` is the command line the model
+    card records. Returns the final adapter file."""
     # ---- 1. Check every input before loading anything heavy ------------------------------------------
     backbone = detect_backbone(args.pretrained_model_name_or_path, args.backbone)
     max_sequence_length = args.max_sequence_length or backbone.default_max_sequence_length
@@ -439,7 +312,7 @@ def main(argv=None) -> Path:
         images = []
         if validation_cond:
             images = run_validation(backbone, args, model, vae, scheduler, validation_cond, global_step, accelerator, weight_dtype)
-        publish_run(args, backbone, adapter, final, images, argv)
+        publish_run(args, backbone, adapter, final, images, command)
     accelerator.end_training()
     if run_lock is not None:
         run_lock.release()
@@ -480,14 +353,13 @@ def run_validation(backbone, args, model, vae, scheduler, cond, step, accelerato
     return saved
 
 
-def publish_run(args, backbone, adapter, final: Path, images: list[Path], argv) -> None:
+def publish_run(args, backbone, adapter, final: Path, images: list[Path], command: str) -> None:
     """After the final save: the kohya file (``--output_kohya_format``), the model card, the hub upload."""
     output_dir = final.parent
     kohya = None
     if args.output_kohya_format:
         kohya = export_lora(adapter, kohya_path(final), "kohya", backbone.name)
         logger.info("saved %s", kohya)
-    command = "python -m qrlora.train " + shlex.join(sys.argv[1:] if argv is None else list(argv))
     card = write_model_card(output_dir, adapter, adapter_name=final.name, pipeline_class=backbone.pipeline_class,
                             command=command, validation_prompt=args.validation_prompt,
                             validation_images=[p.relative_to(output_dir).as_posix() for p in images],
@@ -497,6 +369,3 @@ def publish_run(args, backbone, adapter, final: Path, images: list[Path], argv) 
         url = push_run_folder(output_dir, args.hub_model_id or output_dir.resolve().name, args.hub_token)
         logger.info("pushed %s to %s", output_dir, url)
 
-
-if __name__ == "__main__":
-    main()

@@ -21,7 +21,11 @@ and ``lora_A = [A_c diag(m_c); A_s diag(m_s)]`` with ``B A = dW`` of each input 
 """
 from __future__ import annotations
 
-import argparse
+if __name__ == "__main__":  # python -m qrlora.ziplora: hand over before defining anything (see qrlora/cli/__init__.py)
+    from qrlora.cli.ziplora import main
+    main()
+    raise SystemExit(0)
+
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,7 +36,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .checkpoint import AdapterFile, adapter_metadata, load_adapter, save_adapter
-from .errors import UserError, cli_entry
+from .errors import UserError
 from .inject import attach_adapter, set_adapter_weights
 from .layers import adapter_layers, unwrap_adapters_
 from .methods import AdapterConfig
@@ -241,16 +245,6 @@ def default_prompt(flag: str, given: str | None, adapter: AdapterFile) -> str:
     return prompt
 
 
-def add_ziplora_arguments(p: argparse.ArgumentParser) -> None:
-    """ZipLoRA's flags (shared by ``qrlora.ziplora`` and the merge CLIs' ``--merge_strategy ziplora``)."""
-    g = p.add_argument_group("ZipLoRA (--merge_strategy ziplora)")
-    g.add_argument("--ziplora_steps", type=int, default=ZIPLORA_STEPS, help="gradient updates (paper: 100)")
-    g.add_argument("--ziplora_lr", type=float, default=ZIPLORA_LR, help="Adam learning rate of the coefficients")
-    g.add_argument("--ziplora_lambda", type=float, default=ZIPLORA_LAMBDA, help="weight of the cosine penalty (paper: 0.01)")
-    g.add_argument("--content_prompt", help="the content adapter's own prompt (default: its instance_prompt metadata)")
-    g.add_argument("--style_prompt", help="the style adapter's own prompt (default: its instance_prompt metadata)")
-
-
 def learn_from_args(pipe, denoiser, content: AdapterFile, style: AdapterFile, args, call_kwargs: dict) -> tuple[ZipResult, dict]:
     """Run ``learn_mergers`` with the CLI flags; returns the result and its provenance for the file metadata."""
     content_prompt = default_prompt("--content_prompt", args.content_prompt, content)
@@ -265,19 +259,11 @@ def learn_from_args(pipe, denoiser, content: AdapterFile, style: AdapterFile, ar
     return result, provenance
 
 
-@cli_entry
-def main(argv=None) -> Path:
-    """``python -m qrlora.ziplora``: learn ZipLoRA coefficients for a content and a style adapter; write one adapter file."""
-    from .inference import MergedPipeline, add_render_arguments, pipeline_call_kwargs
+def learn_and_save(args) -> Path:
+    """``qrlora.ziplora``'s command (flags: ``qrlora.cli.ziplora``): learn the coefficients for a content and a style
+    adapter and write one adapter file."""
+    from .inference import MergedPipeline, pipeline_call_kwargs  # inference -> strategies -> ziplora
 
-    p = argparse.ArgumentParser(prog="python -m qrlora.ziplora", description=main.__doc__)
-    p.add_argument("--model_path", required=True)
-    p.add_argument("--content_lora_path", required=True)
-    p.add_argument("--style_lora_path", required=True)
-    p.add_argument("--output", required=True, help="adapter file to write (plain lora layout)")
-    add_ziplora_arguments(p)
-    add_render_arguments(p)
-    args = p.parse_args(argv)
     output = Path(args.output)
     if output.exists() and not args.overwrite:
         raise UserError(f"--output: {output} exists; pass --overwrite or choose a new name")
@@ -287,7 +273,3 @@ def main(argv=None) -> Path:
     save_adapter(output, zipped_adapter(content, style, result, provenance))
     print(f"wrote {output}")
     return output
-
-
-if __name__ == "__main__":
-    main()

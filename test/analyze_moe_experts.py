@@ -4,22 +4,7 @@ gate weight per expert over the denoising steps; heatmap (layers x experts), per
     python test/analyze_moe_experts.py --model_path SD3 --lora_path moe/pytorch_lora_weights.safetensors \
         --prompt "a cat in <s> style" --prompt "a dog in <s> style" --output_dir moe_usage
 """
-import argparse
-
-from qrlora import analysis
-from qrlora.errors import cli_entry
-
-
-def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description="Analyze MoE expert usage of a QR-LoRA MoE adapter during sampling")
-    analysis.add_expert_usage_arguments(parser)
-    return parser.parse_args(argv)
-
-
-@cli_entry
-def main(argv=None):
-    analysis.run_expert_usage_cli(parse_args(argv))
-
+from qrlora.cli.analysis import expert_usage_main as main
 
 if __name__ == "__main__":
     main()

@@ -5,22 +5,13 @@ The same analysis as test/visualize_qrlora_similarity.py (qrlora.analysis), rest
     python test/analyze_sd3_ica_similarity.py --lora1_path cnt/pytorch_lora_weights.safetensors \
         --lora2_path sty/pytorch_lora_weights.safetensors --output_dir ica_similarity_analysis --fixed_scale
 """
-import argparse
-
-from qrlora import analysis
-from qrlora.errors import cli_entry
+from qrlora.cli.analysis import similarity_main
 
 
-def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description="Analyze the similarity between two SD3 ICA-LoRA weight files")
-    analysis.add_similarity_arguments(parser, lora1_name="Content", lora2_name="Style",
-                                      output_dir="ica_similarity_analysis")
-    return parser.parse_args(argv)
-
-
-@cli_entry
 def main(argv=None):
-    analysis.run_similarity_cli(parse_args(argv), require_method=("ica",))
+    return similarity_main(argv, description="Analyze the similarity between two SD3 ICA-LoRA weight files",
+                           lora1_name="Content", lora2_name="Style", output_dir="ica_similarity_analysis",
+                           require_method=("ica",))
 
 
 if __name__ == "__main__":

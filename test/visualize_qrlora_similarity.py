@@ -4,24 +4,13 @@ paper's figure: dW similarity of a QR-LoRA pair next to a plain-LoRA pair. All t
     python test/visualize_qrlora_similarity.py --lora1_path sty/pytorch_lora_weights.safetensors \
         --lora2_path cnt/pytorch_lora_weights.safetensors --lora1_name sty --lora2_name cnt --output_dir out --fixed_scale
 """
-import argparse
-
-from qrlora import analysis
-from qrlora.errors import cli_entry
+from qrlora.cli.analysis import similarity_main
 
 
-def parse_args(argv=None):
-    parser = argparse.ArgumentParser(
-        description="Analyze the similarity between two QR-LoRA (or LoRA, ICA, SVD, MoE ...) adapter files, layer by layer"
-    )
-    analysis.add_similarity_arguments(parser, lora1_name="style", lora2_name="content",
-                                      output_dir="deltaR_similarity_analysis")
-    return parser.parse_args(argv)
-
-
-@cli_entry
 def main(argv=None):
-    analysis.run_similarity_cli(parse_args(argv))
+    return similarity_main(
+        argv, description="Analyze the similarity between two QR-LoRA (or LoRA, ICA, SVD, MoE ...) adapter files, layer by layer",
+        lora1_name="style", lora2_name="content", output_dir="deltaR_similarity_analysis")
 
 
 if __name__ == "__main__":

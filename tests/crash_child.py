@@ -58,6 +58,6 @@ def install() -> None:
 
 if __name__ == "__main__":
     install()
-    from qrlora.train import main
+    from qrlora.cli.train import main
 
     main(sys.argv[1:])

@@ -296,7 +296,7 @@ def test_compare_mode(adapters, tmp_path, capsys):
 def test_compare_on_adapters_from_the_trainer(tiny_sd3, tmp_path, capsys):
     """The paper's workflow end to end: a style and a content adapter trained with QR-LoRA and with
     --lora_init_method lora in the same trainer, then the --compare figure and table."""
-    train = pytest.importorskip("qrlora.train")
+    train = pytest.importorskip("qrlora.cli.train")
     tasks = {"sty": ("assets/sty/swirl_painting", "a painting in <s> style"), "cnt": ("assets/cnt/cat", "a photo of a <c> cat")}
     files = {}
     for method in ("deltaR", "lora"):

@@ -14,7 +14,8 @@ import torch
 from PIL import Image
 
 from conftest import REPO, error_lines, make_adapter
-from qrlora.evaluate import ImageRecord, clip_prompt, main as evaluate_main, write_manifest
+from qrlora.cli.evaluate import main as evaluate_main
+from qrlora.evaluate import ImageRecord, clip_prompt, write_manifest
 
 RENDER = ["--height", "64", "--width", "64", "--num_inference_steps", "2", "--dtype", "float32", "--device", "cpu"]
 
@@ -139,7 +140,7 @@ def test_bad_input_one_line(scorers, image_set, tmp_path, capsys):
 
 def test_compare_runs_every_strategy_end_to_end(tiny_sd3, scorers, image_set, tmp_path, capsys):
     """One command: direct, ZipLoRA and K-LoRA rendered, scored, tabulated and plotted on the tiny SD3 pipeline."""
-    from qrlora.compare import main as compare_main
+    from qrlora.cli.compare import main as compare_main
 
     clip_dir, dino_dir = scorers
     _, style_refs, content_refs = image_set
@@ -171,7 +172,7 @@ def test_compare_runs_every_strategy_end_to_end(tiny_sd3, scorers, image_set, tm
 
 def test_wrapper_scores_a_merge_grid(tiny_sd3, scorers, image_set, tmp_path):
     """``bash test/evaluate_merge.sh cpu`` over the manifest the merge grid writes."""
-    from qrlora.inference import grid_main
+    from qrlora.cli.merge import grid_main
 
     clip_dir, dino_dir = scorers
     _, style_refs, content_refs = image_set

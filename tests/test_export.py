@@ -14,7 +14,8 @@ from full_size_configs import meta_denoiser
 
 from qrlora.backbones import BACKBONES
 from qrlora.checkpoint import AdapterFile, load_adapter, read_safetensors
-from qrlora.export import export_lora, main
+from qrlora.cli.export import main
+from qrlora.export import export_lora
 from qrlora.inject import find_target_modules
 from qrlora.methods import METHODS, AdapterConfig
 

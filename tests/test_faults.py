@@ -111,12 +111,12 @@ def test_every_tool_refuses_a_nan_adapter_in_one_line(tool, adapter_file, tiny_s
 
     with safe_open(str(adapter_file), "pt") as f:
         save_file(tensors, str(bad), metadata=f.metadata())
-    from qrlora import export, inference, residual
+    from qrlora.cli import export, merge, residual
     from qrlora.analysis import run_similarity
 
     calls = {
         "export": lambda: export.main([str(bad), str(tmp_path / "out.safetensors")]),
-        "merge": lambda: inference.merge_main(["--model_path", str(tiny_sd3), "--adapters", str(bad), "--no_render"]),
+        "merge": lambda: merge.merge_main(["--model_path", str(tiny_sd3), "--adapters", str(bad), "--no_render"]),
         "extract": lambda: residual.extract_main(["--model_path", str(tiny_sd3), "--lora_path", str(bad),
                                                   "--output_dir", str(tmp_path)]),
         "analysis": lambda: cli_entry(run_similarity)(str(adapter_file), str(bad), tmp_path / "analysis", progress=False),
@@ -240,7 +240,7 @@ def test_diverged_parameters_are_never_checkpointed(tmp_path):
 
 
 def test_second_run_in_one_folder_is_refused_naming_the_holder(tiny_sd3, tmp_path, capsys):
-    from qrlora.train import main
+    from qrlora.cli.train import main
 
     from test_train import train_args
 
@@ -259,7 +259,7 @@ def test_second_run_in_one_folder_is_refused_naming_the_holder(tiny_sd3, tmp_pat
 
 
 def test_resume_refuses_changed_settings(tiny_sd3, tmp_path, capsys):
-    from qrlora.train import main
+    from qrlora.cli.train import main
 
     from test_train import train_args
 
@@ -280,7 +280,7 @@ def test_resume_refuses_changed_settings(tiny_sd3, tmp_path, capsys):
                                         ("--resolution", "0"), ("--resolution", "-64"), ("--learning_rate", "nan"),
                                         ("--max_train_steps", "-5"), ("--max_train_steps", "0")])
 def test_trainer_flags_are_checked_before_anything_runs(flag, value, capsys):
-    from qrlora.train import parse_args
+    from qrlora.cli.train import parse_args
 
     with pytest.raises(SystemExit) as exc:
         parse_args(["--pretrained_model_name_or_path", "m", "--instance_data_dir", "d", "--instance_prompt", "p", flag, value])
@@ -289,7 +289,7 @@ def test_trainer_flags_are_checked_before_anything_runs(flag, value, capsys):
 
 @pytest.mark.parametrize("flags,expect", [(["--weights", "nan"], "--weights"), (["--height", "7"], "--height")])
 def test_merge_flags(flags, expect, adapter_file, tiny_sd3, capsys):
-    from qrlora.inference import merge_main
+    from qrlora.cli.merge import merge_main
 
     line = one_error(capsys, lambda: merge_main(["--model_path", str(tiny_sd3), "--adapters", str(adapter_file), *flags]))
     assert expect in line
@@ -297,7 +297,7 @@ def test_merge_flags(flags, expect, adapter_file, tiny_sd3, capsys):
 
 # ---- outputs ---------------------------------------------------------------------------------------------------
 def test_existing_outputs_are_not_overwritten_silently(adapter_file, tiny_sd3, tmp_path, capsys):
-    from qrlora.inference import grid_main
+    from qrlora.cli.merge import grid_main
 
     (tmp_path / "grid.png").write_bytes(b"user's grid")
     line = one_error(capsys, lambda: grid_main(["--model_path", str(tiny_sd3), "--style_lora_path", str(adapter_file),

@@ -11,7 +11,7 @@ from safetensors.torch import save_file
 
 from conftest import error_lines, load_denoiser, make_adapter, run_script
 from qrlora.checkpoint import load_adapter, load_residual, save_adapter
-from qrlora.inference import grid_main, merge_main
+from qrlora.cli.merge import grid_main, merge_main
 from qrlora.methods import METHODS, get_method
 
 RENDER = ["--height", "64", "--width", "64", "--num_inference_steps", "2", "--dtype", "float32", "--device", "cpu"]
@@ -59,7 +59,7 @@ def test_residual_file_is_weight_minus_basis(method, tiny_sd3, tmp_path):
         W = denoiser.get_submodule(p).weight.detach()
         assert torch.allclose(residual[p], W - adapter.config.scale * get_method(method).basis_product(tensors), atol=1e-6)
     if method in ("triu_deltaR", "svd"):  # seed-independent bases: the base-model route gives the same file
-        from qrlora.residual import save_base_residual_main
+        from qrlora.cli.residual import save_base_residual_main
 
         save_base_residual_main(["--model_path", str(tiny_sd3), "--rank", "4", "--lora_init_method", method,
                                  "--lora_layers", ",".join(load_adapter(adapter_path).metadata["target_modules"][2:-2].split('", "')),

@@ -49,7 +49,7 @@ def probe_for(backbone: str, model_dir) -> FitProbe:
 def train_one_image(model_dir, backbone, method, out, learning_rate=None, steps=None):
     from accelerate.state import AcceleratorState
 
-    from qrlora.train import main
+    from qrlora.cli.train import main
 
     default_steps, default_lr, extra = SETTINGS[backbone]
     rank = 8 if not get_method(method).static else 4  # moe: 2 experts of 4 directions each

@@ -11,7 +11,7 @@ from qrlora.export import lora_factors
 
 
 def train(model, out, *extra):
-    from qrlora.train import main
+    from qrlora.cli.train import main
 
     return main(["--pretrained_model_name_or_path", str(model), "--instance_data_dir", str(REPO / "assets/cnt/cat"),
                  "--instance_prompt", "a photo of a <c> cat", "--resolution", "64", "--max_train_steps", "2",

@@ -12,7 +12,7 @@ from PIL import Image
 from conftest import error_lines, make_adapter
 from qrlora.checkpoint import load_adapter
 from qrlora.export import lora_export_tensors
-from qrlora.inference import grid_main, merge_main
+from qrlora.cli.merge import grid_main, merge_main
 from qrlora.klora import balance_factor, selects_content, time_scale, topk_sum
 from qrlora.merge import Merger
 
@@ -108,7 +108,7 @@ def test_klora_equals_direct_recomputation(tiny_sd3, mixed_pair, tmp_path):
 
 
 def test_ziplora_learns_and_writes_a_normal_adapter(tiny_sd3, mixed_pair, tmp_path):
-    from qrlora.ziplora import main as ziplora_main
+    from qrlora.cli.ziplora import main as ziplora_main
 
     content, style = mixed_pair
     out = tmp_path / "zip.safetensors"

@@ -87,7 +87,7 @@ def test_flux_wrappers_end_to_end(tiny_flux, tmp_path, script):
 
 @pytest.mark.parametrize("method", ["deltaR", "svd", "ica", "moe", "lora"])
 def test_every_method_trains_on_flux(tiny_flux, tmp_path, method):
-    from qrlora.train import main
+    from qrlora.cli.train import main
 
     rank = 8 if method == "moe" else 4
     final = main(["--pretrained_model_name_or_path", str(tiny_flux), "--instance_data_dir", str(REPO / "assets/cnt/cat"),
@@ -100,6 +100,7 @@ def test_every_method_trains_on_flux(tiny_flux, tmp_path, method):
 def test_flux_memory_options(tiny_flux, tmp_path):
     """bf16 base, bf16 autocast, gradient checkpointing and cached latents together; the base really is bf16."""
     from qrlora import train
+    from qrlora.cli.train import main
 
     seen = {}
     original = train.cast_base_model_
@@ -110,11 +111,11 @@ def test_flux_memory_options(tiny_flux, tmp_path):
 
     train.cast_base_model_ = spy
     try:
-        final = train.main(["--pretrained_model_name_or_path", str(tiny_flux), "--instance_data_dir", str(REPO / "assets/cnt/cat"),
-                            "--instance_prompt", "a photo of a <c> cat", "--resolution", "64", "--max_train_steps", "2",
-                            "--max_sequence_length", "16", "--output_dir", str(tmp_path), "--base_precision", "bf16",
-                            "--mixed_precision", "bf16", "--gradient_checkpointing", "--cache_latents",
-                            "--lora_init_method", "triu_deltaR"])
+        final = main(["--pretrained_model_name_or_path", str(tiny_flux), "--instance_data_dir", str(REPO / "assets/cnt/cat"),
+                      "--instance_prompt", "a photo of a <c> cat", "--resolution", "64", "--max_train_steps", "2",
+                      "--max_sequence_length", "16", "--output_dir", str(tmp_path), "--base_precision", "bf16",
+                      "--mixed_precision", "bf16", "--gradient_checkpointing", "--cache_latents",
+                      "--lora_init_method", "triu_deltaR"])
     finally:
         train.cast_base_model_ = original
     assert seen["dtype"] == torch.bfloat16
@@ -131,7 +132,7 @@ def train_args(model, out, steps, *extra):
 
 
 def test_resume_continues_exactly(tiny_sd3, tmp_path):
-    from qrlora.train import main
+    from qrlora.cli.train import main
 
     straight = main(train_args(tiny_sd3, tmp_path / "a", 4))
     resumed_dir = tmp_path / "b"
@@ -218,7 +219,7 @@ def test_bad_input_is_one_line(tiny_sd3, tmp_path, case):
 
 
 def test_prior_preservation_generates_missing_class_images(tiny_sd3, tmp_path):
-    from qrlora.train import main
+    from qrlora.cli.train import main
 
     class_dir = tmp_path / "class"
     class_dir.mkdir()
@@ -243,7 +244,7 @@ def test_unreadable_files_are_skipped_with_one_warning(tmp_path):
 
 def test_non_finite_loss_stops_and_keeps_last_checkpoint(tiny_sd3, tmp_path, monkeypatch):
     from qrlora.backbones.base import Backbone
-    from qrlora.train import main
+    from qrlora.cli.train import main
 
     original = Backbone.training_loss
     calls = {"n": 0}

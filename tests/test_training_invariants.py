@@ -28,7 +28,7 @@ from qrlora.methods import METHODS, AdapterConfig, get_method
 def run_trainer(model, out, *extra, steps=4, images=REPO / "assets/cnt/cat"):
     from accelerate.state import AcceleratorState
 
-    from qrlora.train import main
+    from qrlora.cli.train import main
 
     try:
         return main(["--pretrained_model_name_or_path", str(model), "--instance_data_dir", str(images),
@@ -214,13 +214,14 @@ def test_sdxl_wrappers_default_to_1024_px():
 
 def test_prodigy_gets_the_recommended_flags_and_a_low_lr_warning(monkeypatch, caplog):
     from qrlora import train
+    from qrlora.cli.train import parse_args
 
     seen = {}
     fake = types.ModuleType("prodigyopt")
     fake.Prodigy = lambda params, **kwargs: seen.update(kwargs) or "optimizer"
     monkeypatch.setitem(sys.modules, "prodigyopt", fake)
-    args = train.parse_args(["--pretrained_model_name_or_path", "x", "--instance_data_dir", "x", "--instance_prompt", "x",
-                             "--optimizer", "prodigy", "--learning_rate", "1e-4"])
+    args = parse_args(["--pretrained_model_name_or_path", "x", "--instance_data_dir", "x", "--instance_prompt", "x",
+                       "--optimizer", "prodigy", "--learning_rate", "1e-4"])
     with caplog.at_level(logging.WARNING, logger="qrlora.train"):
         assert train.build_optimizer(args, []) == "optimizer"
     assert seen["use_bias_correction"] and seen["safeguard_warmup"] and seen["decouple"]

@@ -20,7 +20,8 @@ import torch
 from conftest import REPO, error_lines
 from safetensors.torch import save_file
 
-from qrlora.runs import find_runs, main, newest_pair
+from qrlora.cli.runs import main
+from qrlora.runs import find_runs, newest_pair
 
 SMALL_RUN = ["--max_train_steps", "2", "--resolution", "64", "--mixed_precision", "no", "--max_sequence_length", "16",
              "--validation_inference_steps", "2", "--num_validation_images", "1"]

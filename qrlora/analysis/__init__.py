@@ -3,19 +3,18 @@
 QR-LoRA's claim (Yang et al., 2025) is quantitative: a content and a style adapter trained from the same frozen
 ``Q`` and ``R`` share ``Q`` and the base ``R`` exactly, while their ``dR`` (and so their weight changes ``dW``)
 are far less alike than two plain LoRAs trained on the same two tasks. This package holds everything the
-``test/`` analysis scripts need, so the scripts stay argparse plus one call. Its modules, by job:
+``test/`` analysis scripts do; their flags live in ``qrlora.cli.analysis``. Its modules, by job:
 
 * :mod:`.metrics` (pure functions, float64 internally): :func:`cosine_similarity`, :func:`linear_cka`
   (+ :func:`linear_cka_factored` for low-rank ``dW``), :func:`normalized_mutual_information`; its docstring
   states the rules for degenerate inputs (so no JSON ever holds NaN);
 * :mod:`.ordering`: layer order by block depth (:func:`layer_sort_key`, :func:`block_of`): SD3/FLUX joint
   blocks, then FLUX single blocks; SDXL down < mid < up;
-* :mod:`.similarity`: adapter-pair similarity per layer and matrix type (:func:`pair_similarity`), the ``dW``
-  comparison of a QR-LoRA pair against a plain-LoRA pair (:func:`run_compare`), and the
-  ``visualize_qrlora_similarity`` / ``analyze_sd3_ica_similarity`` CLI (:func:`add_similarity_arguments`,
-  :func:`run_similarity_cli`);
-* :mod:`.experts`: MoE expert usage during sampling (:func:`expert_usage`, :func:`run_expert_usage_cli`) and the
-  style vs content usage difference (:func:`run_compare_usage_cli`);
+* :mod:`.similarity`: adapter-pair similarity per layer and matrix type (:func:`pair_similarity`), the full run
+  (:func:`run_similarity`) and the ``dW`` comparison of a QR-LoRA pair against a plain-LoRA pair
+  (:func:`run_compare`);
+* :mod:`.experts`: MoE expert usage during sampling (:func:`expert_usage`, :func:`run_expert_usage`) and the
+  style vs content usage difference (:func:`run_compare_usage`);
 * :mod:`.plots`: the figures (matplotlib, Agg canvas); :mod:`.cli`: strict JSON output, ``--output_dir`` and
   ``--device`` handling shared by the runs.
 
@@ -25,12 +24,10 @@ from .cli import write_json
 from .experts import (
     ExpertUsage,
     adapter_label,
-    add_compare_usage_arguments,
-    add_expert_usage_arguments,
     compare_usage,
     expert_usage,
-    run_compare_usage_cli,
-    run_expert_usage_cli,
+    run_compare_usage,
+    run_expert_usage,
 )
 from .metrics import (
     DEFAULT_BINS,
@@ -55,17 +52,15 @@ from .plots import (
 )
 from .similarity import (
     DELTA_WEIGHT,
-    add_similarity_arguments,
     load_pair,
     matrix_types,
     pair_similarity,
     run_compare,
     run_similarity,
-    run_similarity_cli,
 )
 
-# Unchanged from the single-module version: ``from qrlora.analysis import *`` gives the same names. Every other
-# public name above is importable from here too.
+# The single-module version's names, less the flag helpers (now ``qrlora.cli.analysis``) and with ``run_*_cli``
+# renamed ``run_*``. Every other public name above is importable from here too.
 __all__ = [
     "METRICS",
     "cosine_similarity",
@@ -80,14 +75,10 @@ __all__ = [
     "load_pair",
     "pair_similarity",
     "summarize",
-    "add_similarity_arguments",
     "run_similarity",
-    "run_similarity_cli",
     "run_compare",
     "expert_usage",
-    "add_expert_usage_arguments",
-    "run_expert_usage_cli",
+    "run_expert_usage",
     "compare_usage",
-    "add_compare_usage_arguments",
-    "run_compare_usage_cli",
+    "run_compare_usage",
 ]

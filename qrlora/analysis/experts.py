@@ -1,8 +1,7 @@
-"""MoE expert usage during sampling (:func:`expert_usage`, :func:`run_expert_usage_cli`) and the style vs content
-usage difference (:func:`compare_usage`, :func:`run_compare_usage_cli`)."""
+"""MoE expert usage during sampling (:func:`expert_usage`, :func:`run_expert_usage`) and the style vs content
+usage difference (:func:`compare_usage`, :func:`run_compare_usage`); their flags: ``qrlora.cli.analysis``."""
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import warnings
@@ -15,7 +14,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..checkpoint import ADAPTER_FILENAME, load_adapter
-from ..devices import DTYPES, resolve_device, resolve_dtype
+from ..devices import resolve_device, resolve_dtype
 from ..errors import UserError
 from .cli import _output_dir, write_json
 from .metrics import cosine_similarity, summarize
@@ -116,32 +115,6 @@ def expert_usage(pipe, denoiser: torch.nn.Module, prompts: Sequence[str], *, ada
     return usage
 
 
-def add_expert_usage_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """Published flags (``--model_path --lora_path --prompt --rank --num_experts --output_dir --device``) and
-    ``--prompts_file``, ``--num_inference_steps``, ``--guidance_scale``, ``--height/--width``, ``--seed``,
-    ``--dtype``, ``--lora_name``, ``--dpi``."""
-    parser.add_argument("--model_path", required=True, help="base pipeline folder or hub id the adapter was trained on")
-    parser.add_argument("--lora_path", required=True, help="MoE adapter file (--lora_init_method moe)")
-    parser.add_argument("--prompt", action="append", default=None,
-                        help="a prompt; repeat the flag for several (default: 'a dog' if no --prompts_file)")
-    parser.add_argument("--prompts_file", help="text file with one prompt per line (added to --prompt)")
-    parser.add_argument("--rank", type=int, help="optional check: the adapter's rank must equal this")
-    parser.add_argument("--num_experts", type=int, help="optional check: the adapter's expert count must equal this")
-    parser.add_argument("--num_inference_steps", type=int, default=10, help="denoising steps per prompt (default: 10)")
-    parser.add_argument("--guidance_scale", type=float, default=0.0, help="CFG scale (default: 0.0, no CFG, as published)")
-    parser.add_argument("--height", type=int, help="image height (default: the pipeline's)")
-    parser.add_argument("--width", type=int, help="image width (default: the pipeline's)")
-    parser.add_argument("--seed", type=int, default=0, help="noise seed of the first prompt; prompt i uses seed + i")
-    parser.add_argument("--dtype", default="auto", choices=("auto", *DTYPES),
-                        help="pipeline dtype (auto: bfloat16 on CUDA, float32 on CPU)")
-    parser.add_argument("--lora_name", help="label in titles and JSON (default: the adapter's run folder or file name)")
-    parser.add_argument("--output_dir", default="analysis_results", help="where figures and JSON go")
-    parser.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda:0 ...")
-    parser.add_argument("--dpi", type=int, default=150, help="resolution of the PNG figures (default: 150)")
-    parser.add_argument("--overwrite", action="store_true", help="replace the outputs of an earlier run in --output_dir")
-    return parser
-
-
 def _read_prompts(args) -> list[str]:
     prompts = list(args.prompt or [])
     if args.prompts_file:
@@ -170,7 +143,7 @@ def _load_pipeline(model_path: str, dtype: torch.dtype):
         raise UserError(f"--model_path {model_path}: cannot load a diffusers pipeline ({reason})") from None
 
 
-def run_expert_usage_cli(args: argparse.Namespace) -> dict:
+def run_expert_usage(args) -> dict:
     """Load the pipeline, attach the MoE adapter live, record usage; write the heatmap, step curve and JSON.
 
     Outputs in ``--output_dir``: ``expert_heatmap.png`` (layers x experts, mean gate weight over prompts and
@@ -303,19 +276,7 @@ def compare_usage(content: Mapping, style: Mapping, *, names=("content", "style"
     }
 
 
-def add_compare_usage_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """``--content_usage --style_usage`` (expert_usage.json or its folder), names, ``--output_dir``, ``--dpi``."""
-    parser.add_argument("--content_usage", required=True, help="expert_usage.json of the content MoE adapter (or its folder)")
-    parser.add_argument("--style_usage", required=True, help="expert_usage.json of the style MoE adapter (or its folder)")
-    parser.add_argument("--content_name", default="content", help="label of the content adapter")
-    parser.add_argument("--style_name", default="style", help="label of the style adapter")
-    parser.add_argument("--output_dir", default="analysis_result", help="where the figure and JSON go")
-    parser.add_argument("--dpi", type=int, default=150, help="resolution of the PNG figure (default: 150)")
-    parser.add_argument("--overwrite", action="store_true", help="replace the outputs of an earlier run in --output_dir")
-    return parser
-
-
-def run_compare_usage_cli(args: argparse.Namespace) -> dict:
+def run_compare_usage(args) -> dict:
     """Write ``usage_difference.png`` (difference heatmap + per-expert bars) and ``usage_comparison.json``."""
     names = (args.content_name, args.style_name)
     result = compare_usage(_load_usage(args.content_usage, "--content_usage"),

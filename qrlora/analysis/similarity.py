@@ -1,13 +1,12 @@
 """Adapter-pair similarity per layer and matrix type (:func:`pair_similarity`), the full run with JSON and figures
 (:func:`run_similarity`), the ``dW`` comparison of a QR-LoRA pair against a plain-LoRA pair (:func:`run_compare`),
-and the ``visualize_qrlora_similarity`` / ``analyze_sd3_ica_similarity`` CLI (:func:`add_similarity_arguments`,
-:func:`run_similarity_cli`).
+which the ``visualize_qrlora_similarity`` / ``analyze_sd3_ica_similarity`` scripts run (their flags:
+``qrlora.cli.analysis``).
 
 Files with NaN or inf values are refused with a ``UserError`` naming the file, layer and tensor.
 """
 from __future__ import annotations
 
-import argparse
 import math
 import os
 from typing import Iterable, Mapping, Sequence
@@ -16,7 +15,6 @@ import torch
 from tqdm.auto import tqdm
 
 from ..checkpoint import AdapterFile, load_adapter
-from ..devices import resolve_device
 from ..merge import check_compatible
 from ..errors import UserError
 from ..methods import get_method
@@ -129,38 +127,6 @@ def pair_similarity(a1: AdapterFile, a2: AdapterFile, layers: Sequence[str], *, 
             for metric, v in values.items():
                 result[disp][metric][layer] = v
     return result
-
-
-# =========================================================================================================
-# Similarity CLI (visualize_qrlora_similarity.py, analyze_sd3_ica_similarity.py)
-# =========================================================================================================
-def add_similarity_arguments(parser: argparse.ArgumentParser, *, lora1_name: str = "style",
-                             lora2_name: str = "content", output_dir: str = "deltaR_similarity_analysis") -> argparse.ArgumentParser:
-    """The published flags (``--lora1_path --lora2_path --lora1_name --lora2_name --output_dir --fixed_scale``)
-    plus ``--bins``, ``--device``, ``--dpi`` and the ``--compare`` mode against a plain-LoRA pair."""
-    parser.add_argument("--lora1_path", required=True, help="first adapter file (pytorch_lora_weights.safetensors)")
-    parser.add_argument("--lora2_path", required=True, help="second adapter file, same rank and base model")
-    parser.add_argument("--lora1_name", default=lora1_name, help=f"label of the first adapter (default: {lora1_name})")
-    parser.add_argument("--lora2_name", default=lora2_name, help=f"label of the second adapter (default: {lora2_name})")
-    parser.add_argument("--output_dir", default=output_dir, help=f"where figures and JSON go (default: {output_dir})")
-    parser.add_argument("--fixed_scale", action="store_true",
-                        help="fixed metric axes (cosine -1..1, CKA and NMI 0..1) instead of automatic ones")
-    parser.add_argument("--bins", type=int, default=DEFAULT_BINS,
-                        help=f"histogram bins per variable for the NMI estimate (default: {DEFAULT_BINS})")
-    parser.add_argument("--device", default="auto", help="torch device for the metrics: auto (cuda if available), cpu, cuda:0 ...")
-    parser.add_argument("--dpi", type=int, default=150, help="resolution of the PNG figures (default: 150)")
-    parser.add_argument("--overwrite", action="store_true", help="replace the outputs of an earlier run in --output_dir")
-    parser.add_argument("--metrics", nargs="+", default=list(METRICS), metavar="METRIC",
-                        help=f"metrics to compute, any of {' '.join(METRICS)} (default: all; NMI is the slowest)")
-    parser.add_argument("--matrices", nargs="+", metavar="TYPE",
-                        help="matrix types to compare, e.g. dR dW (default: all the files hold: Q R dR dW for deltaR, "
-                             "A S0 dS dW for ica, A B dW for lora, ...)")
-    parser.add_argument("--compare", action="store_true",
-                        help="paper figure: dW similarity of this pair next to a plain-LoRA pair "
-                             "(--baseline1_path/--baseline2_path, trained with --lora_init_method lora)")
-    parser.add_argument("--baseline1_path", help="--compare: plain-LoRA adapter trained on the first task")
-    parser.add_argument("--baseline2_path", help="--compare: plain-LoRA adapter trained on the second task")
-    return parser
 
 
 def _adapter_info(adapter: AdapterFile, name: str, layers: Sequence[str]) -> dict:
@@ -295,21 +261,3 @@ def run_compare(qr_paths: Sequence[str], baseline_paths: Sequence[str], output_d
         print(f"{m:<8}{cells}{r:>18}")
     print(f"wrote {out / 'dW_comparison.json'} and the figure")
     return payload
-
-
-def run_similarity_cli(args: argparse.Namespace, *, require_method: Sequence[str] | None = None) -> dict:
-    """Dispatch parsed :func:`add_similarity_arguments` flags to :func:`run_similarity` or :func:`run_compare`."""
-    device = resolve_device(args.device)
-    names = (args.lora1_name, args.lora2_name)
-    common = dict(names=names, fixed_scale=args.fixed_scale, bins=args.bins, device=device, dpi=args.dpi,
-                  metrics=args.metrics, overwrite=args.overwrite)
-    if args.compare:
-        missing = [f for f, v in (("--baseline1_path", args.baseline1_path), ("--baseline2_path", args.baseline2_path)) if not v]
-        if missing:
-            raise UserError(f"--compare needs {' and '.join(missing)} (the plain-LoRA pair)")
-        return run_compare((args.lora1_path, args.lora2_path), (args.baseline1_path, args.baseline2_path),
-                           args.output_dir, **common)
-    if args.baseline1_path or args.baseline2_path:
-        raise UserError("--baseline1_path/--baseline2_path: only used with --compare")
-    return run_similarity(args.lora1_path, args.lora2_path, args.output_dir, require_method=require_method,
-                          matrices=args.matrices, **common)

@@ -1,0 +1,61 @@
+"""Flag groups several commands share: rendering (merge CLIs, ZipLoRA, compare), merge strategies with ZipLoRA's and
+K-LoRA's options, and the scoring models (evaluate, compare). Defaults come from the library modules that own them."""
+from __future__ import annotations
+
+import argparse
+
+from ..devices import DTYPES
+from ..evaluate import DEFAULT_CLIP, DEFAULT_CONCEPT_TOKENS, DEFAULT_DINO
+from ..klora import KLORA_ALPHA, KLORA_BETA, KLORA_K
+from ..strategies import STRATEGIES
+from ..ziplora import ZIPLORA_LAMBDA, ZIPLORA_LR, ZIPLORA_STEPS
+
+
+def add_render_arguments(p: argparse.ArgumentParser, backbone_default_steps: int = 28) -> None:
+    g = p.add_argument_group("rendering")
+    g.add_argument("--prompt", default="a photo of a <c> cat in <s> style")
+    g.add_argument("--num_inference_steps", type=int, default=backbone_default_steps)
+    g.add_argument("--guidance_scale", type=float, help="default: the pipeline's")
+    g.add_argument("--height", type=int, default=1024)
+    g.add_argument("--width", type=int, default=1024)
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--dtype", choices=list(DTYPES), help="default: bfloat16 on a GPU, float32 on the CPU")
+    g.add_argument("--device", help="default: cuda if available, else cpu")
+    g.add_argument("--max_sequence_length", type=int, help="T5 prompt length (default: the pipeline's)")
+    g.add_argument("--output_dir", default="inference_output")
+    g.add_argument("--overwrite", action="store_true", help="replace existing outputs of the same name (images, a comparison, a written adapter)")
+
+
+def add_strategy_arguments(p: argparse.ArgumentParser) -> None:
+    """``--merge_strategy`` and each strategy's flags."""
+    p.add_argument("--merge_strategy", choices=list(STRATEGIES), default="direct",
+                   help="direct: weighted addition (default); ziplora: learned column coefficients; klora: top-K switch")
+    add_strategy_options(p)
+
+
+def add_strategy_options(p: argparse.ArgumentParser) -> None:
+    """The flags of the ZipLoRA and K-LoRA strategies."""
+    add_ziplora_arguments(p)
+    g = p.add_argument_group("K-LoRA (--merge_strategy klora)")
+    g.add_argument("--klora_k", type=int, default=KLORA_K, help="top-K entries compared per layer (published code: 64)")
+    g.add_argument("--klora_alpha", type=float, default=KLORA_ALPHA, help="S(t) = alpha t/T + beta (paper: 1.5)")
+    g.add_argument("--klora_beta", type=float, default=KLORA_BETA, help="(paper: 0.5)")
+
+
+def add_ziplora_arguments(p: argparse.ArgumentParser) -> None:
+    """ZipLoRA's flags (shared by ``qrlora.ziplora`` and the merge CLIs' ``--merge_strategy ziplora``)."""
+    g = p.add_argument_group("ZipLoRA (--merge_strategy ziplora)")
+    g.add_argument("--ziplora_steps", type=int, default=ZIPLORA_STEPS, help="gradient updates (paper: 100)")
+    g.add_argument("--ziplora_lr", type=float, default=ZIPLORA_LR, help="Adam learning rate of the coefficients")
+    g.add_argument("--ziplora_lambda", type=float, default=ZIPLORA_LAMBDA, help="weight of the cosine penalty (paper: 0.01)")
+    g.add_argument("--content_prompt", help="the content adapter's own prompt (default: its instance_prompt metadata)")
+    g.add_argument("--style_prompt", help="the style adapter's own prompt (default: its instance_prompt metadata)")
+
+
+def add_evaluation_arguments(p: argparse.ArgumentParser) -> None:
+    """Flags shared by ``qrlora.evaluate`` and ``qrlora.compare``."""
+    g = p.add_argument_group("evaluation")
+    g.add_argument("--clip_model", default=DEFAULT_CLIP, help="hub id or local folder of a CLIP model (CLIP-T, CLIP-I)")
+    g.add_argument("--dino_model", default=DEFAULT_DINO, help="hub id or local folder of a DINO / DINOv2 model")
+    g.add_argument("--concept_tokens", default=DEFAULT_CONCEPT_TOKENS, help="comma list removed from prompts for CLIP-T")
+    g.add_argument("--eval_batch_size", type=int, default=16)

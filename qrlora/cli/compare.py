@@ -1,0 +1,30 @@
+"""``python -m qrlora.compare`` / ``qrlora-compare``: render every merge strategy, score, tabulate (``qrlora.compare``)."""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from ..compare import compare
+from ..errors import cli_entry
+from ..strategies import STRATEGIES
+from .arguments import add_evaluation_arguments, add_render_arguments, add_strategy_options
+
+
+@cli_entry
+def main(argv=None) -> list[Path]:
+    """``python -m qrlora.compare``: render each merge strategy of a content and a style adapter, then score them."""
+    p = argparse.ArgumentParser(prog="python -m qrlora.compare", description=main.__doc__)
+    p.add_argument("--model_path", required=True)
+    p.add_argument("--content_lora_path", required=True)
+    p.add_argument("--style_lora_path", required=True)
+    p.add_argument("--content_refs", required=True, help="folder of content reference images (DINO)")
+    p.add_argument("--style_refs", required=True, help="folder of style reference images (CLIP-I)")
+    p.add_argument("--strategies", default=",".join(STRATEGIES), help="comma list of merge strategies to compare")
+    p.add_argument("--style_weights", default="1.0", help="comma list")
+    p.add_argument("--content_weights", default="1.0", help="comma list")
+    p.add_argument("--seeds", default="0", help="comma list; several seeds give each cell a standard error")
+    add_strategy_options(p)
+    add_evaluation_arguments(p)
+    add_render_arguments(p)
+    p.set_defaults(output_dir="compare_output")
+    return compare(p.parse_args(argv))
