@@ -149,3 +149,14 @@ def test_library_modules_never_import_the_cli_layer():
         offenders += [f"{path.relative_to(REPO)}: {name}" for name, node in _imports(path, tree)
                       if (name == "qrlora.cli" or name.startswith("qrlora.cli.")) and id(node) not in guarded]
     assert offenders == []
+
+
+@pytest.mark.parametrize("argv", [["--no_such_flag"], ["in.safetensors", "out.safetensors", "--format", "nope"], []])
+def test_a_bad_flag_is_one_error_line(argv, capsys):
+    """argparse's own errors (unknown flag, bad type, missing required flag) take the one error path too."""
+    from qrlora.cli.export import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and err.count("\n") == 1 and err.startswith("error: ") and "--help" in err, err

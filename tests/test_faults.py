@@ -280,11 +280,12 @@ def test_resume_refuses_changed_settings(tiny_sd3, tmp_path, capsys):
                                         ("--resolution", "0"), ("--resolution", "-64"), ("--learning_rate", "nan"),
                                         ("--max_train_steps", "-5"), ("--max_train_steps", "0")])
 def test_trainer_flags_are_checked_before_anything_runs(flag, value, capsys):
-    from qrlora.cli.train import parse_args
+    from qrlora.cli.train import main
 
     with pytest.raises(SystemExit) as exc:
-        parse_args(["--pretrained_model_name_or_path", "m", "--instance_data_dir", "d", "--instance_prompt", "p", flag, value])
-    assert exc.value.code == 2 and flag in capsys.readouterr().err
+        main(["--pretrained_model_name_or_path", "m", "--instance_data_dir", "d", "--instance_prompt", "p", flag, value])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and err.startswith("error: ") and err.count("\n") == 1 and flag in err, err
 
 
 @pytest.mark.parametrize("flags,expect", [(["--weights", "nan"], "--weights"), (["--height", "7"], "--height")])

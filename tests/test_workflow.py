@@ -63,6 +63,8 @@ def test_published_workflow_needs_no_paths(tiny_flux, tmp_path):
     runs = sorted((p.name for p in (flux_dir / "exps_flux").iterdir()), key=lambda name: "-s-4-" in name)
     assert len(runs) == 2 and "-c-4-" in runs[0] and "-s-4-" in runs[1]  # [content, style]
     assert all((flux_dir / "exps_flux" / r / "README.md").is_file() for r in runs)  # model card beside each adapter
+    assert (flux_dir / "exps_flux" / runs[0] / "train_deltaR_cnt.sh").is_file()  # the run keeps what launched it
+    assert (flux_dir / "exps_flux" / runs[1] / "train_deltaR_sty.sh").is_file()
 
     merged = user(flux_dir, "bash", "inference_merge.sh", "cpu", "--num_inference_steps", "2", "--height", "64",
                   "--width", "64", "--max_sequence_length", "16")
@@ -122,3 +124,21 @@ def test_discovery_filters_and_errors(tmp_path, capsys):
         main(["pair", "--roots", str(tmp_path), "--static", "--hint", "set STYLE_LORA"])  # moe never folds
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: no finished style + content pair") and err[0].endswith("set STYLE_LORA")
+
+
+def test_wrapper_typo_leaves_no_run_folder_and_each_launch_gets_its_own(tiny_flux, tmp_path):
+    """The trainer, not the wrapper, creates the run folder, after every input checked out; launches never share one."""
+    flux_dir = checkout(tmp_path) / "flux_dir"
+    typo = user(flux_dir, "bash", "train_deltaR_sty.sh", "cpu", "4", *SMALL_RUN, "--learning_rate", "nan",
+                MODEL_NAME=str(tiny_flux))
+    assert typo.returncode == 2 and len(error_lines(typo.stderr)) == 1 and "--learning_rate" in typo.stderr
+    exps = flux_dir / "exps_flux"
+    assert not exps.exists() or not any(exps.iterdir()), list(exps.iterdir())
+
+    def planned_output_dir():  # DRY_RUN=1: the command the wrapper would run, nothing created
+        command = user(flux_dir, "bash", "train_deltaR_sty.sh", "cpu", "4", DRY_RUN="1", MODEL_NAME=str(tiny_flux))
+        assert command.returncode == 0, command.stderr
+        words = command.stdout.split()
+        return words[words.index("--output_dir") + 1]
+    first, second = planned_output_dir(), planned_output_dir()  # a sweep starting two runs within one second
+    assert first != second and first.startswith("exps_flux/") and second.startswith("exps_flux/")

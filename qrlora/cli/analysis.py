@@ -11,6 +11,7 @@ from .. import analysis
 from ..analysis.metrics import DEFAULT_BINS, METRICS
 from ..devices import DTYPES, resolve_device
 from ..errors import UserError, cli_entry
+from .arguments import ArgumentParser
 
 
 # =========================================================================================================
@@ -68,7 +69,7 @@ def similarity_main(argv=None, *, description: str = "Analyze the similarity bet
                     lora1_name: str = "style", lora2_name: str = "content", output_dir: str = "deltaR_similarity_analysis",
                     require_method: Sequence[str] | None = None) -> dict:
     """``test/visualize_qrlora_similarity.py`` (any methods) and ``test/analyze_sd3_ica_similarity.py`` (ICA only)."""
-    parser = argparse.ArgumentParser(description=description)
+    parser = ArgumentParser(description=description)
     add_similarity_arguments(parser, lora1_name=lora1_name, lora2_name=lora2_name, output_dir=output_dir)
     return run_similarity_cli(parser.parse_args(argv), require_method=require_method)
 
@@ -117,7 +118,7 @@ def add_compare_usage_arguments(parser: argparse.ArgumentParser) -> argparse.Arg
 @cli_entry
 def expert_usage_main(argv=None) -> dict:
     """``test/analyze_moe_experts.py``: record a MoE adapter's expert usage while sampling."""
-    parser = argparse.ArgumentParser(description="Analyze MoE expert usage of a QR-LoRA MoE adapter during sampling")
+    parser = ArgumentParser(description="Analyze MoE expert usage of a QR-LoRA MoE adapter during sampling")
     add_expert_usage_arguments(parser)
     return analysis.run_expert_usage(parser.parse_args(argv))
 
@@ -125,6 +126,6 @@ def expert_usage_main(argv=None) -> dict:
 @cli_entry
 def compare_usage_main(argv=None) -> dict:
     """``test/compare_expert_usage.py``: the usage difference of a content and a style MoE adapter."""
-    parser = argparse.ArgumentParser(description="Compare expert usage between a content and a style MoE adapter")
+    parser = ArgumentParser(description="Compare expert usage between a content and a style MoE adapter")
     add_compare_usage_arguments(parser)
     return analysis.run_compare_usage(parser.parse_args(argv))

@@ -5,10 +5,22 @@ from __future__ import annotations
 import argparse
 
 from ..devices import DTYPES
+from ..errors import UserError
 from ..evaluate import DEFAULT_CLIP, DEFAULT_CONCEPT_TOKENS, DEFAULT_DINO
 from ..klora import KLORA_ALPHA, KLORA_BETA, KLORA_K
 from ..strategies import STRATEGIES
 from ..ziplora import ZIPLORA_LAMBDA, ZIPLORA_LR, ZIPLORA_STEPS
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse whose flag errors take the one error path: ``error: <what> (see <prog> --help)``, exit 2.
+
+    Plain argparse prints the whole usage block first (40 lines for the trainer), burying the line that says
+    which flag is wrong; every command's parser is this class so a bad flag reads like every other user error.
+    """
+
+    def error(self, message: str):
+        raise UserError(f"{message} (see {self.prog} --help)")
 
 
 def add_render_arguments(p: argparse.ArgumentParser, backbone_default_steps: int = 28) -> None:

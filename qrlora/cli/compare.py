@@ -1,19 +1,18 @@
 """``python -m qrlora.compare`` / ``qrlora-compare``: render every merge strategy, score, tabulate (``qrlora.compare``)."""
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 from ..compare import compare
 from ..errors import cli_entry
 from ..strategies import STRATEGIES
-from .arguments import add_evaluation_arguments, add_render_arguments, add_strategy_options
+from .arguments import ArgumentParser, add_evaluation_arguments, add_render_arguments, add_strategy_options
 
 
 @cli_entry
 def main(argv=None) -> list[Path]:
     """``python -m qrlora.compare``: render each merge strategy of a content and a style adapter, then score them."""
-    p = argparse.ArgumentParser(prog="python -m qrlora.compare", description=main.__doc__)
+    p = ArgumentParser(prog="python -m qrlora.compare", description=main.__doc__)
     p.add_argument("--model_path", required=True)
     p.add_argument("--content_lora_path", required=True)
     p.add_argument("--style_lora_path", required=True)

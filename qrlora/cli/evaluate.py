@@ -1,18 +1,17 @@
 """``python -m qrlora.evaluate`` / ``qrlora-evaluate``: score generated images (``qrlora.evaluate``)."""
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 from ..errors import cli_entry
 from ..evaluate import evaluate
-from .arguments import add_evaluation_arguments
+from .arguments import ArgumentParser, add_evaluation_arguments
 
 
 @cli_entry
 def main(argv=None) -> list[Path]:
     """``python -m qrlora.evaluate``: score folders of generated images against style and content references."""
-    p = argparse.ArgumentParser(prog="python -m qrlora.evaluate", description=main.__doc__)
+    p = ArgumentParser(prog="python -m qrlora.evaluate", description=main.__doc__)
     p.add_argument("--images", nargs="+", required=True, help="folders with generated images and a manifest.json")
     p.add_argument("--style_refs", help="folder of style reference images (CLIP-I style score)")
     p.add_argument("--content_refs", help="folder of content reference images (DINO content score)")

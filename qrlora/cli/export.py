@@ -7,11 +7,12 @@ from pathlib import Path
 from .. import export
 from ..backbones import BACKBONES
 from ..errors import cli_entry
+from .arguments import ArgumentParser
 
 
 @cli_entry
 def main(argv=None) -> Path:
-    p = argparse.ArgumentParser(prog="python -m qrlora.export", description=export.__doc__,
+    p = ArgumentParser(prog="python -m qrlora.export", description=export.__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("input", help="a QR-LoRA adapter file (pytorch_lora_weights.safetensors)")
     p.add_argument("output", help="the LoRA file to write")

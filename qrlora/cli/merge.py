@@ -8,11 +8,11 @@ from pathlib import Path
 
 from ..errors import cli_entry
 from ..inference import merge_adapters, render_grid
-from .arguments import add_render_arguments, add_strategy_arguments
+from .arguments import ArgumentParser, add_render_arguments, add_strategy_arguments
 
 
 def grid_parser(description: str, backbone_default_steps: int = 28) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=description)
+    p = ArgumentParser(description=description)
     p.add_argument("--model_path", required=True, help="diffusers pipeline folder or hub id")
     p.add_argument("--style_lora_path", required=True)
     p.add_argument("--content_lora_path", required=True)
@@ -31,7 +31,7 @@ def grid_main(argv=None, description: str = "Merge a style and a content adapter
 
 
 def merge_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m qrlora.merge", description=merge_main.__doc__)
+    p = ArgumentParser(prog="python -m qrlora.merge", description=merge_main.__doc__)
     p.add_argument("--model_path", required=True)
     p.add_argument("--adapters", nargs="+", required=True, help="adapter files (static methods mixed; MoE live)")
     p.add_argument("--weights", help="comma list, one per adapter (default: all 1.0)")

@@ -3,7 +3,6 @@ and from an adapter file's stored bases (``extract_residual_from_checkpoint.py``
 The work is ``qrlora.residual.save_base_residual`` and ``qrlora.residual.extract_residual``."""
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 from ..backbones import BACKBONES
@@ -11,12 +10,13 @@ from ..devices import DTYPES, default_device
 from ..errors import cli_entry
 from ..methods import METHODS
 from ..residual import extract_residual, save_base_residual
+from .arguments import ArgumentParser
 
 
 @cli_entry
 def save_base_residual_main(argv=None, backbone_name: str | None = None) -> Path:
     """Residual of every targeted layer of the base model, for a method, rank and seed."""
-    p = argparse.ArgumentParser(description=save_base_residual_main.__doc__)
+    p = ArgumentParser(description=save_base_residual_main.__doc__)
     p.add_argument("--model_path", "--pretrained_model_name_or_path", dest="model_path",
                    default=BACKBONES[backbone_name].default_model if backbone_name else None, required=backbone_name is None)
     p.add_argument("--rank", type=int, default=64)
@@ -34,7 +34,7 @@ def save_base_residual_main(argv=None, backbone_name: str | None = None) -> Path
 @cli_entry
 def extract_main(argv=None) -> Path:
     """The residual from the bases stored in an adapter file (exact for every static method, FLUX/SD3/SDXL)."""
-    p = argparse.ArgumentParser(description=extract_main.__doc__)
+    p = ArgumentParser(description=extract_main.__doc__)
     p.add_argument("--model_path", required=True)
     p.add_argument("--lora_path", required=True)
     p.add_argument("--output_dir", required=True)

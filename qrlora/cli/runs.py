@@ -5,11 +5,12 @@ import argparse
 
 from .. import runs
 from ..errors import cli_entry
+from .arguments import ArgumentParser
 
 
 @cli_entry
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(prog="python -m qrlora.runs", description=runs.__doc__,
+    p = ArgumentParser(prog="python -m qrlora.runs", description=runs.__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("what", choices=["pair", "latest", "model"],
                    help="pair: newest style + content run; latest: newest run; model: the base model --adapter recorded")

@@ -1,17 +1,17 @@
 """``python -m qrlora.tiny_scorers``: tiny random CLIP and DINO models for offline tests (``qrlora.tiny_scorers``)."""
 from __future__ import annotations
 
-import argparse
 
 import torch
 
 from .. import tiny_scorers
 from ..errors import cli_entry
+from .arguments import ArgumentParser
 
 
 @cli_entry
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(prog="python -m qrlora.tiny_scorers", description=tiny_scorers.__doc__.splitlines()[0])
+    p = ArgumentParser(prog="python -m qrlora.tiny_scorers", description=tiny_scorers.__doc__.splitlines()[0])
     p.add_argument("--output", required=True)
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)

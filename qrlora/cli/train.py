@@ -14,10 +14,11 @@ from ..backbones import BACKBONES
 from ..errors import cli_entry
 from ..methods import METHODS
 from ..objective import WEIGHTING_SCHEMES
+from .arguments import ArgumentParser
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m qrlora.train", description=trainer.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(prog="python -m qrlora.train", description=trainer.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_argument_group("model")
     g.add_argument("--pretrained_model_name_or_path", required=True, help="diffusers pipeline folder or hub id")
     g.add_argument("--backbone", choices=list(BACKBONES), help="expected backbone (default: from model_index.json)")

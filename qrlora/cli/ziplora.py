@@ -6,11 +6,11 @@ from pathlib import Path
 
 from ..errors import cli_entry
 from ..ziplora import learn_and_save
-from .arguments import add_render_arguments, add_ziplora_arguments
+from .arguments import ArgumentParser, add_render_arguments, add_ziplora_arguments
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m qrlora.ziplora", description=main.__doc__)
+    p = ArgumentParser(prog="python -m qrlora.ziplora", description=main.__doc__)
     p.add_argument("--model_path", required=True)
     p.add_argument("--content_lora_path", required=True)
     p.add_argument("--style_lora_path", required=True)
