@@ -134,7 +134,7 @@ def provenance(reports: dict[str, dict]) -> str:
     for name, d in reports.items():
         m = d.get("machine", {})
         start, end = m.get("load_average_at_start"), d.get("load_average_at_end")
-        where = f"{m.get('date', '?')}, {m.get('logical_cpus', '?')} CPUs"
+        where = f"{m.get('date', '?')}, {m.get('cpu', '?')}, {m.get('logical_cpus', '?')} CPUs"
         if start:  # 1-minute load averages: how busy the machine was while it measured
             where += f", load {start[0]:g} at start" + (f", {end[0]:g} at end" if end else "")
         parts.append(f"`{name}.json` ({where})")
