@@ -204,7 +204,7 @@ def train(args, command: str) -> Path:
         denoiser.enable_gradient_checkpointing()
     metadata["base_fingerprint"] = base_fingerprint({p: layer.base_layer.weight for p, layer in adapter_layers(denoiser)})
     if resume_from is not None:
-        check_resume_matches(resume_from, metadata)  # now with the base weights' fingerprint
+        check_resume_matches(resume_from, metadata)  # again: the base fingerprint exists only once the model is loaded
 
     # ---- 6. Optimizer and schedule: exactly max_steps updates, ceil(batches / accumulation) per epoch --
     world = accelerator.num_processes

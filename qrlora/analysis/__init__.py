@@ -59,8 +59,8 @@ from .similarity import (
     run_similarity,
 )
 
-# The single-module version's names, less the flag helpers (now ``qrlora.cli.analysis``) and with ``run_*_cli``
-# renamed ``run_*``. Every other public name above is importable from here too.
+# The package's public API (its flag helpers live in ``qrlora.cli.analysis``). Every other name imported above is
+# importable from here too.
 __all__ = [
     "METRICS",
     "cosine_similarity",
