@@ -284,15 +284,15 @@ def build_clip_tokenizer(lines: tuple[str, ...] | None = None, model_max_length:
 
 
 @functools.lru_cache(maxsize=None)
-def _t5_sentencepiece_model(lines: tuple[str, ...]) -> bytes:
-    """Serialized sentencepiece unigram model trained on ``lines`` (pad=0, eos=1, unk=2, no bos)."""
+def _t5_sentencepiece_model(lines: tuple[str, ...], model_type: str = "unigram") -> bytes:
+    """Serialized sentencepiece model (``model_type``) trained on ``lines`` (pad=0, eos=1, unk=2, no bos)."""
     model = io.BytesIO()
     spm.SentencePieceTrainer.train(
         sentence_iterator=iter(lines),
         model_writer=model,
         vocab_size=_T5_VOCAB_SIZE,
         hard_vocab_limit=False,  # the corpus is small; take what it supports
-        model_type="unigram",
+        model_type=model_type,
         character_coverage=1.0,
         pad_id=0,
         eos_id=1,
@@ -304,15 +304,17 @@ def _t5_sentencepiece_model(lines: tuple[str, ...]) -> bytes:
     return model.getvalue()
 
 
-def build_t5_tokenizer(lines: tuple[str, ...] | None = None) -> T5TokenizerFast:
+def build_t5_tokenizer(lines: tuple[str, ...] | None = None, model_type: str = "unigram") -> T5TokenizerFast:
     """T5-style tokenizer learned from ``lines`` (default: the built-in corpus): the sentencepiece pieces, then
-    ``<extra_id_*>`` sentinels.
+    ``<extra_id_*>`` sentinels.  ``model_type`` is sentencepiece's (T5's is ``unigram``; on a corpus of a few
+    dozen short captions unigram keeps single characters, ``word`` gives one piece per word).
 
     Written as T5's own spiece.model and loaded the way a hub checkpoint is.
     """
     with tempfile.TemporaryDirectory() as tmp:
         folder = pathlib.Path(tmp)
-        (folder / "spiece.model").write_bytes(_t5_sentencepiece_model(tuple(lines) if lines is not None else tuple(corpus_lines())))
+        (folder / "spiece.model").write_bytes(
+            _t5_sentencepiece_model(tuple(lines) if lines is not None else tuple(corpus_lines()), model_type))
         return T5TokenizerFast.from_pretrained(folder, extra_ids=_T5_EXTRA_IDS, model_max_length=T5_MAX_LENGTH)
 
 
