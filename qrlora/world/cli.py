@@ -8,6 +8,7 @@ import sys
 import time
 
 from ..errors import UserError, cli_entry
+from . import data
 
 EXPERIMENT_STEPS = 100  # trainer steps per adapter (a sweep on the shipped world: README "The CPU world")
 EXPERIMENT_LR = 1e-2
@@ -45,6 +46,12 @@ def main(argv: list[str] | None = None) -> None:
     e.add_argument("--learning_rate", type=float, default=EXPERIMENT_LR, help=f"trainer learning rate (default {EXPERIMENT_LR}; x10 for ica)")
     e.add_argument("--rank", type=int, default=4)
     e.add_argument("--seed", type=int, default=0)
+    i = sub.add_parser("images", help="render training images of one (shape, style) pair as PNGs (adapter data)")
+    i.add_argument("--shape", required=True, choices=data.SHAPES)
+    i.add_argument("--style", required=True, choices=data.STYLES)
+    i.add_argument("--count", type=int, default=4)
+    i.add_argument("--seed", type=int, default=0)
+    i.add_argument("--output", required=True, help="folder to write into (created)")
     args = parser.parse_args(argv)
     command = "python -m qrlora.world " + shlex.join(sys.argv[1:] if argv is None else argv)
 
@@ -69,6 +76,12 @@ def main(argv: list[str] | None = None) -> None:
 
     elif args.command == "experiment":
         _experiment(args, command)
+    elif args.command == "images":
+        from .world import write_instance_images
+
+        _positive("--count", args.count)
+        folder = write_instance_images(args.output, args.shape, args.style, count=args.count, seed=args.seed)
+        print(f"wrote {args.count} images of {data.caption(args.shape, args.style)!r} to {folder}")
 
 
 def _experiment(args, command: str) -> None:
