@@ -52,6 +52,10 @@ def main(argv: list[str] | None = None) -> None:
     i.add_argument("--count", type=int, default=4)
     i.add_argument("--seed", type=int, default=0)
     i.add_argument("--output", required=True, help="folder to write into (created)")
+    c = sub.add_parser("score", help="classify the PNG images of a folder (shape, style) with a world's classifier")
+    c.add_argument("folder", help="folder of .png images (e.g. a merge grid's output)")
+    c.add_argument("--world", default=None, help="built world folder (default: the shipped assets/world)")
+    c.add_argument("--glob", default="*.png", help="which files of the folder (default: *.png)")
     args = parser.parse_args(argv)
     command = "python -m qrlora.world " + shlex.join(sys.argv[1:] if argv is None else argv)
 
@@ -76,12 +80,31 @@ def main(argv: list[str] | None = None) -> None:
 
     elif args.command == "experiment":
         _experiment(args, command)
+    elif args.command == "score":
+        _score(args)
     elif args.command == "images":
         from .world import write_instance_images
 
         _positive("--count", args.count)
         folder = write_instance_images(args.output, args.shape, args.style, count=args.count, seed=args.seed)
         print(f"wrote {args.count} images of {data.caption(args.shape, args.style)!r} to {folder}")
+
+
+def _score(args) -> None:
+    """Print ``file: shape, style`` for every image of the folder matching ``--glob`` (sorted by name)."""
+    from pathlib import Path
+
+    from PIL import Image
+
+    from .world import SHIPPED_WORLD, load_world
+
+    files = sorted(Path(args.folder).glob(args.glob)) if Path(args.folder).is_dir() else []
+    if not files:
+        raise UserError(f"{args.folder}: no images matching {args.glob} to score")
+    world = load_world(args.world or SHIPPED_WORLD)
+    shapes, styles = world.classify([Image.open(f) for f in files])
+    for f, shape, style in zip(files, shapes, styles):
+        print(f"{f.name}: {shape}, {style}")
 
 
 def _experiment(args, command: str) -> None:
