@@ -117,18 +117,20 @@ class Sampler:
         return {"content_weight": weights[0], "style_weight": weights[1], "content_accuracy": rates["shape"],
                 "style_accuracy": rates["style"], "both_correct": rates["both"]}
 
-    def leakage(self) -> dict:
-        """Each adapter alone (direct merge): how often it overrides the attribute it should leave to the prompt."""
+    def leakage(self, weights: tuple[tuple[float, float], tuple[float, float]] = ((1.0, 0.0), (0.0, 1.0))) -> dict:
+        """Each adapter alone (direct merge): how often it overrides the attribute it should leave to the prompt.
+
+        ``weights`` = (content-alone, style-alone) cells; ((0, 0), (0, 0)) measures the base model on the same
+        prompts and seeds, the reference a leak is read against.
+        """
         w = self.world
         styles = [t for t in data.SEEN_STYLES if t != CONTENT_STYLE]
         shapes = [s for s in data.SEEN_SHAPES if s != STYLE_SHAPE]
-        content_prompts = [data.caption(w.new_shape, t) for t in styles]
-        images = self.images((1.0, 0.0), content_prompts)
+        images = self.images(weights[0], [data.caption(w.new_shape, t) for t in styles])
         _, got_styles = w.classify(images)
         style_kept = np.mean([g == styles[i % len(styles)] for i, g in enumerate(got_styles)])
         content_rate = w.rates(images, shape=w.new_shape)["shape"]
-        style_prompts = [data.caption(s, w.new_style) for s in shapes]
-        images = self.images((0.0, 1.0), style_prompts)
+        images = self.images(weights[1], [data.caption(s, w.new_style) for s in shapes])
         got_shapes, _ = w.classify(images)
         shape_kept = np.mean([g == shapes[i % len(shapes)] for i, g in enumerate(got_shapes)])
         style_rate = w.rates(images, style=w.new_style)["style"]
@@ -166,7 +168,8 @@ def run_experiment(world: World, output: Path, *, methods: list[str], merges: li
             sampler = Sampler(world, merged, samples)
             if name == "direct":
                 entry.update(sampler.leakage())
-                entry["base"] = sampler.cell((0.0, 0.0))
+                if "base" not in results:  # weights 0 restore the base weights exactly: one measurement serves all
+                    results["base"] = {**sampler.cell((0.0, 0.0)), **sampler.leakage(((0.0, 0.0), (0.0, 0.0)))}
             entry["strategies"][name] = {"cells": [sampler.cell(cell) for cell in cells]}
         entry["seconds"] = round(time.perf_counter() - t, 1)
         results["methods"][method] = entry
@@ -186,9 +189,13 @@ def _at(entry: dict, weights=(1.0, 1.0)) -> dict | None:
 def markdown(results: dict) -> str:
     """The README table: one row per method x strategy, the (1, 1) cell and the best cell of the grid."""
     pct = lambda x: "-" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * x:.0f}%"  # noqa: E731
-    lines = [f"`{results['command']}`  ",
-             f"prompt `{results['prompt']}`, {results['settings']['samples']} samples per cell; leakage = one adapter "
-             "alone (direct) changing the attribute the prompt names; |cos dW| = mean over layers",
+    base = results.get("base", {})
+    lines = [f"`{results['command']}` ({results['seconds'] / 60:.0f} min)  ",
+             f"prompt `{results['prompt']}`, {results['settings']['samples']} samples per cell, seeds 0..N-1. Leakage: "
+             "one adapter alone (direct) changing the attribute its prompt names (per method, the same on every row). "
+             f"Base model on the same prompts: content {pct(base.get('content_accuracy'))}, style "
+             f"{pct(base.get('style_accuracy'))}, style changed {pct(base.get('content_alone_style_leak'))}, shape changed "
+             f"{pct(base.get('style_alone_shape_leak'))}. abs cos dW: mean over layers.",
              "",
              "| method | merge | content @(1,1) | style @(1,1) | both @(1,1) | best both (w_c, w_s) | content alone: style leak | style alone: shape leak | abs cos dW |",
              "|---|---|---|---|---|---|---|---|---|"]
