@@ -3,15 +3,16 @@
 Stages (each with a progress bar), timed and recorded in ``world.json``:
 
 1. render the data (``qrlora.world.data``): every (shape, style) pair for the VAE and the classifier, only the
-   *seen* pairs for the denoiser (the held-out shape and style never reach it);
+   *trained* pairs for the denoiser (the held-out shape and style never reach it, nor the held-out combinations
+   of seen words, ``data.HELD_OUT_PAIRS``);
 2. classifier (``qrlora.world.classifier``), trained in a second process so both cores work from the start;
 3. VAE: a 3-block ``AutoencoderKL`` (image 32 px <-> latent 8 x 8 x ``LATENT_CHANNELS``), L2 + a small KL term;
    ``scaling_factor`` / ``shift_factor`` are set from the latents' statistics so they are ~N(0, 1) as in SD3;
 4. denoiser: an ``SD3Transformer2DModel`` (patch 2 -> 16 image tokens) trained with SD3's flow-matching objective
    (logit-normal timesteps, shifted by the scheduler's shift 3), 10% empty-prompt dropout for guidance, EMA;
 5. the pipeline (frozen tiny CLIP x2 + T5 encoders from ``qrlora.tiny``, tokenizers learned from the world's
-   captions) is saved with ``save_pretrained`` and reloaded; seen prompts are sampled through the reloaded
-   ``StableDiffusion3Pipeline`` and scored by the classifier.
+   captions; pooled embeddings zeroed, see ``make_text_pipeline``) is saved with ``save_pretrained`` and reloaded;
+   seen prompts are sampled through the reloaded ``StableDiffusion3Pipeline`` and scored by the classifier.
 
 The output folder is a standard SD3 diffusers folder (every tool loads it) plus ``classifier.safetensors``,
 ``world.json`` (spec, measured accuracies, timings, the command) and a ``README.md``.
@@ -96,12 +97,21 @@ def make_text_pipeline(seed: int):
     lines = data.corpus()
     clip_tok, clip_tok_2 = (build_clip_tokenizer(lines, model_max_length=CLIP_LENGTH) for _ in range(2))
     t5_tok = build_t5_tokenizer(lines, model_type="word")  # one piece per word: "a triangle in gradient style" = 6
-    return dict(
+    text = dict(
         text_encoder=build_clip_text_encoder(clip_tok, seed, "text_encoder", with_projection=True), tokenizer=clip_tok,
         text_encoder_2=build_clip_text_encoder(clip_tok_2, seed, "text_encoder_2", with_projection=True),
         tokenizer_2=clip_tok_2,
         text_encoder_3=build_t5_encoder(t5_tok, seed, "text_encoder_3", d_model=TEXT_WIDTH), tokenizer_3=t5_tok,
     )
+    # Pooled prompt embeddings are zero by construction (both CLIP ``text_projection`` weights zeroed): a random
+    # frozen CLIP's pooled vector (EOS state) is a hash of the whole prompt, so a denoiser trained through it learns
+    # each (shape, style) prompt as one key and composes nothing new (a first build: content and style adapters
+    # each learned, merged they gave 0% of both). Without it the prompt reaches the denoiser only through its
+    # token states, where CLIP's causal "shape" token does not depend on the style word that follows it.
+    with torch.no_grad():
+        for name in ("text_encoder", "text_encoder_2"):
+            text[name].text_projection.weight.zero_()
+    return text
 
 
 def encode(pipe, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -212,7 +222,7 @@ def build_world(output: Path, *, seed: int = 0, vae_steps: int = 1200, denoiser_
         torch.manual_seed(seed)
         vae = make_vae(seed)
         psnr = train_vae(vae, vae_images, vae_steps, VAE_BATCH, seed)
-        seen_pairs = data.balanced_pairs(data.SEEN_SHAPES, data.SEEN_STYLES, 300)
+        seen_pairs = [pair for _ in range(300) for pair in data.TRAINED_PAIRS]  # (N, 2), held-out pairs excluded
         images = data.to_tensor(data.render_set(seen_pairs, base_seed=seed + 3_000_000))
         with torch.no_grad():
             dists = [vae.encode(chunk).latent_dist for chunk in images.split(256)]
@@ -227,7 +237,7 @@ def build_world(output: Path, *, seed: int = 0, vae_steps: int = 1200, denoiser_
         text = make_text_pipeline(seed)
         scheduler = flow_match_scheduler(dynamic_shifting=False)
         text_pipe = StableDiffusion3Pipeline(transformer=None, vae=None, scheduler=scheduler, **text)
-        prompts = [data.caption(shape, style) for shape, style in seen_pairs[: len(data.SEEN_SHAPES) * len(data.SEEN_STYLES)]]
+        prompts = [data.caption(shape, style) for shape, style in data.TRAINED_PAIRS]
         cond = encode(text_pipe, prompts)
         uncond = tuple(x[0] for x in encode(text_pipe, [""]))
         prompt_ids = torch.tensor([prompts.index(data.caption(*p)) for p in seen_pairs])
@@ -256,15 +266,24 @@ def build_world(output: Path, *, seed: int = 0, vae_steps: int = 1200, denoiser_
         torch.set_num_threads(max(threads, 2) if not job.is_alive() else threads)
         reloaded = StableDiffusion3Pipeline.from_pretrained(tmp)
         reloaded.set_progress_bar_config(disable=True)
+        # Every seen (shape, style) pair, trained ones and held-out combinations, samples_per_pair seeds each.
         eval_pairs = data.balanced_pairs(data.SEEN_SHAPES, data.SEEN_STYLES, samples_per_pair)
         eval_seeds = list(range(len(eval_pairs)))
         generated = sample_images(reloaded, [data.caption(*p) for p in eval_pairs], eval_seeds, MAX_SEQUENCE_LENGTH,
                                   steps=SAMPLE_STEPS, guidance=SAMPLE_GUIDANCE)
         shapes, styles = predict(load_classifier(tmp / CLASSIFIER_FILE), generated)
+
+        def accuracy(names, index, keep):
+            return float(np.mean([a == p[index] for a, p in zip(names, eval_pairs) if keep(p)]))
+
+        trained, combined = (lambda p: p in data.TRAINED_PAIRS), (lambda p: p in data.HELD_OUT_PAIRS)
         base = {
-            "seen_shape_accuracy": float(np.mean([a == s for a, (s, _) in zip(shapes, eval_pairs)])),
-            "seen_style_accuracy": float(np.mean([a == t for a, (_, t) in zip(styles, eval_pairs)])),
-            "samples": len(eval_pairs), "sample_steps": SAMPLE_STEPS, "guidance_scale": SAMPLE_GUIDANCE,
+            "seen_shape_accuracy": accuracy(shapes, 0, trained), "seen_style_accuracy": accuracy(styles, 1, trained),
+            "samples": sum(map(trained, eval_pairs)),
+            "held_out_pair_shape_accuracy": accuracy(shapes, 0, combined),
+            "held_out_pair_style_accuracy": accuracy(styles, 1, combined),
+            "held_out_pair_samples": sum(map(combined, eval_pairs)),
+            "sample_steps": SAMPLE_STEPS, "guidance_scale": SAMPLE_GUIDANCE,
         }
         _save_grid(generated, len(data.SEEN_SHAPES) * len(data.SEEN_STYLES), tmp / "samples.png")
         timings["evaluation_s"] = round(time.perf_counter() - t, 1)
@@ -274,6 +293,7 @@ def build_world(output: Path, *, seed: int = 0, vae_steps: int = 1200, denoiser_
             "format": "qrlora-world", "version": 1, "seed": seed, "command": command,
             "image_size": data.IMAGE_SIZE, "shapes": list(data.SHAPES), "styles": list(data.STYLES),
             "held_out_shape": data.HELD_OUT_SHAPE, "held_out_style": data.HELD_OUT_STYLE,
+            "held_out_pairs": [list(p) for p in data.HELD_OUT_PAIRS],
             "caption": data.caption("{shape}", "{style}"), "max_sequence_length": MAX_SEQUENCE_LENGTH,
             "settings": {"vae_steps": vae_steps, "denoiser_steps": denoiser_steps, "classifier_steps": classifier_steps,
                          "width": width, "layers": layers, "batch_size": batch_size, "lr": lr, "threads": threads},
@@ -313,7 +333,8 @@ def readme(record: dict) -> str:
 A small text-to-image world where content and style are known by construction: 32 px images of a shape
 ({", ".join(record["shapes"])}) filled in a style ({", ".join(record["styles"])}), caption
 `{record["caption"]}`. The shape **{record["held_out_shape"]}** and the style **{record["held_out_style"]}** never reached the
-denoiser's training: they are the new content and the new style that adapters learn.
+denoiser's training: they are the new content and the new style that adapters learn. The combinations
+{", ".join(f"{a} in {b} style" for a, b in record["held_out_pairs"])} of seen words were left out too, to measure composition.
 
 * `model_index.json`, `transformer/`, `vae/`, `text_encoder*/`, `tokenizer*/`, `scheduler/`: a standard
   `StableDiffusion3Pipeline` folder, trained from scratch on CPU (the text encoders are frozen random tiny ones
@@ -334,6 +355,7 @@ Built with (seed {record["seed"]}, torch {record["torch"]}, {s["threads"]} torch
 | build wall time | {record["timings"]["total_s"] / 60:.1f} min (VAE {record["timings"]["vae_s"] / 60:.1f}, denoiser {record["timings"]["denoiser_s"] / 60:.1f}, evaluation {record["timings"]["evaluation_s"] / 60:.1f}; classifier in parallel) |
 | VAE reconstruction | {record["vae_psnr_db"]:.1f} dB PSNR (256 held-out renders) |
 | classifier on clean renders | shape {c["shape_accuracy"]:.1%}, style {c["style_accuracy"]:.1%} ({c["test_images"]} renders from unseen seeds, every shape and style) |
-| base model, seen pairs | shape {b["seen_shape_accuracy"]:.1%}, style {b["seen_style_accuracy"]:.1%} ({b["samples"]} samples through the reloaded pipeline, {b["sample_steps"]} steps, guidance {b["guidance_scale"]}) |
+| base model, trained pairs | shape {b["seen_shape_accuracy"]:.1%}, style {b["seen_style_accuracy"]:.1%} ({b["samples"]} samples through the reloaded pipeline, {b["sample_steps"]} steps, guidance {b["guidance_scale"]}) |
+| base model, held-out combinations of seen words ({", ".join(f"{a} in {b_}" for a, b_ in record["held_out_pairs"])}) | shape {b["held_out_pair_shape_accuracy"]:.1%}, style {b["held_out_pair_style_accuracy"]:.1%} ({b["held_out_pair_samples"]} samples) |
 | parameters | transformer {record["parameters"]["transformer"]:,}, VAE {record["parameters"]["vae"]:,} |
 """

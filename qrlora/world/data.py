@@ -22,6 +22,11 @@ HELD_OUT_SHAPE = "heart"  # the new content adapters learn; never in base traini
 HELD_OUT_STYLE = "checker"  # the new style adapters learn; never in base training
 SEEN_SHAPES = tuple(s for s in SHAPES if s != HELD_OUT_SHAPE)
 SEEN_STYLES = tuple(s for s in STYLES if s != HELD_OUT_STYLE)
+# Seen shapes and styles, but never this *combination* in base training: one per seen shape, a diagonal, so every
+# seen shape and style still trains with the others. Sampling them measures whether the base model composes a
+# shape word and a style word it knows, which a merged content + style adapter pair relies on.
+HELD_OUT_PAIRS = tuple((shape, SEEN_STYLES[i % len(SEEN_STYLES)]) for i, shape in enumerate(SEEN_SHAPES))
+TRAINED_PAIRS = tuple((shape, style) for shape in SEEN_SHAPES for style in SEEN_STYLES if (shape, style) not in HELD_OUT_PAIRS)
 IMAGE_SIZE = 32
 _SUPERSAMPLE = 4
 
