@@ -8,7 +8,8 @@ nothing leaves the base model bit-identical (zero-initialised coefficients), so 
 which every threshold below excludes by a stated margin (checked in each test).
 
 Thresholds come from ``bench/world_thresholds.py`` (5 seeds: adapter seed = instance-image seed; the numbers are
-in assets/world/README.md, "Test thresholds"): each floor sits well below the lowest rate measured over the seeds.
+in README.md, "The CPU world", Tests): each floor sits well below the lowest rate measured over the seeds.
+Only seed 0 runs here; the floors leave room for the seed-to-seed spread measured there.
 """
 from __future__ import annotations
 
@@ -22,14 +23,20 @@ from qrlora.world import data
 from qrlora.world.experiment import Sampler, render_args, train_adapter
 from qrlora.world.world import CONTENT_STYLE, SHIPPED_WORLD, STYLE_SHAPE, load_world
 
-STEPS, LR = 40, 1e-2  # "a few dozen steps" (the trainer's flags; rank 4, batch 4, triu_deltaR)
+# Per method: trainer steps and learning rate (rank 4, batch 4, the 4 instance images, seed 0). triu_deltaR trains
+# r x in coefficients (half masked) and learns the style more slowly than LoRA at the same rate: 80 steps, not 40.
+SETTINGS = {"triu_deltaR": (80, 1e-2), "lora": (40, 1e-2)}
 SAMPLES = 32  # images per measurement, seeds 0..31
-# Floors (module docstring; measured distributions in assets/world/README.md).
-CONTENT_FLOOR = 0.5  # held-out shape rate of the content adapter alone on its own prompt
-STYLE_FLOOR = 0.5  # held-out style rate of the style adapter alone on its own prompt
-MERGE_CONTENT_FLOOR = 0.3  # held-out shape rate of the (1, 1) direct merge on "a heart in checker style"
-MERGE_STYLE_FLOOR = 0.3  # held-out style rate of the same images
-MARGIN = 0.25  # every floor must exceed the base model's rate on the same prompt by this much
+# Floors, from bench/world_thresholds.py over 5 seeds (README.md, "The CPU world"), well below the
+# lowest rate measured; the base model scores 0% (content, style) and 3% / 0% (merge) on the same prompts and seeds.
+CONTENT_FLOOR = 0.6  # held-out shape rate, content adapter alone, its own prompt (measured: 100% every seed, both methods)
+STYLE_FLOOR = 0.5  # held-out style rate, style adapter alone, its own prompt (measured min: triu_deltaR 88%, lora 100%)
+# The (1, 1) direct merge on "a heart in checker style", LoRA pairs (measured min: shape 53%, style 91%). QR-LoRA
+# (triu_deltaR) pairs do not keep the shape in this world (0-6% over the same seeds): the README's experiment table
+# reports it, and no floor is claimed for them.
+MERGE_CONTENT_FLOOR = 0.3
+MERGE_STYLE_FLOOR = 0.6
+MARGIN = 0.25  # every floor must exceed the base model's rate on the same prompt and seeds by this much
 
 
 @pytest.fixture(scope="module")
@@ -37,23 +44,29 @@ def world():
     return load_world(SHIPPED_WORLD)
 
 
-@pytest.fixture(scope="module")
-def adapters(world, tmp_path_factory):
-    """One content and one style triu_deltaR adapter (seed 0), trained once for the module."""
-    root = tmp_path_factory.mktemp("world_adapters")
-    return {role: train_adapter(world, "triu_deltaR", role, root / role, steps=STEPS, lr=LR, seed=0)
-            for role in ("content", "style")}
+_SAMPLERS: dict = {}
 
 
 @pytest.fixture(scope="module")
-def sampler(world, adapters):
-    """The real merge route: a ``MergedPipeline`` holding both adapters (direct strategy), weights set per call."""
+def samplers(world, tmp_path_factory):
+    """Per method, lazily: the content and style adapters (seed 0) trained once, merged by the real merge route
+    (a ``MergedPipeline``, direct strategy) whose weights each measurement sets."""
     from qrlora.checkpoint import load_adapter
     from qrlora.inference import MergedPipeline
 
-    loaded = [load_adapter(adapters["content"]), load_adapter(adapters["style"])]
-    merged = MergedPipeline(str(world.path), loaded, None, render_args(world), strategy="direct", roles=(0, 1))
-    return Sampler(world, merged, SAMPLES)
+    def get(method):
+        if method not in _SAMPLERS:
+            steps, lr = SETTINGS[method]
+            root = tmp_path_factory.mktemp(f"world_{method}")
+            paths = [train_adapter(world, method, role, root / role, steps=steps, lr=lr, seed=0)
+                     for role in ("content", "style")]
+            merged = MergedPipeline(str(world.path), [load_adapter(p) for p in paths], None, render_args(world),
+                                    strategy="direct", roles=(0, 1))
+            _SAMPLERS[method] = Sampler(world, merged, SAMPLES)
+        return _SAMPLERS[method]
+
+    yield get
+    _SAMPLERS.clear()
 
 
 def rate(world, sampler, weights, shape, style, key):
@@ -81,21 +94,26 @@ def test_renders_are_a_function_of_the_seed():
     assert not np.array_equal(data.render("star", "dots", 7), data.render("star", "dots", 8))
 
 
-def test_the_content_adapter_learns_the_new_shape(world, sampler):
+@pytest.mark.parametrize("method", list(SETTINGS))
+def test_the_content_adapter_learns_the_new_shape(world, samplers, method):
+    sampler = samplers(method)
     base = rate(world, sampler, (0.0, 0.0), world.new_shape, CONTENT_STYLE, "shape")
     learned = rate(world, sampler, (1.0, 0.0), world.new_shape, CONTENT_STYLE, "shape")
     assert CONTENT_FLOOR >= base + MARGIN, f"the floor no longer excludes the base rate {base:.2f}: re-measure"
     assert learned >= CONTENT_FLOOR, f"held-out shape rate {learned:.2f} (base {base:.2f}) is below {CONTENT_FLOOR}"
 
 
-def test_the_style_adapter_learns_the_new_style(world, sampler):
+@pytest.mark.parametrize("method", list(SETTINGS))
+def test_the_style_adapter_learns_the_new_style(world, samplers, method):
+    sampler = samplers(method)
     base = rate(world, sampler, (0.0, 0.0), STYLE_SHAPE, world.new_style, "style")
     learned = rate(world, sampler, (0.0, 1.0), STYLE_SHAPE, world.new_style, "style")
     assert STYLE_FLOOR >= base + MARGIN, f"the floor no longer excludes the base rate {base:.2f}: re-measure"
     assert learned >= STYLE_FLOOR, f"held-out style rate {learned:.2f} (base {base:.2f}) is below {STYLE_FLOOR}"
 
 
-def test_the_merge_at_one_one_keeps_both(world, sampler):
+def test_the_lora_merge_at_one_one_keeps_both(world, samplers):
+    sampler = samplers("lora")
     images = sampler.images((0.0, 0.0), [data.caption(world.new_shape, world.new_style)])
     base = world.rates(images, world.new_shape, world.new_style)
     merged = world.rates(sampler.images((1.0, 1.0), [data.caption(world.new_shape, world.new_style)]),
