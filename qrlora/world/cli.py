@@ -41,7 +41,7 @@ def main(argv: list[str] | None = None) -> None:
     e.add_argument("--methods", default="all", help="comma list of --lora_init_method names, or 'all' (default)")
     e.add_argument("--merges", default="all", help="comma list of merge strategies (direct, ziplora, klora), or 'all' (default)")
     e.add_argument("--weights", default="0.5,1.0", help="comma list: the grid is every (content, style) pair of these (default 0.5,1.0)")
-    e.add_argument("--samples", type=int, default=16, help="images per cell, seeds 0..N-1 (default 16)")
+    e.add_argument("--samples", type=int, default=32, help="images per cell, seeds 0..N-1 (default 32)")
     e.add_argument("--steps", type=int, default=EXPERIMENT_STEPS, help=f"trainer steps per adapter (default {EXPERIMENT_STEPS})")
     e.add_argument("--learning_rate", type=float, default=EXPERIMENT_LR, help=f"trainer learning rate (default {EXPERIMENT_LR}; x10 for ica)")
     e.add_argument("--rank", type=int, default=4)
