@@ -191,13 +191,16 @@ def markdown(results: dict) -> str:
     pct = lambda x: "-" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * x:.0f}%"  # noqa: E731
     base = results.get("base", {})
     lines = [f"`{results['command']}` ({results['seconds'] / 60:.0f} min)  ",
-             f"prompt `{results['prompt']}`, {results['settings']['samples']} samples per cell, seeds 0..N-1. Leakage: "
-             "one adapter alone (direct) changing the attribute its prompt names (per method, the same on every row). "
+             f"prompt `{results['prompt']}`, {results['settings']['samples']} samples per cell, seeds 0..N-1. Alone: "
+             "one adapter at weight 1 (direct) on prompts that pair its new attribute with the other seen ones, the "
+             "rate of its new attribute / how often the other attribute is not the prompted one (leak); per method, "
+             "the same on every row. "
              f"Base model on the same prompts: content {pct(base.get('content_accuracy'))}, style "
-             f"{pct(base.get('style_accuracy'))}, style changed {pct(base.get('content_alone_style_leak'))}, shape changed "
-             f"{pct(base.get('style_alone_shape_leak'))}. abs cos dW: mean over layers.",
+             f"{pct(base.get('style_accuracy'))}; alone-prompts: heart {pct(base.get('content_alone_shape_rate'))} / style "
+             f"changed {pct(base.get('content_alone_style_leak'))}, checker {pct(base.get('style_alone_style_rate'))} / "
+             f"shape changed {pct(base.get('style_alone_shape_leak'))}. abs cos dW: mean over layers.",
              "",
-             "| method | merge | content @(1,1) | style @(1,1) | both @(1,1) | best both (w_c, w_s) | content alone: style leak | style alone: shape leak | abs cos dW |",
+             "| method | merge | content @(1,1) | style @(1,1) | both @(1,1) | best both (w_c, w_s) | content alone: new shape / style leak | style alone: new style / shape leak | abs cos dW |",
              "|---|---|---|---|---|---|---|---|---|"]
     for method, entry in results["methods"].items():
         for name, strat in entry["strategies"].items():
@@ -210,7 +213,8 @@ def markdown(results: dict) -> str:
             lines.append(
                 f"| {method} | {name} | {pct(one.get('content_accuracy'))} | {pct(one.get('style_accuracy'))} | "
                 f"{pct(one.get('both_correct'))} | {pct(best['both_correct'])} ({best['content_weight']:g}, "
-                f"{best['style_weight']:g}) | {pct(entry.get('content_alone_style_leak'))} | "
+                f"{best['style_weight']:g}) | {pct(entry.get('content_alone_shape_rate'))} / "
+                f"{pct(entry.get('content_alone_style_leak'))} | {pct(entry.get('style_alone_style_rate'))} / "
                 f"{pct(entry.get('style_alone_shape_leak'))} | {'-' if dw is None else f'{dw:.3f}'} |")
     return "\n".join(lines) + "\n"
 
