@@ -113,9 +113,13 @@ def predict(model: WorldClassifier, images) -> tuple[list[str], list[str]]:
 
 
 def save_classifier(model: WorldClassifier, path: Path) -> None:
-    """Weights as safetensors; the class names ride in its metadata so a reader can check them."""
+    """Weights as safetensors; the class names ride in its metadata so a reader can check them.
+
+    One metadata key: safetensors writes its metadata map in no fixed order, and two keys made two builds of the
+    same seed differ in bytes though not in weights.
+    """
     state = {k: v.contiguous() for k, v in model.state_dict().items() if not k.endswith("num_batches_tracked")}
-    save_file(state, str(path), metadata={"shapes": json.dumps(SHAPES), "styles": json.dumps(STYLES)})
+    save_file(state, str(path), metadata={"classes": json.dumps({"shapes": SHAPES, "styles": STYLES})})
 
 
 def load_classifier(path: Path) -> WorldClassifier:
