@@ -222,8 +222,8 @@ def build_world(output: Path, *, seed: int = 0, vae_steps: int = 1200, denoiser_
         torch.manual_seed(seed)
         vae = make_vae(seed)
         psnr = train_vae(vae, vae_images, vae_steps, VAE_BATCH, seed)
-        seen_pairs = [pair for _ in range(300) for pair in data.TRAINED_PAIRS]  # (N, 2), held-out pairs excluded
-        images = data.to_tensor(data.render_set(seen_pairs, base_seed=seed + 3_000_000))
+        trained_pairs = [pair for _ in range(300) for pair in data.TRAINED_PAIRS]  # (N, 2), held-out pairs excluded
+        images = data.to_tensor(data.render_set(trained_pairs, base_seed=seed + 3_000_000))
         with torch.no_grad():
             dists = [vae.encode(chunk).latent_dist for chunk in images.split(256)]
         mean = torch.cat([d.mean for d in dists])
@@ -240,7 +240,7 @@ def build_world(output: Path, *, seed: int = 0, vae_steps: int = 1200, denoiser_
         prompts = [data.caption(shape, style) for shape, style in data.TRAINED_PAIRS]
         cond = encode(text_pipe, prompts)
         uncond = tuple(x[0] for x in encode(text_pipe, [""]))
-        prompt_ids = torch.tensor([prompts.index(data.caption(*p)) for p in seen_pairs])
+        prompt_ids = torch.tensor([prompts.index(data.caption(*p)) for p in trained_pairs])
 
         # ---- denoiser ------------------------------------------------------------------------------------
         t = time.perf_counter()
@@ -263,7 +263,7 @@ def build_world(output: Path, *, seed: int = 0, vae_steps: int = 1200, denoiser_
 
         # ---- score the reloaded pipeline on every seen pair ---------------------------------------------
         t = time.perf_counter()
-        torch.set_num_threads(max(threads, 2) if not job.is_alive() else threads)
+        torch.set_num_threads(max(threads, 2))  # the classifier's process has ended: sampling may use both cores
         reloaded = StableDiffusion3Pipeline.from_pretrained(tmp)
         reloaded.set_progress_bar_config(disable=True)
         # Every seen (shape, style) pair, trained ones and held-out combinations, samples_per_pair seeds each.

@@ -47,8 +47,8 @@ def caption(shape: str, style: str) -> str:
 
 
 def corpus() -> tuple[str, ...]:
-    """Every caption of the world (held-out words included, so the tokenizers know them) plus the empty prompt's
-    neighbours; the world's tokenizers are learned from exactly these lines."""
+    """Every caption of the world, held-out words included so the tokenizers know them (one token per word); the
+    world's tokenizers are learned from exactly these lines."""
     return tuple(caption(shape, style) for shape in SHAPES for style in STYLES)
 
 
