@@ -1,18 +1,20 @@
 #!/usr/bin/env bash
 # QR-LoRA end to end, CPU only, offline, in a few minutes on 2 cores (see README):
-#   1. build a tiny random SD3 pipeline (python -m qrlora.tiny)
-#   2. train a content and a style QR-LoRA adapter through the real wrappers, on assets/cnt and assets/sty
+#   1. render the adapters' images in the shipped CPU world (assets/world, a trained SD3 pipeline; README: The CPU
+#      world): 4 hearts in flat style (new content), 4 circles in checker style (new style)
+#   2. train a content and a style QR-LoRA adapter through the real wrappers on them
 #      (and a plain-LoRA pair in the same trainer, for the disentanglement comparison)
 #   3. extract the residual from the content adapter
-#   4. render a 3x3 style x content weight grid in residual form and in delta form, and check they agree
+#   4. render a 3x3 style x content weight grid of "a heart in checker style" in residual form and in delta form,
+#      check they agree, and read the grid with the world's classifier (shape, style of every cell)
 #   5. plot the adapters' similarity (QR-LoRA pair against the plain-LoRA pair)
-# Environment overrides: DEMO_DIR (demo_output), STEPS (30 training steps per adapter), RANK (4).
+# Environment overrides: DEMO_DIR (demo_output), STEPS (100 training steps per adapter), RANK (4).
 set -euo pipefail
 cd "$(dirname "$0")"
 source scripts/common.sh
 
 DEMO_DIR="${DEMO_DIR:-demo_output}"
-STEPS="${STEPS:-30}"
+STEPS="${STEPS:-100}"
 RANK="${RANK:-4}"
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"   # tiny models: one thread per process is fastest
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
@@ -25,22 +27,26 @@ rm -rf "$DEMO_DIR"; mkdir -p "$DEMO_DIR"; touch "$DEMO_DIR/.qrlora-demo"
 start=$(date +%s)
 step() { echo; echo "== [$(( $(date +%s) - start ))s] $*"; }
 
-step "1/5 tiny SD3 pipeline"
-python -m qrlora.tiny --backbone sd3 --output "$DEMO_DIR/tiny-sd3"
-MODEL="$DEMO_DIR/tiny-sd3"
+step "1/5 the CPU world: adapter images"
+MODEL=assets/world
+WORLD_FLAGS=(--max_sequence_length 8)   # the T5 prompt length the world was trained with (assets/world/README.md)
+python -m qrlora.world images --shape heart --style flat --output "$DEMO_DIR/data/heart_flat"
+python -m qrlora.world images --shape circle --style checker --output "$DEMO_DIR/data/circle_checker"
 
-train() {  # train WRAPPER OUTPUT [extra flags]
-  local wrapper="$1" out="$2"; shift 2
-  MODEL_NAME="$MODEL" OUTPUT_DIR="$DEMO_DIR/$out" MAX_TRAIN_STEPS="$STEPS" RESOLUTION=64 MIXED_PRECISION=no \
-    bash "$wrapper" cpu "$RANK" --learning_rate 1e-3 --validation_inference_steps 4 --num_validation_images 1 "$@" \
+train() {  # train WRAPPER OUTPUT SHAPE STYLE [extra flags]
+  local wrapper="$1" out="$2" shape="$3" style="$4"; shift 4
+  MODEL_NAME="$MODEL" OUTPUT_DIR="$DEMO_DIR/$out" MAX_TRAIN_STEPS="$STEPS" RESOLUTION=32 MIXED_PRECISION=no \
+    INSTANCE_DIR="$DEMO_DIR/data/${shape}_$style" bash "$wrapper" cpu "$RANK" --learning_rate 1e-2 --train_batch_size 4 \
+    --instance_prompt "a $shape in $style style" --validation_prompt "a $shape in $style style" --validation_inference_steps 20 --num_validation_images 1 \
+    "${WORLD_FLAGS[@]}" "$@" \
     2> "$DEMO_DIR/$out.log" || { tail -n 5 "$DEMO_DIR/$out.log" >&2; die "training $out failed (log: $DEMO_DIR/$out.log)"; }
   grep -ho "triu_deltaR rank.*\|lora rank.*" "$DEMO_DIR/$out.log" | head -n 1 || true
 }
 step "2/5 training: content and style (triu_deltaR), then the plain-LoRA pair"
-train SD3_dir/train_deltaR_cnt.sh content
-train SD3_dir/train_deltaR_sty.sh style
-train SD3_dir/train_deltaR_cnt.sh lora_content --lora_init_method lora
-train SD3_dir/train_deltaR_sty.sh lora_style --lora_init_method lora
+train SD3_dir/train_deltaR_cnt.sh content heart flat
+train SD3_dir/train_deltaR_sty.sh style circle checker
+train SD3_dir/train_deltaR_cnt.sh lora_content heart flat --lora_init_method lora
+train SD3_dir/train_deltaR_sty.sh lora_style circle checker --lora_init_method lora
 CONTENT="$DEMO_DIR/content/pytorch_lora_weights.safetensors"
 STYLE="$DEMO_DIR/style/pytorch_lora_weights.safetensors"
 
@@ -50,8 +56,9 @@ python SD3_dir/extract_residual_from_checkpoint.py --model_path "$MODEL" --lora_
 
 step "4/5 3x3 weight grids: residual form and delta form"
 render() {  # render OUT [RESIDUAL]
-  MODEL_NAME="$MODEL" STYLE_LORA="$STYLE" CONTENT_LORA="$CONTENT" RESIDUAL="${2:-}" STEPS=8 HEIGHT=64 WIDTH=64 \
-    DTYPE=float32 OUTPUT_DIR="$DEMO_DIR/$1" bash SD3_dir/inference.sh cpu 2>/dev/null
+  MODEL_NAME="$MODEL" STYLE_LORA="$STYLE" CONTENT_LORA="$CONTENT" RESIDUAL="${2:-}" STEPS=20 HEIGHT=32 WIDTH=32 \
+    GUIDANCE=4 PROMPT="a heart in checker style" DTYPE=float32 OUTPUT_DIR="$DEMO_DIR/$1" \
+    bash SD3_dir/inference.sh cpu "${WORLD_FLAGS[@]}" 2>/dev/null
 }
 render grid_residual "$DEMO_DIR/residual/sd3_residual_weights.safetensors"
 render grid_delta
@@ -67,6 +74,8 @@ verdict = "agree" if diff <= 1 else "DISAGREE"
 print(f"residual form and delta form {verdict}: {len(names)} images, max pixel difference {diff}/255")
 sys.exit(0 if diff <= 1 else 1)
 PY
+echo "the world's classifier on the delta-form grid (inference_s<style weight>_c<content weight>.png: shape, style):"
+python -m qrlora.world score "$DEMO_DIR/grid_delta" --glob "inference_s*_c*.png" 2>/dev/null
 
 step "5/5 similarity: content vs style (Q, R, dR), then dW against the plain-LoRA pair"
 similarity() {  # similarity OUT [env...]
@@ -82,11 +91,11 @@ grep -A6 "^dW similarity" "$DEMO_DIR/similarity_vs_lora.log" || true
 
 step "done in $(( $(date +%s) - start ))s. Everything is under $DEMO_DIR/:"
 cat <<MSG
-  tiny-sd3/                          the tiny SD3 pipeline (diffusers layout)
+  data/                              the adapters' training images, rendered in the CPU world
   content/, style/                   adapters (pytorch_lora_weights.safetensors), validation images, wrapper copy
   lora_content/, lora_style/         the plain-LoRA baseline pair from the same trainer
   residual/                          sd3_residual_weights.safetensors (W - s Q R)
-  grid_residual/grid.png             3x3 style x content grid, residual form
+  grid_residual/grid.png             3x3 style x content grid of "a heart in checker style", residual form
   grid_delta/grid.png                the same grid, delta form (no residual file)
   similarity/                        per-layer cosine / CKA / NMI of Q, R, dR, dW: plots, JSON, summary
   similarity_vs_lora/                dW similarity of the QR-LoRA pair beside the plain-LoRA pair (paper figure)

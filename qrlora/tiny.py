@@ -41,7 +41,11 @@ CLI::
 
 from __future__ import annotations
 
-import argparse
+if __name__ == "__main__":  # python -m qrlora.tiny: hand over before defining anything (see qrlora/cli/__init__.py)
+    from qrlora.cli.tiny import main
+    main()
+    raise SystemExit(0)
+
 import collections
 import contextlib
 import functools
@@ -51,9 +55,7 @@ import os
 import pathlib
 import re
 import shutil
-import sys
 import tempfile
-import time
 import zlib
 
 import sentencepiece as spm
@@ -82,9 +84,12 @@ from diffusers import (
 )
 
 from .backbones import BACKBONES as BACKBONE_REGISTRY
-from .errors import UserError, cli_entry
+from .errors import UserError
 
-__all__ = ["BACKBONES", "TinyPipelineError", "build_tiny_pipeline", "main"]
+__all__ = [
+    "BACKBONES", "TinyPipelineError", "build_clip_text_encoder", "build_clip_tokenizer", "build_t5_encoder",
+    "build_t5_tokenizer", "build_tiny_pipeline", "flow_match_scheduler", "main", "no_progress_bars", "seeded",
+]
 
 # The families come from the backbone registry (one owner); each name needs a maker below.
 BACKBONES = tuple(BACKBONE_REGISTRY)
@@ -166,7 +171,7 @@ class TinyPipelineError(UserError, FileExistsError):
     """The output folder holds something that is not the requested tiny pipeline (a user error: one line)."""
 
 
-def _corpus_lines() -> list[str]:
+def corpus_lines() -> list[str]:
     """The non-blank lines of the built-in tokenizer corpus."""
     return [line for line in _CORPUS.splitlines() if line.strip()]
 
@@ -177,7 +182,7 @@ def _seed_for(seed: int, component: str) -> int:
 
 
 @contextlib.contextmanager
-def _seeded(seed: int, component: str):
+def seeded(seed: int, component: str):
     """Seed the torch RNG for one component, restoring the caller's RNG state afterwards."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(_seed_for(seed, component))
@@ -185,7 +190,7 @@ def _seeded(seed: int, component: str):
 
 
 @contextlib.contextmanager
-def _no_progress_bars():
+def no_progress_bars():
     """Silence transformers' "Writing model shards" bars while saving; restore the setting after."""
     enabled = transformers_logging.is_progress_bar_enabled()
     transformers_logging.disable_progress_bar()
@@ -259,35 +264,37 @@ def _learn_bpe_merges(lines: tuple[str, ...], num_merges: int) -> tuple[tuple[st
     return tuple(merges)
 
 
-def _build_clip_tokenizer() -> CLIPTokenizer:
-    """Byte-level BPE tokenizer laid out like CLIP's.
+def build_clip_tokenizer(lines: tuple[str, ...] | None = None, model_max_length: int = CLIP_MAX_LENGTH) -> CLIPTokenizer:
+    """Byte-level BPE tokenizer laid out like CLIP's, learned from ``lines`` (default: the built-in corpus).
 
     vocab = 256 byte characters + the same with ``</w>`` (512) + one entry per
     learned merge + ``<|startoftext|>``, ``<|endoftext|>`` (the last two ids).
     Written as CLIP's own vocab.json / merges.txt and loaded the way a hub
     checkpoint is, so any transformers version reads it the same way.
+    ``model_max_length`` is the padded prompt length the pipelines use (77 in real checkpoints; the CPU world
+    uses a short one so its denoiser attends over few text tokens).
     """
     byte_chars = list(_bytes_to_unicode().values())
-    merges = _learn_bpe_merges(tuple(_corpus_lines()), _CLIP_NUM_MERGES)
+    merges = _learn_bpe_merges(tuple(lines) if lines is not None else tuple(corpus_lines()), _CLIP_NUM_MERGES)
     tokens = byte_chars + [c + "</w>" for c in byte_chars] + ["".join(m) for m in merges]
     tokens += ["<|startoftext|>", "<|endoftext|>"]
     with tempfile.TemporaryDirectory() as tmp:
         folder = pathlib.Path(tmp)
         (folder / "vocab.json").write_text(json.dumps({tok: i for i, tok in enumerate(tokens)}))
         (folder / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges))
-        return CLIPTokenizer.from_pretrained(folder, model_max_length=CLIP_MAX_LENGTH)
+        return CLIPTokenizer.from_pretrained(folder, model_max_length=model_max_length)
 
 
 @functools.lru_cache(maxsize=None)
-def _t5_sentencepiece_model() -> bytes:
-    """Serialized sentencepiece unigram model trained on the corpus (pad=0, eos=1, unk=2, no bos)."""
+def _t5_sentencepiece_model(lines: tuple[str, ...], model_type: str = "unigram") -> bytes:
+    """Serialized sentencepiece model (``model_type``) trained on ``lines`` (pad=0, eos=1, unk=2, no bos)."""
     model = io.BytesIO()
     spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(_corpus_lines()),
+        sentence_iterator=iter(lines),
         model_writer=model,
         vocab_size=_T5_VOCAB_SIZE,
         hard_vocab_limit=False,  # the corpus is small; take what it supports
-        model_type="unigram",
+        model_type=model_type,
         character_coverage=1.0,
         pad_id=0,
         eos_id=1,
@@ -299,14 +306,17 @@ def _t5_sentencepiece_model() -> bytes:
     return model.getvalue()
 
 
-def _build_t5_tokenizer() -> T5TokenizerFast:
-    """T5-style tokenizer: the sentencepiece pieces, then ``<extra_id_*>`` sentinels.
+def build_t5_tokenizer(lines: tuple[str, ...] | None = None, model_type: str = "unigram") -> T5TokenizerFast:
+    """T5-style tokenizer learned from ``lines`` (default: the built-in corpus): the sentencepiece pieces, then
+    ``<extra_id_*>`` sentinels.  ``model_type`` is sentencepiece's (T5's is ``unigram``; on a corpus of a few
+    dozen short captions unigram keeps single characters, ``word`` gives one piece per word).
 
     Written as T5's own spiece.model and loaded the way a hub checkpoint is.
     """
     with tempfile.TemporaryDirectory() as tmp:
         folder = pathlib.Path(tmp)
-        (folder / "spiece.model").write_bytes(_t5_sentencepiece_model())
+        (folder / "spiece.model").write_bytes(
+            _t5_sentencepiece_model(tuple(lines) if lines is not None else tuple(corpus_lines()), model_type))
         return T5TokenizerFast.from_pretrained(folder, extra_ids=_T5_EXTRA_IDS, model_max_length=T5_MAX_LENGTH)
 
 
@@ -315,7 +325,7 @@ def _build_t5_tokenizer() -> T5TokenizerFast:
 # ---------------------------------------------------------------------------
 
 
-def _build_clip_text_encoder(
+def build_clip_text_encoder(
     tokenizer: CLIPTokenizer, seed: int, component: str, with_projection: bool
 ) -> CLIPTextModel | CLIPTextModelWithProjection:
     """Tiny CLIP text tower: 2 layers, hidden 32 (q/k/v/out_proj 32x32, fc1 32->64), 4 heads.
@@ -336,11 +346,11 @@ def _build_clip_text_encoder(
         pad_token_id=tokenizer.pad_token_id,
     )
     cls = CLIPTextModelWithProjection if with_projection else CLIPTextModel
-    with _seeded(seed, component):
+    with seeded(seed, component):
         return cls(config).eval()
 
 
-def _build_t5_encoder(tokenizer: T5TokenizerFast, seed: int, component: str, d_model: int) -> T5EncoderModel:
+def build_t5_encoder(tokenizer: T5TokenizerFast, seed: int, component: str, d_model: int) -> T5EncoderModel:
     """Tiny T5 v1.1-style encoder: 2 layers, ``d_model`` wide, 4 heads of d_model/4, gated-GELU FFN."""
     config = T5Config(
         vocab_size=len(tokenizer),  # sentencepiece pieces + <extra_id_*> sentinels
@@ -359,7 +369,7 @@ def _build_t5_encoder(tokenizer: T5TokenizerFast, seed: int, component: str, d_m
         eos_token_id=tokenizer.eos_token_id,
         decoder_start_token_id=tokenizer.pad_token_id,
     )
-    with _seeded(seed, component):
+    with seeded(seed, component):
         return T5EncoderModel(config).eval()
 
 
@@ -374,7 +384,7 @@ def _build_vae(seed: int, latent_channels: int, flow_style: bool, **config) -> A
     ``flow_style`` mirrors the SD3/FLUX VAE (no quant convs); otherwise SDXL's (with them).
     Remaining keyword arguments (scaling/shift factors) go straight into the config.
     """
-    with _seeded(seed, "vae"):
+    with seeded(seed, "vae"):
         vae = AutoencoderKL(
             in_channels=3,
             out_channels=3,
@@ -399,7 +409,7 @@ def _build_vae(seed: int, latent_channels: int, flow_style: bool, **config) -> A
 
 def _build_sd3_transformer(seed: int, pooled_dim: int, joint_dim: int) -> SD3Transformer2DModel:
     """Tiny MMDiT: 2 joint blocks, 4 heads x 8 = inner width 32; latent [B,16,8,8] -> 4x4 patches of 2."""
-    with _seeded(seed, "transformer"):
+    with seeded(seed, "transformer"):
         return SD3Transformer2DModel(
             sample_size=8,  # latent side -> default image side 64
             patch_size=2,
@@ -417,7 +427,7 @@ def _build_sd3_transformer(seed: int, pooled_dim: int, joint_dim: int) -> SD3Tra
 
 def _build_flux_transformer(seed: int, pooled_dim: int, joint_dim: int) -> FluxTransformer2DModel:
     """Tiny FLUX: 1 double + 1 single block, 2 heads x 16 = inner width 32; packed latent tokens of 64."""
-    with _seeded(seed, "transformer"):
+    with seeded(seed, "transformer"):
         return FluxTransformer2DModel(
             patch_size=1,
             in_channels=64,  # 16 latent channels x 2x2 packing
@@ -439,7 +449,7 @@ def _build_sdxl_unet(seed: int, text_width: int, pooled_dim: int) -> UNet2DCondi
     ``attention_head_dim`` is really the head count there: 4 heads of 16.
     """
     time_embed_dim = 8
-    with _seeded(seed, "unet"):
+    with seeded(seed, "unet"):
         return UNet2DConditionModel(
             sample_size=8,  # latent side -> default image side 64
             in_channels=4,
@@ -464,7 +474,7 @@ def _build_sdxl_unet(seed: int, text_width: int, pooled_dim: int) -> UNet2DCondi
 # ---------------------------------------------------------------------------
 
 
-def _flow_match_scheduler(dynamic_shifting: bool) -> FlowMatchEulerDiscreteScheduler:
+def flow_match_scheduler(dynamic_shifting: bool) -> FlowMatchEulerDiscreteScheduler:
     """SD3's scheduler config, or FLUX's resolution-dependent (``mu``) shifting one."""
     if dynamic_shifting:
         return FlowMatchEulerDiscreteScheduler(
@@ -501,43 +511,43 @@ def _sdxl_scheduler() -> EulerDiscreteScheduler:
 
 def _make_sd3(seed: int) -> StableDiffusion3Pipeline:
     t5_width = 2 * _CLIP_WIDTH  # must be >= concat of the two CLIP widths (SD3 pads CLIP up to T5)
-    clip_tok, clip_tok_2, t5_tok = _build_clip_tokenizer(), _build_clip_tokenizer(), _build_t5_tokenizer()
+    clip_tok, clip_tok_2, t5_tok = build_clip_tokenizer(), build_clip_tokenizer(), build_t5_tokenizer()
     return StableDiffusion3Pipeline(
         transformer=_build_sd3_transformer(seed, pooled_dim=2 * _CLIP_WIDTH, joint_dim=t5_width),
-        scheduler=_flow_match_scheduler(dynamic_shifting=False),
+        scheduler=flow_match_scheduler(dynamic_shifting=False),
         vae=_build_vae(seed, 16, flow_style=True, scaling_factor=1.5305, shift_factor=0.0609),
-        text_encoder=_build_clip_text_encoder(clip_tok, seed, "text_encoder", with_projection=True),
+        text_encoder=build_clip_text_encoder(clip_tok, seed, "text_encoder", with_projection=True),
         tokenizer=clip_tok,
-        text_encoder_2=_build_clip_text_encoder(clip_tok_2, seed, "text_encoder_2", with_projection=True),
+        text_encoder_2=build_clip_text_encoder(clip_tok_2, seed, "text_encoder_2", with_projection=True),
         tokenizer_2=clip_tok_2,
-        text_encoder_3=_build_t5_encoder(t5_tok, seed, "text_encoder_3", d_model=t5_width),
+        text_encoder_3=build_t5_encoder(t5_tok, seed, "text_encoder_3", d_model=t5_width),
         tokenizer_3=t5_tok,
     )
 
 
 def _make_flux(seed: int) -> FluxPipeline:
     t5_width = 32
-    clip_tok, t5_tok = _build_clip_tokenizer(), _build_t5_tokenizer()
+    clip_tok, t5_tok = build_clip_tokenizer(), build_t5_tokenizer()
     return FluxPipeline(
         transformer=_build_flux_transformer(seed, pooled_dim=_CLIP_WIDTH, joint_dim=t5_width),
-        scheduler=_flow_match_scheduler(dynamic_shifting=True),
+        scheduler=flow_match_scheduler(dynamic_shifting=True),
         vae=_build_vae(seed, 16, flow_style=True, scaling_factor=0.3611, shift_factor=0.1159),
-        text_encoder=_build_clip_text_encoder(clip_tok, seed, "text_encoder", with_projection=False),
+        text_encoder=build_clip_text_encoder(clip_tok, seed, "text_encoder", with_projection=False),
         tokenizer=clip_tok,
-        text_encoder_2=_build_t5_encoder(t5_tok, seed, "text_encoder_2", d_model=t5_width),
+        text_encoder_2=build_t5_encoder(t5_tok, seed, "text_encoder_2", d_model=t5_width),
         tokenizer_2=t5_tok,
     )
 
 
 def _make_sdxl(seed: int) -> StableDiffusionXLPipeline:
-    clip_tok, clip_tok_2 = _build_clip_tokenizer(), _build_clip_tokenizer()
+    clip_tok, clip_tok_2 = build_clip_tokenizer(), build_clip_tokenizer()
     return StableDiffusionXLPipeline(
         unet=_build_sdxl_unet(seed, text_width=2 * _CLIP_WIDTH, pooled_dim=_CLIP_WIDTH),
         scheduler=_sdxl_scheduler(),
         vae=_build_vae(seed, 4, flow_style=False, scaling_factor=0.13025),
-        text_encoder=_build_clip_text_encoder(clip_tok, seed, "text_encoder", with_projection=False),
+        text_encoder=build_clip_text_encoder(clip_tok, seed, "text_encoder", with_projection=False),
         tokenizer=clip_tok,
-        text_encoder_2=_build_clip_text_encoder(clip_tok_2, seed, "text_encoder_2", with_projection=True),
+        text_encoder_2=build_clip_text_encoder(clip_tok_2, seed, "text_encoder_2", with_projection=True),
         tokenizer_2=clip_tok_2,
         force_zeros_for_empty_prompt=True,  # SDXL base default, written to model_index.json
         add_watermarker=False,  # the invisible-watermark package is not needed
@@ -571,7 +581,7 @@ def _describe_existing(path: pathlib.Path) -> tuple[str, dict] | None:
     return backbone, marker
 
 
-def _check_target(path: pathlib.Path, backbone: str, seed: int) -> bool:
+def holds_pipeline(path: pathlib.Path, backbone: str, seed: int) -> bool:
     """True if ``path`` already holds the requested pipeline; False if it is free; raise if foreign."""
     if not path.exists():
         return False
@@ -611,14 +621,14 @@ def build_tiny_pipeline(backbone: str, output_dir: str | os.PathLike, seed: int 
         raise ValueError(f"unknown backbone {backbone!r}; expected one of {', '.join(BACKBONES)}")
     seed = int(seed)
     path = pathlib.Path(output_dir).expanduser().absolute()
-    if _check_target(path, backbone, seed):
+    if holds_pipeline(path, backbone, seed):
         return path
 
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
     try:
         pipe = _MAKERS[backbone](seed)
-        with _no_progress_bars():
+        with no_progress_bars():
             pipe.save_pretrained(tmp, safe_serialization=True)
         marker = {"builder": "qrlora.tiny", "version": _MARKER_VERSION, "backbone": backbone, "seed": seed}
         (tmp / MARKER_FILE).write_text(json.dumps(marker, indent=2) + "\n")
@@ -628,38 +638,10 @@ def build_tiny_pipeline(backbone: str, output_dir: str | os.PathLike, seed: int 
             os.rename(tmp, path)
         except OSError:
             # Someone else filled ``path`` meanwhile: fine if it is what we wanted.
-            if _check_target(path, backbone, seed):
+            if holds_pipeline(path, backbone, seed):
                 return path
             raise
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return path
-
-
-@cli_entry
-def main(argv: list[str] | None = None) -> None:
-    """CLI: ``python -m qrlora.tiny --backbone sd3|flux|sdxl --output DIR [--seed 0]``.
-
-    A DIR in use ends in one ``error:`` line and exit status 2 (the project's one error path), nothing touched.
-    """
-    parser = argparse.ArgumentParser(
-        prog="python -m qrlora.tiny",
-        description="Write a tiny seeded random diffusers pipeline (offline) for tests and demos.",
-    )
-    parser.add_argument("--backbone", required=True, choices=BACKBONES)
-    parser.add_argument("--output", required=True, help="pipeline folder to create (or reuse)")
-    parser.add_argument("--seed", type=int, default=0, help="weight seed (default: 0)")
-    args = parser.parse_args(argv)
-
-    path = pathlib.Path(args.output).expanduser().absolute()
-    if _check_target(path, args.backbone, args.seed):
-        print(f"reusing tiny {args.backbone} pipeline (seed {args.seed}) at {path}")
-        return
-    start = time.perf_counter()
-    build_tiny_pipeline(args.backbone, path, seed=args.seed)
-    print(f"built tiny {args.backbone} pipeline (seed {args.seed}) at {path} in {time.perf_counter() - start:.1f}s")
-
-
-if __name__ == "__main__":
-    sys.exit(main())

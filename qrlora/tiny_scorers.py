@@ -31,7 +31,7 @@ from transformers import (
     ViTModel,
 )
 
-from .tiny import CLIP_MAX_LENGTH, _build_clip_tokenizer, _seeded
+from .tiny import CLIP_MAX_LENGTH, build_clip_tokenizer, seeded
 
 IMAGE_SIZE = 32  # input resolution of both tiny towers (patch 8 -> 16 patches + CLS)
 WIDTH = 32
@@ -39,14 +39,14 @@ WIDTH = 32
 
 def build_tiny_clip(output_dir: str | os.PathLike, seed: int = 0) -> Path:
     """Write a tiny ``CLIPModel`` (text + vision towers, projection 16) with its image processor and tokenizer."""
-    tokenizer = _build_clip_tokenizer()
+    tokenizer = build_clip_tokenizer()
     common = dict(hidden_size=WIDTH, intermediate_size=2 * WIDTH, num_hidden_layers=2, num_attention_heads=4)
     text = CLIPTextConfig(vocab_size=len(tokenizer), max_position_embeddings=CLIP_MAX_LENGTH,
                           bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                           pad_token_id=tokenizer.pad_token_id, **common)
     vision = CLIPVisionConfig(image_size=IMAGE_SIZE, patch_size=8, **common)
     config = CLIPConfig(text_config=text.to_dict(), vision_config=vision.to_dict(), projection_dim=16)
-    with _seeded(seed, "eval_clip"):
+    with seeded(seed, "eval_clip"):
         model = CLIPModel(config).eval()
     out = Path(output_dir)
     model.save_pretrained(out)
@@ -59,7 +59,7 @@ def build_tiny_dino(output_dir: str | os.PathLike, seed: int = 0) -> Path:
     """Write a tiny ``ViTModel`` (DINO ViT-S/16's class, no pooler) with its ``ViTImageProcessor``."""
     config = ViTConfig(image_size=IMAGE_SIZE, patch_size=8, hidden_size=WIDTH, intermediate_size=2 * WIDTH,
                        num_hidden_layers=2, num_attention_heads=4)
-    with _seeded(seed, "eval_dino"):
+    with seeded(seed, "eval_dino"):
         model = ViTModel(config, add_pooling_layer=False).eval()
     out = Path(output_dir)
     model.save_pretrained(out)

@@ -76,9 +76,9 @@ runpy.run_module("qrlora.merge", run_name="__main__", alter_sys=True)
     assert "MERGER_CLASSES 1" in proc.stdout, proc.stdout[-500:] + proc.stderr[-1500:]
 
 
-# Every `python -m qrlora.X` the README and the wrappers use. qrlora.tiny still owns its parser (and runs twice).
+# Every `python -m qrlora.X` the README and the wrappers use.
 PYTHON_M = ["qrlora.train", "qrlora.merge", "qrlora.export", "qrlora.evaluate", "qrlora.compare", "qrlora.ziplora",
-            "qrlora.runs", "qrlora.tiny_scorers", "qrlora.tiny"]
+            "qrlora.runs", "qrlora.tiny_scorers", "qrlora.tiny", "qrlora.world"]
 
 
 @pytest.mark.parametrize("module", PYTHON_M)
@@ -108,7 +108,7 @@ for MODULE in sys.argv[1:]:
     except SystemExit:
         pass
 """
-    modules = [m for m in PYTHON_M if m != "qrlora.tiny"]
+    modules = PYTHON_M
     proc = subprocess.run([sys.executable, "-c", code, *modules], capture_output=True, text=True, cwd=REPO)
     for module in modules:
         assert f"DEFINED_IN_MAIN {module} []" in proc.stdout, proc.stdout[-1500:] + proc.stderr[-1500:]
@@ -132,8 +132,8 @@ LIBRARY = sorted(p for p in (REPO / "qrlora").rglob("*.py") if p.relative_to(REP
 
 
 def test_argparse_lives_in_the_cli_layer_only():
-    """One CLI layer: no library module builds a parser (qrlora.tiny, not yet moved, excepted)."""
-    offenders = sorted({str(p.relative_to(REPO)) for p in LIBRARY if p != REPO / "qrlora" / "tiny.py"
+    """One CLI layer: no library module builds a parser."""
+    offenders = sorted({str(p.relative_to(REPO)) for p in LIBRARY
                         for name, _ in _imports(p) if name.split(".")[0] == "argparse"})
     assert offenders == []
 

@@ -7,6 +7,7 @@ def test_demo_end_to_end(tmp_path):
     demo = tmp_path / "demo"
     proc = run_script(["bash", "demo.sh"], env={"DEMO_DIR": str(demo), "STEPS": "3"})
     assert "residual form and delta form agree" in proc.stdout
+    assert proc.stdout.count("inference_s") >= 9  # the world's classifier read every cell of the grid
     for rel in ("content/pytorch_lora_weights.safetensors", "style/pytorch_lora_weights.safetensors",
                 "residual/sd3_residual_weights.safetensors", "grid_residual/grid.png", "grid_delta/grid.png",
                 "grid_delta/inference_s0.50_c1.00.png", "similarity/all_statistics_summary.json"):

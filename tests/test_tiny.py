@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 
 from diffusers import FluxPipeline, StableDiffusion3Pipeline, StableDiffusionXLPipeline
 from qrlora import tiny
+from qrlora.cli.tiny import main as tiny_main
 
 PIPELINES = {
     "sd3": StableDiffusion3Pipeline,
@@ -103,7 +104,7 @@ def test_same_seed_is_bit_identical(built, backbone, tmp_path):
 def test_reuses_existing_pipeline(built, capsys):
     path = built["sdxl"]
     before = {p: p.stat().st_mtime_ns for p in path.rglob("*")}
-    tiny.main(["--backbone", "sdxl", "--output", str(path)])
+    tiny_main(["--backbone", "sdxl", "--output", str(path)])
     assert "reus" in capsys.readouterr().out
     assert {p: p.stat().st_mtime_ns for p in path.rglob("*")} == before
     assert tiny.build_tiny_pipeline("sdxl", path) == path
@@ -112,7 +113,7 @@ def test_reuses_existing_pipeline(built, capsys):
 def test_empty_dir_is_filled(tmp_path):
     target = tmp_path / "empty"
     target.mkdir()
-    tiny.main(["--backbone", "flux", "--output", str(target)])
+    tiny_main(["--backbone", "flux", "--output", str(target)])
     assert (target / "model_index.json").is_file()
 
 
@@ -138,7 +139,7 @@ def test_refuses_foreign_dir(built, tmp_path, backbone, setup, capsys):
     siblings = sorted(p.name for p in target.parent.iterdir())
 
     with pytest.raises(SystemExit) as excinfo:
-        tiny.main(["--backbone", backbone, "--output", str(target), "--seed", str(seed)])
+        tiny_main(["--backbone", backbone, "--output", str(target), "--seed", str(seed)])
     lines = capsys.readouterr().err.strip().splitlines()
     assert excinfo.value.code == 2 and len(lines) == 1 and lines[0].startswith("error: ") and str(target) in lines[0]
 
@@ -152,4 +153,4 @@ def test_unknown_backbone_rejected(tmp_path):
     with pytest.raises(ValueError):
         tiny.build_tiny_pipeline("sd15", tmp_path / "x")
     with pytest.raises(SystemExit):
-        tiny.main(["--backbone", "sd15", "--output", str(tmp_path / "x")])
+        tiny_main(["--backbone", "sd15", "--output", str(tmp_path / "x")])

@@ -8,14 +8,13 @@ One module per command, named after the library module whose work it drives:
   ``qrlora-grid``: ``grid_main``);
 * :mod:`.residual`: ``save_SD3_residual.py`` / ``save_flux_residual.py`` / ``qrlora-residual`` and
   ``extract_residual_from_checkpoint.py`` / ``qrlora-extract-residual``;
-* :mod:`.export`, :mod:`.evaluate`, :mod:`.compare`, :mod:`.ziplora`, :mod:`.runs`, :mod:`.tiny_scorers`: the
-  ``python -m qrlora.X`` command of the same name;
+* :mod:`.export`, :mod:`.evaluate`, :mod:`.compare`, :mod:`.ziplora`, :mod:`.runs`, :mod:`.tiny`,
+  :mod:`.tiny_scorers`, :mod:`.world`: the ``python -m qrlora.X`` command of the same name;
 * :mod:`.analysis`: the ``test/*.py`` analysis scripts (similarity, MoE expert usage, usage comparison);
 * :mod:`.arguments`: the flag groups several commands share (rendering, merge strategies, ZipLoRA, evaluation).
 
 Library modules hold no argparse and never import this package: a command parses its flags here and calls the
 library with the parsed namespace, so the imports run one way (``qrlora.cli`` -> library) and form no cycle.
-(``qrlora.tiny`` keeps its own parser for now.)
 
 ``python -m qrlora.X`` keeps working: the library module ``qrlora/X.py`` starts with a guard that, when the module
 runs as ``__main__``, hands over to ``qrlora.cli.X`` *before the module defines anything*. The CLI then imports

@@ -1,0 +1,223 @@
+"""CLI of the CPU world (``python -m qrlora.world`` / ``qrlora-world``): ``build``, ``experiment``, ``images``, ``score``
+(README.md, "The CPU world").
+
+The experiment drives the real trainer and merge commands (their flags, parsed here), so its orchestration lives in
+the CLI layer; what it measures (``Sampler``, the tables and plot) is library code in ``qrlora.world.experiment``."""
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+import time
+from pathlib import Path
+
+from ..checkpoint import load_adapter
+from ..errors import UserError, cli_entry
+from ..methods import get_method
+from ..strategies import STRATEGIES
+from ..world import data
+from ..world.experiment import GUIDANCE, LR_FACTOR, SAMPLE_STEPS, Sampler, dw_similarity, markdown, plot
+from ..world.world import CONTENT_STYLE, STYLE_SHAPE, World, write_instance_images
+from .arguments import ArgumentParser, add_render_arguments, add_strategy_arguments
+
+EXPERIMENT_STEPS = 100  # trainer steps per adapter (a sweep on the shipped world: README "The CPU world")
+EXPERIMENT_LR = 1e-2
+
+
+def _positive(flag: str, value: int) -> None:
+    if value <= 0:
+        raise UserError(f"{flag} must be positive, got {value}")
+
+
+@cli_entry
+def main(argv: list[str] | None = None) -> None:
+    parser = ArgumentParser(prog="python -m qrlora.world", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    b = sub.add_parser("build", help="train the world's VAE, denoiser and classifier from scratch (seeded)")
+    b.add_argument("--output", required=True, help="folder to create (must not exist or be empty)")
+    b.add_argument("--seed", type=int, default=0)
+    b.add_argument("--vae_steps", type=int, default=1200)
+    b.add_argument("--denoiser_steps", type=int, default=4000)
+    b.add_argument("--classifier_steps", type=int, default=800)
+    b.add_argument("--width", type=int, default=128, help="transformer width (a multiple of 32)")
+    b.add_argument("--layers", type=int, default=4, help="transformer joint blocks")
+    b.add_argument("--batch_size", type=int, default=64)
+    b.add_argument("--learning_rate", type=float, default=1e-3)
+    b.add_argument("--threads", type=int, default=1, help="torch threads per process (the classifier trains in a second one)")
+    b.add_argument("--samples_per_pair", type=int, default=4, help="base-model samples per seen (shape, style) pair")
+    e = sub.add_parser("experiment", help="content + style adapters per method, merged per strategy, scored by the classifier")
+    e.add_argument("--world", default=None, help="built world folder (default: the shipped assets/world)")
+    e.add_argument("--output", required=True, help="folder for the runs and results.json / .md / .png (must not exist or be empty)")
+    e.add_argument("--methods", default="all", help="comma list of --lora_init_method names, or 'all' (default)")
+    e.add_argument("--merges", default="all", help="comma list of merge strategies (direct, ziplora, klora), or 'all' (default)")
+    e.add_argument("--weights", default="0.5,1.0", help="comma list: the grid is every (content, style) pair of these (default 0.5,1.0)")
+    e.add_argument("--samples", type=int, default=32, help="images per cell, seeds 0..N-1 (default 32)")
+    e.add_argument("--steps", type=int, default=EXPERIMENT_STEPS, help=f"trainer steps per adapter (default {EXPERIMENT_STEPS})")
+    e.add_argument("--learning_rate", type=float, default=EXPERIMENT_LR, help=f"trainer learning rate (default {EXPERIMENT_LR}; x10 for ica)")
+    e.add_argument("--rank", type=int, default=4)
+    e.add_argument("--seed", type=int, default=0)
+    i = sub.add_parser("images", help="render training images of one (shape, style) pair as PNGs (adapter data)")
+    i.add_argument("--shape", required=True, choices=data.SHAPES)
+    i.add_argument("--style", required=True, choices=data.STYLES)
+    i.add_argument("--count", type=int, default=4)
+    i.add_argument("--seed", type=int, default=0)
+    i.add_argument("--output", required=True, help="folder to write into (created)")
+    c = sub.add_parser("score", help="classify the PNG images of a folder (shape, style) with a world's classifier")
+    c.add_argument("folder", help="folder of .png images (e.g. a merge grid's output)")
+    c.add_argument("--world", default=None, help="built world folder (default: the shipped assets/world)")
+    c.add_argument("--glob", default="*.png", help="which files of the folder (default: *.png)")
+    args = parser.parse_args(argv)
+    command = "python -m qrlora.world " + shlex.join(sys.argv[1:] if argv is None else argv)
+
+    if args.command == "build":
+        from ..world.build import build_world
+
+        for flag in ("vae_steps", "denoiser_steps", "classifier_steps", "layers", "batch_size", "threads", "samples_per_pair"):
+            _positive(f"--{flag}", getattr(args, flag))
+        if args.width <= 0 or args.width % 32:
+            raise UserError(f"--width must be a positive multiple of 32, got {args.width}")
+        if args.learning_rate <= 0:
+            raise UserError(f"--learning_rate must be positive, got {args.learning_rate}")
+        start = time.perf_counter()
+        record = build_world(args.output, seed=args.seed, vae_steps=args.vae_steps, denoiser_steps=args.denoiser_steps,
+                             classifier_steps=args.classifier_steps, width=args.width, layers=args.layers,
+                             batch_size=args.batch_size, lr=args.learning_rate, threads=args.threads,
+                             samples_per_pair=args.samples_per_pair, command=command)
+        c, m = record["classifier"], record["base_model"]
+        print(f"built the world at {args.output} in {(time.perf_counter() - start) / 60:.1f} min: "
+              f"classifier shape {c['shape_accuracy']:.1%} style {c['style_accuracy']:.1%}; "
+              f"base model seen shape {m['seen_shape_accuracy']:.1%} style {m['seen_style_accuracy']:.1%}")
+
+    elif args.command == "experiment":
+        _experiment(args, command)
+    elif args.command == "score":
+        _score(args)
+    elif args.command == "images":
+        
+        _positive("--count", args.count)
+        folder = write_instance_images(args.output, args.shape, args.style, count=args.count, seed=args.seed)
+        print(f"wrote {args.count} images of {data.caption(args.shape, args.style)!r} to {folder}")
+
+
+def _score(args) -> None:
+    """Print ``file: shape, style`` for every image of the folder matching ``--glob`` (sorted by name)."""
+    from PIL import Image
+
+    from ..world.world import SHIPPED_WORLD, load_world
+
+    files = sorted(Path(args.folder).glob(args.glob)) if Path(args.folder).is_dir() else []
+    if not files:
+        raise UserError(f"{args.folder}: no images matching {args.glob} to score")
+    world = load_world(args.world or SHIPPED_WORLD)
+    shapes, styles = world.classify([Image.open(f) for f in files])
+    for f, shape, style in zip(files, shapes, styles):
+        print(f"{f.name}: {shape}, {style}")
+
+
+def _experiment(args, command: str) -> None:
+    """Check every flag, then run ``qrlora.world.experiment.run_experiment`` and print the table."""
+    from ..world.experiment import METHOD_NAMES, check_choices
+    from ..world.world import SHIPPED_WORLD, load_world
+
+    methods = METHOD_NAMES if args.methods == "all" else check_choices("--methods", args.methods.split(","), METHOD_NAMES)
+    merges = list(STRATEGIES) if args.merges == "all" else check_choices("--merges", args.merges.split(","), list(STRATEGIES))
+    try:
+        grid = [float(w) for w in args.weights.split(",")]
+    except ValueError:
+        raise UserError(f"--weights: expected a comma list of numbers, got {args.weights!r}") from None
+    for flag in ("samples", "steps", "rank"):
+        _positive(f"--{flag}", getattr(args, flag))
+    if args.learning_rate <= 0:
+        raise UserError(f"--learning_rate must be positive, got {args.learning_rate}")
+    output = Path(args.output)
+    if output.exists() and (not output.is_dir() or any(output.iterdir())):
+        raise UserError(f"--output: {output} exists and is not an empty folder; choose a new one")
+    world = load_world(args.world or SHIPPED_WORLD)
+    start = time.perf_counter()
+    results = run_experiment(world, output, methods=methods, merges=merges, grid=grid, samples=args.samples,
+                             steps=args.steps, lr=args.learning_rate, rank=args.rank, seed=args.seed, command=command)
+    print((output / "results.md").read_text())
+    print(f"experiment done in {(time.perf_counter() - start) / 60:.1f} min: {output / 'results.json'}")
+    return results
+
+
+def train_adapter(world: World, method: str, role: str, output_dir: Path, *, steps: int, lr: float, rank: int = 4,
+                  seed: int = 0, experts: int = 2) -> Path:
+    """Train the ``role`` ("content" or "style") adapter of ``method`` through ``qrlora.train``; return its file.
+
+    The 4 instance images are rendered into ``output_dir/images`` (seeded by ``seed``); the run folder is
+    ``output_dir/run``.
+    """
+    from accelerate.state import AcceleratorState
+
+    from .train import main as train_main
+
+    shape, style = (world.new_shape, CONTENT_STYLE) if role == "content" else (STYLE_SHAPE, world.new_style)
+    images = write_instance_images(output_dir / "images", shape, style, count=4, seed=seed)
+    try:
+        return train_main([
+            "--pretrained_model_name_or_path", str(world.path), "--instance_data_dir", str(images),
+            "--instance_prompt", data.caption(shape, style), "--output_dir", str(output_dir / "run"),
+            "--lora_init_method", method, "--rank", str(rank), "--moe_num_experts", str(experts),
+            "--max_train_steps", str(steps), "--learning_rate", str(lr * LR_FACTOR.get(method, 1.0)),
+            "--train_batch_size", "4", "--cache_latents", "--seed", str(seed),
+            "--checkpointing_steps", str(steps + 1), *world.trainer_flags(),
+        ])
+    finally:
+        AcceleratorState._reset_state()  # accelerate keeps one global state per process
+
+
+def render_args(world: World, seed: int = 0) -> argparse.Namespace:
+    """The rendering / strategy flags ``MergedPipeline`` reads, as the merge CLI would parse them for this world."""
+    p = ArgumentParser()
+    add_render_arguments(p)
+    add_strategy_arguments(p)
+    return p.parse_args([
+        "--num_inference_steps", str(SAMPLE_STEPS), "--guidance_scale", str(GUIDANCE), "--seed", str(seed),
+        "--height", str(world.resolution), "--width", str(world.resolution),
+        "--max_sequence_length", str(world.max_sequence_length), "--device", "cpu", "--dtype", "fp32",
+    ])
+
+
+def run_experiment(world: World, output: Path, *, methods: list[str], merges: list[str], grid: list[float],
+                   samples: int, steps: int, lr: float, rank: int, seed: int, command: str) -> dict:
+    """Train, merge, sample and score every method x strategy; write results.json / .md / .png into ``output``."""
+    from tqdm.auto import tqdm
+
+    from ..inference import MergedPipeline
+
+    start = time.perf_counter()
+    args = render_args(world, seed)
+    results = {"command": command, "world": str(world.path), "world_build": world.record.get("command"),
+               "settings": {"methods": methods, "merges": merges, "grid": grid, "samples": samples, "steps": steps,
+                            "learning_rate": lr, "rank": rank, "seed": seed, "sample_steps": SAMPLE_STEPS,
+                            "guidance_scale": GUIDANCE, "lr_factor": LR_FACTOR},
+               "prompt": data.caption(world.new_shape, world.new_style), "methods": {}}
+    cells = [(c, s) for c in grid for s in grid]
+    for method in tqdm(methods, desc="methods"):
+        t = time.perf_counter()
+        folder = output / method
+        paths = {role: train_adapter(world, method, role, folder / role, steps=steps, lr=lr, rank=rank, seed=seed)
+                 for role in ("content", "style")}
+        adapters = [load_adapter(paths["content"]), load_adapter(paths["style"])]
+        entry = {"dw_similarity": dw_similarity(paths["content"], paths["style"]), "strategies": {}}
+        for name in merges:
+            if STRATEGIES[name].pair_only and not get_method(method).static:
+                entry["strategies"][name] = {"skipped": f"{method} adapters are token-dependent; {name} needs dW"}
+                continue
+            merged = MergedPipeline(str(world.path), adapters, None, args, strategy=name, roles=(0, 1))
+            sampler = Sampler(world, merged, samples)
+            if name == "direct":
+                entry.update(sampler.leakage())
+                if "base" not in results:  # weights 0 restore the base weights exactly: one measurement serves all
+                    results["base"] = {**sampler.cell((0.0, 0.0)), **sampler.leakage(((0.0, 0.0), (0.0, 0.0)))}
+            entry["strategies"][name] = {"cells": [sampler.cell(cell) for cell in cells]}
+        entry["seconds"] = round(time.perf_counter() - t, 1)
+        results["methods"][method] = entry
+    results["seconds"] = round(time.perf_counter() - start, 1)
+    output.mkdir(parents=True, exist_ok=True)
+    (output / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    (output / "results.md").write_text(markdown(results))
+    plot(results, output / "results.png")
+    return results
