@@ -56,6 +56,13 @@ class AdapterFile:
     def base_model(self) -> str | None:
         return self.metadata.get("base_model")
 
+    def require_weight_change(self, strategy: str) -> None:
+        """Refuse a token-dependent (MoE) adapter where ``strategy`` (a sentence: "K-LoRA compares weight
+        changes") needs its ``dW``: one line naming the file and the way out."""
+        if not self.method.static:
+            raise UserError(f"{self.path}: {strategy}; a {self.config.method} adapter is token-dependent and has none "
+                            "(use --merge_strategy direct)")
+
     def delta_weights(self) -> dict[str, torch.Tensor]:
         """``dW`` (out x in, float32) of every layer, from the file alone. Static methods only."""
         if not self.method.static:

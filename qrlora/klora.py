@@ -82,9 +82,7 @@ class KLoRA:
     def __init__(self, denoiser: nn.Module, content: AdapterFile, style: AdapterFile, *, k: int = KLORA_K,
                  alpha: float = KLORA_ALPHA, beta: float = KLORA_BETA):
         for adapter in (content, style):
-            if not adapter.method.static:
-                raise UserError(f"{adapter.path}: K-LoRA compares weight changes; a {adapter.config.method} adapter is "
-                                "token-dependent and has none (use --merge_strategy direct)")
+            adapter.require_weight_change("K-LoRA compares weight changes")
         if k < 1:
             raise UserError(f"--klora_k must be a positive integer, got {k}")
         self.k, self.alpha, self.beta = k, alpha, beta

@@ -139,9 +139,7 @@ def learn_mergers(pipe, denoiser: nn.Module, content: AdapterFile, style: Adapte
     ``call_kwargs`` are the pipeline keywords used to sample each adapter on its own prompt (steps, size, seed).
     """
     for adapter in (content, style):
-        if not adapter.method.static:
-            raise UserError(f"{adapter.path}: ZipLoRA scales the columns of a weight change; a {adapter.config.method} "
-                            "adapter is token-dependent and has none (use --merge_strategy direct)")
+        adapter.require_weight_change("ZipLoRA scales the columns of a weight change")
     if steps < 0:
         raise UserError(f"--ziplora_steps must be >= 0, got {steps}")
     denoiser.requires_grad_(False)
