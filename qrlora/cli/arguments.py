@@ -3,6 +3,7 @@ K-LoRA's options, and the scoring models (evaluate, compare). Defaults come from
 from __future__ import annotations
 
 import argparse
+import math
 
 from ..devices import DTYPES
 from ..errors import UserError
@@ -21,6 +22,23 @@ class ArgumentParser(argparse.ArgumentParser):
 
     def error(self, message: str):
         raise UserError(f"{message} (see {self.prog} --help)")
+
+
+def positive(kind: type):
+    """An argparse ``type`` that parses ``kind`` (int or float) and refuses zero, negatives, NaN and inf, so a bad
+    count or rate is reported by the parser, in its one error line, before anything runs."""
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a positive {kind.__name__}, got {text!r}") from None
+        if not (math.isfinite(value) and value > 0):
+            raise argparse.ArgumentTypeError(f"must be positive, got {text}")
+        return value
+
+    parse.__name__ = f"positive {kind.__name__}"
+    return parse
 
 
 def add_render_arguments(p: argparse.ArgumentParser, backbone_default_steps: int = 28) -> None:
