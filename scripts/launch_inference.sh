@@ -34,4 +34,4 @@ FLAGS=(--model_path "${MODEL_NAME:-$DEFAULT_MODEL}"
 [[ -n "${RESIDUAL:-}" ]] && FLAGS+=(--residual_path "$RESIDUAL")
 [[ -n "${GUIDANCE:-}" ]] && FLAGS+=(--guidance_scale "$GUIDANCE")
 [[ -n "${DTYPE:-}" ]] && FLAGS+=(--dtype "$DTYPE")
-exec python "$REPO_ROOT/$ENTRY" "${FLAGS[@]}" "$@"
+run_command python "$REPO_ROOT/$ENTRY" "${FLAGS[@]}" "$@"   # DRY_RUN=1: print it only

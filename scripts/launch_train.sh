@@ -72,8 +72,4 @@ COMMAND=("${LAUNCH[@]}" -m qrlora.train \
   "$@")
 
 # DRY_RUN=1 prints the command the wrapper would run (defaults resolved) and changes nothing.
-if [[ "${DRY_RUN:-0}" == 1 ]]; then
-  printf '%q ' "${COMMAND[@]}"; echo
-  exit 0
-fi
-exec "${COMMAND[@]}"
+run_command "${COMMAND[@]}"

@@ -53,4 +53,4 @@ elif [[ -n "$PROMPT" ]]; then
 fi
 
 echo "OUTPUT_DIR: $OUTPUT_DIR"
-"$PYTHON" "$REPO_ROOT/test/analyze_moe_experts.py" "${args[@]}" "$@"
+run_command "$PYTHON" "$REPO_ROOT/test/analyze_moe_experts.py" "${args[@]}" "$@"   # DRY_RUN=1: print it only

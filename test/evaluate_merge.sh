@@ -35,5 +35,5 @@ OUTPUT_DIR="${OUTPUT_DIR:-output_eval/merge_eval-$(date +%Y%m%d-%H%M%S)}"
 
 read -r -a image_dirs <<<"$IMAGES"
 echo "OUTPUT_DIR: $OUTPUT_DIR"
-"$PYTHON" -m qrlora.evaluate --images "${image_dirs[@]}" --style_refs "$STYLE_REFS" --content_refs "$CONTENT_REFS" \
+run_command "$PYTHON" -m qrlora.evaluate --images "${image_dirs[@]}" --style_refs "$STYLE_REFS" --content_refs "$CONTENT_REFS" \
     --clip_model "$CLIP_MODEL" --dino_model "$DINO_MODEL" --output_dir "$OUTPUT_DIR" "$@"

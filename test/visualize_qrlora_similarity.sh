@@ -53,8 +53,9 @@ if [[ -n "$BASELINE1_PATH" || -n "$BASELINE2_PATH" ]]; then
     args+=(--compare --baseline1_path "$BASELINE1_PATH" --baseline2_path "$BASELINE2_PATH")
 fi
 
-mkdir -p "$OUTPUT_DIR"
-cp "${BASH_SOURCE[0]}" "$OUTPUT_DIR/vis_script.sh"  # what produced these figures, next to them
 echo "OUTPUT_DIR: $OUTPUT_DIR"
-
-"$PYTHON" "$REPO_ROOT/test/visualize_qrlora_similarity.py" "${args[@]}" "$@"
+if [[ "${DRY_RUN:-0}" != 1 ]]; then
+  mkdir -p "$OUTPUT_DIR"
+  cp "${BASH_SOURCE[0]}" "$OUTPUT_DIR/vis_script.sh"  # what produced these figures, next to them
+fi
+run_command "$PYTHON" "$REPO_ROOT/test/visualize_qrlora_similarity.py" "${args[@]}" "$@"   # DRY_RUN=1: print it only
