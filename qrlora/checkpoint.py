@@ -125,6 +125,8 @@ def adapter_metadata(config: AdapterConfig, *, component: str, backbone: str | N
         "base_model": base_model or "",
         "target_modules": json.dumps(list(targets or [])),
     }
+    if config.basis != "top" or config.basis_offset:  # study controls only: default files keep their keys
+        meta.update(basis=config.basis, basis_offset=str(config.basis_offset), basis_seed=str(config.basis_seed))
     meta.update({k: str(v) for k, v in (extra or {}).items()})
     return meta
 
@@ -244,6 +246,9 @@ def _config_from_metadata(path, meta: Mapping[str, str]) -> AdapterConfig:
         delta_scale=_meta_number(path, meta, "delta_scale", float, 0.01, minimum=0),
         num_experts=_meta_number(path, meta, "num_experts", int, 8, minimum=1),
         seed=_meta_number(path, meta, "seed", int, 0),
+        basis=meta.get("basis", "top"),
+        basis_offset=_meta_number(path, meta, "basis_offset", int, 0, minimum=0),
+        basis_seed=_meta_number(path, meta, "basis_seed", int, 0),
     )
 
 

@@ -17,6 +17,7 @@ from . import decompose
 from .errors import UserError
 
 Tensors = Mapping[str, torch.Tensor]
+BASES = ("top", "random")
 
 
 @dataclass(frozen=True)
@@ -30,6 +31,12 @@ class AdapterConfig:
     delta_scale: float = 0.01  # std of the coefficients when use_zero_init is off (published default)
     num_experts: int = 8  # moe only
     seed: int = 0  # seeds ica, moe gates, lora A and non-zero coefficient init, per layer
+    # Research controls of the frozen output basis (methods with ``chooses_basis``; the disentanglement study):
+    # "top" = the paper's top-r singular directions of W; "random" = a seeded random orthonormal Q (basis_seed),
+    # with R = Q^T W / s so that W - s Q R stays the residual. basis_offset k uses singular directions k+1..k+r.
+    basis: str = "top"
+    basis_offset: int = 0
+    basis_seed: int = 0
 
     def __post_init__(self):
         """Validate as PEFT's ``LoraConfig`` does: a config that exists is one the methods can use."""
@@ -44,6 +51,13 @@ class AdapterConfig:
                                 f"(each expert owns rank / experts directions)")
         if not (math.isfinite(self.delta_scale) and self.delta_scale >= 0):
             raise UserError(f"--delta_scale must be a non-negative number, got {self.delta_scale!r}")
+        if self.basis not in BASES:
+            raise UserError(f"--qr_basis must be one of {', '.join(BASES)}, got {self.basis!r}")
+        if isinstance(self.basis_offset, bool) or not isinstance(self.basis_offset, int) or self.basis_offset < 0:
+            raise UserError(f"--qr_basis_offset must be a non-negative integer, got {self.basis_offset!r}")
+        if (self.basis != "top" or self.basis_offset) and not method.chooses_basis:
+            raise UserError(f"--qr_basis / --qr_basis_offset: {self.method} has no frozen Q basis to choose "
+                            f"(methods that have one: {', '.join(m.name for m in METHODS.values() if m.chooses_basis)})")
 
     @property
     def lora_alpha(self) -> float:
@@ -81,6 +95,7 @@ class Method:
     # q / base_r / delta_r layout): what plots and reports call them.
     math_names: Mapping[str, str] = {}
     display_name: str = ""  # how reports label an adapter of this method
+    chooses_basis: bool = False  # AdapterConfig.basis / basis_offset pick its frozen output basis
 
     # ---- initialisation -------------------------------------------------------------------------------
     def initialize(self, weight: torch.Tensor, cfg: AdapterConfig, layer_name: str) -> dict[str, torch.Tensor]:
@@ -152,10 +167,16 @@ class DeltaR(Method):
     basis = ("q", "base_r")
     math_names = {"q": "Q", "base_r": "R", "delta_r": "dR"}
     display_name = "QR-LoRA (deltaR)"
+    chooses_basis = True
+
+    def frozen_basis(self, weight, cfg, layer_name) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(Q, R)`` (out x r, r x in): the QR of the top-r core (the paper), or the study's controls."""
+        if cfg.basis == "random":
+            return _random_basis(weight, cfg, layer_name)
+        return decompose.qr_of_core(_singular_directions(weight, cfg), cfg.scale)
 
     def initialize(self, weight, cfg, layer_name):
-        svd = decompose.truncated_svd(weight, cfg.rank)
-        q, r = decompose.qr_of_core(svd, cfg.scale)
+        q, r = self.frozen_basis(weight, cfg, layer_name)
         delta = self._coefficients(r.shape, cfg, layer_name, r.device)
         mask = self.grad_mask("delta_r", {"base_r": r})
         return {"q": q, "base_r": r, "delta_r": delta if mask is None else delta * mask}
@@ -229,10 +250,15 @@ class SVDCoefficients(DeltaR):
     math_names = {"q": "U", "base_r": "M0", "delta_r": "dM"}
     display_name = "QR-LoRA (svd)"
 
+    def frozen_basis(self, weight, cfg, layer_name):
+        if cfg.basis == "random":
+            return _random_basis(weight, cfg, layer_name)
+        svd = _singular_directions(weight, cfg)
+        return svd.U, (svd.S / cfg.scale).unsqueeze(1) * svd.Vh
+
     def initialize(self, weight, cfg, layer_name):
-        svd = decompose.truncated_svd(weight, cfg.rank)
-        m0 = (svd.S / cfg.scale).unsqueeze(1) * svd.Vh
-        return {"q": svd.U, "base_r": m0, "delta_r": self._coefficients(m0.shape, cfg, layer_name, m0.device)}
+        u, m0 = self.frozen_basis(weight, cfg, layer_name)
+        return {"q": u, "base_r": m0, "delta_r": self._coefficients(m0.shape, cfg, layer_name, m0.device)}
 
 
 class ICA(Method):
@@ -352,7 +378,46 @@ class LoRA(Method):
 
 
 
-METHODS: dict[str, Method] = {m.name: m for m in (DeltaR(), TriuDeltaR(), QRJoint(), SVDCoefficients(), ICA(), FrequencyMoE(), LoRA())}
+class LoRAFrozenB(LoRA):
+    """Control of the disentanglement study: LoRA whose ``B`` (out x r) is frozen at a random init and whose ``A``
+    (r x in, zero at init) trains: a frozen output basis like QR-LoRA's ``Q``, but not orthonormal and not from W."""
+
+    name = "lora_frozen_b"
+    trainable = ("lora_A",)
+    basis = ("lora_B",)
+    display_name = "LoRA (frozen random B)"
+
+    def initialize(self, weight, cfg, layer_name):
+        out_features, in_features = weight.shape
+        gen = torch.Generator(device="cpu").manual_seed(decompose.layer_seed(cfg.seed, layer_name))
+        bound = 1.0 / math.sqrt(cfg.rank)  # kaiming-uniform on an (out, r) tensor, as PEFT draws A on (r, in)
+        lora_b = (torch.rand(out_features, cfg.rank, generator=gen) * 2 - 1) * bound
+        return {"lora_A": self._coefficients((cfg.rank, in_features), cfg, layer_name, weight.device),
+                "lora_B": lora_b.to(weight.device)}
+
+
+def _singular_directions(weight: torch.Tensor, cfg: AdapterConfig) -> decompose.TruncatedSVD:
+    """Singular triplets ``basis_offset + 1 .. basis_offset + r`` of ``W`` (the top r when the offset is 0)."""
+    k = cfg.basis_offset
+    if k == 0:
+        return decompose.truncated_svd(weight, cfg.rank)
+    if k + cfg.rank > min(weight.shape):
+        raise UserError(f"--qr_basis_offset {k} + --rank {cfg.rank} exceeds the layer's {min(weight.shape)} directions")
+    svd = decompose.truncated_svd(weight, k + cfg.rank)
+    return decompose.TruncatedSVD(svd.U[:, k:], svd.S[k:], svd.Vh[k:])
+
+
+def _random_basis(weight: torch.Tensor, cfg: AdapterConfig, layer_name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """A seeded random orthonormal ``Q`` (out x r) and ``R = Q^T W / s`` (so ``s Q R`` is W's part in span Q)."""
+    w = weight.detach().to(torch.float32)
+    gen = torch.Generator(device="cpu").manual_seed(decompose.layer_seed(cfg.basis_seed + 7, layer_name))
+    q, _ = torch.linalg.qr(torch.randn(w.shape[0], cfg.rank, generator=gen))
+    q = q.to(w.device)
+    return q, (q.T @ w) / cfg.scale
+
+
+METHODS: dict[str, Method] = {m.name: m for m in (DeltaR(), TriuDeltaR(), QRJoint(), SVDCoefficients(), ICA(), FrequencyMoE(), LoRA(),
+                                                  LoRAFrozenB())}
 
 
 def get_method(name: str) -> Method:

@@ -3,7 +3,10 @@
 - ``direct`` (default): weighted addition ``W + sum_i w_i dW_i`` (``merge.Merger``), any number of adapters;
 - ``ziplora``: learned per-column coefficients (``qrlora.ziplora``), then the weighted addition of
   ``dW_c diag(m_c)`` and ``dW_s diag(m_s)``;
-- ``klora``: per layer and step, the content or the style adapter acts (``qrlora.klora``), live.
+- ``klora``: per layer and step, the content or the style adapter acts (``qrlora.klora``), live;
+- ``ties`` / ``dare``: PEFT's ``merge_utils.ties`` (trim to ``--merge_density``, elect signs, disjoint mean) and
+  ``merge_utils.dare_linear`` (random drop to ``--merge_density``, rescale, weighted sum) on each layer's dense
+  ``dW_i``, used as PEFT ships them; DARE's drop masks are seeded per layer, so a grid is reproducible.
 
 A strategy is built once per pipeline and asked, before each image, to set the weights; it returns the extra
 pipeline keywords it needs (K-LoRA's step callback).
@@ -12,7 +15,10 @@ from __future__ import annotations
 
 from typing import Sequence
 
+import torch
+
 from .checkpoint import AdapterFile
+from .decompose import layer_seed
 from .errors import UserError
 from .klora import KLoRA
 from .merge import Merger
@@ -78,7 +84,47 @@ class KLoRAMerge:
         return None
 
 
-STRATEGIES = {"direct": DirectMerge, "ziplora": ZipLoRAMerge, "klora": KLoRAMerge}
+class PeftMerge(DirectMerge):
+    """A PEFT ``merge_utils`` rule applied per layer to the adapters' dense ``dW_i`` with the grid's weights."""
+
+    residual_form = False
+
+    def __init__(self, pipe, denoiser, adapters, residual, roles, args, call_kwargs):
+        super().__init__(pipe, denoiser, adapters, None, roles, args, call_kwargs)
+        self.density = float(args.merge_density)
+        self.majority_sign = args.ties_majority_sign
+
+    def combine(self, layer: str, deltas: list[torch.Tensor], weights: list[float]) -> torch.Tensor:
+        raise NotImplementedError
+
+    def apply(self, weights: Sequence[float], num_steps: int) -> dict:
+        self.merger.merge_combined(weights, self.combine)
+        return {}
+
+
+class TiesMerge(PeftMerge):
+    """TIES-merging (Yadav et al., 2023) through ``peft.utils.merge_utils.ties``."""
+
+    def combine(self, layer, deltas, weights):
+        from peft.utils.merge_utils import ties
+
+        return ties(deltas, torch.tensor(weights, dtype=deltas[0].dtype, device=deltas[0].device), self.density,
+                    majority_sign_method=self.majority_sign)
+
+
+class DareMerge(PeftMerge):
+    """DARE (Yu et al., 2024) through ``peft.utils.merge_utils.dare_linear``; drop masks seeded per layer."""
+
+    def combine(self, layer, deltas, weights):
+        from peft.utils.merge_utils import dare_linear
+
+        with torch.random.fork_rng(devices=[]):  # PEFT draws the masks from the global generator
+            torch.manual_seed(layer_seed(0, layer))
+            return dare_linear(deltas, torch.tensor(weights, dtype=deltas[0].dtype, device=deltas[0].device),
+                               self.density)
+
+
+STRATEGIES = {"direct": DirectMerge, "ziplora": ZipLoRAMerge, "klora": KLoRAMerge, "ties": TiesMerge, "dare": DareMerge}
 
 
 def check_strategy(name: str, adapters: Sequence[AdapterFile], residual_path: str | None) -> None:

@@ -131,7 +131,8 @@ def train(args, command: str) -> Path:
     targets = args.lora_layers.split(",") if args.lora_layers else list(backbone.default_targets)
     blocks = args.lora_blocks.split(",") if args.lora_blocks else None
     config = AdapterConfig(method=args.lora_init_method, rank=args.rank, alpha=args.lora_alpha, use_zero_init=args.use_zero_init,
-                           delta_scale=args.delta_scale, num_experts=args.moe_num_experts, seed=args.seed)
+                           delta_scale=args.delta_scale, num_experts=args.moe_num_experts, seed=args.seed,
+                           basis=args.qr_basis, basis_offset=args.qr_basis_offset, basis_seed=args.qr_basis_seed)
     output_dir = Path(args.output_dir)
     base_dtype(args)  # fail now, not after loading, when fp8 / nf4 cannot work here
     if args.output_kohya_format and not METHODS[args.lora_init_method].static:

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.slow  # minutes of training or rendering: left out of `pytest -m "not slow"`
+
 REPO = Path(__file__).resolve().parent.parent
 BENCH = REPO / "bench"
 

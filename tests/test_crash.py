@@ -22,6 +22,8 @@ from conftest import REPO
 from qrlora.checkpoint import ADAPTER_FILENAME
 from qrlora.run_folder import CHECKPOINT_MARKER, list_checkpoints
 
+pytestmark = pytest.mark.slow  # minutes of training or rendering: left out of `pytest -m "not slow"`
+
 STEPS = 4
 # Events of one run (checkpointing every step, none at the last): 5 file writes per checkpoint (adapter,
 # optimizer, scheduler, RNG state, completion marker), 2 renames per checkpoint, one per update.

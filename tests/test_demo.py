@@ -1,6 +1,9 @@
 """The README's first command, end to end (fewer training steps than the default to keep CI short)."""
 
+import pytest
 from conftest import run_script
+
+pytestmark = pytest.mark.slow  # minutes of training or rendering: left out of `pytest -m "not slow"`
 
 
 def test_demo_end_to_end(tmp_path):

@@ -23,6 +23,8 @@ from qrlora.checkpoint import ADAPTER_FILENAME
 from qrlora.fitprobe import FitProbe
 from qrlora.methods import METHODS, get_method
 
+pytestmark = pytest.mark.slow  # minutes of training or rendering: left out of `pytest -m "not slow"`
+
 IMAGE_DIR = "assets/sty/swirl_painting"
 PROMPT = "a landscape in <s> style"
 RESOLUTION = 64

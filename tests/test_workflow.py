@@ -23,6 +23,8 @@ from safetensors.torch import save_file
 from qrlora.cli.runs import main
 from qrlora.runs import find_runs, newest_pair
 
+pytestmark = pytest.mark.slow  # minutes of training or rendering: left out of `pytest -m "not slow"`
+
 SMALL_RUN = ["--max_train_steps", "2", "--resolution", "64", "--mixed_precision", "no", "--max_sequence_length", "16",
              "--validation_inference_steps", "2", "--num_validation_images", "1"]
 USER_VARIABLES = ("MODEL_NAME", "STYLE_LORA", "CONTENT_LORA", "LORA1_PATH", "LORA2_PATH", "LORA_PATH", "MODEL_PATH",

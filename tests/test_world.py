@@ -24,6 +24,8 @@ from qrlora.world import data
 from qrlora.world.experiment import Sampler
 from qrlora.world.world import CONTENT_STYLE, SHIPPED_WORLD, STYLE_SHAPE, load_world
 
+pytestmark = pytest.mark.slow  # minutes of training or rendering: left out of `pytest -m "not slow"`
+
 # Per method: trainer steps and learning rate (rank 4, batch 4, the 4 instance images, seed 0). triu_deltaR trains
 # r x in coefficients (half masked) and learns the style more slowly than LoRA at the same rate: 80 steps, not 40.
 SETTINGS = {"triu_deltaR": (80, 1e-2), "lora": (40, 1e-2)}

@@ -56,10 +56,22 @@ def add_render_arguments(p: argparse.ArgumentParser, backbone_default_steps: int
     g.add_argument("--overwrite", action="store_true", help="replace existing outputs of the same name (images, a comparison, a written adapter)")
 
 
+def unit_interval(text: str) -> float:
+    """An argparse type: a number in (0, 1]."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {text!r}") from None
+    if not (0 < value <= 1):
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {text!r}")
+    return value
+
+
 def add_strategy_arguments(p: argparse.ArgumentParser) -> None:
     """``--merge_strategy`` and each strategy's flags."""
     p.add_argument("--merge_strategy", choices=list(STRATEGIES), default="direct",
-                   help="direct: weighted addition (default); ziplora: learned column coefficients; klora: top-K switch")
+                   help="direct: weighted addition (default); ziplora: learned column coefficients; klora: top-K switch; "
+                        "ties / dare: PEFT's TIES and DARE rules on each layer's dW")
     add_strategy_options(p)
 
 
@@ -70,6 +82,11 @@ def add_strategy_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--klora_k", type=int, default=KLORA_K, help="top-K entries compared per layer (published code: 64)")
     g.add_argument("--klora_alpha", type=float, default=KLORA_ALPHA, help="S(t) = alpha t/T + beta (paper: 1.5)")
     g.add_argument("--klora_beta", type=float, default=KLORA_BETA, help="(paper: 0.5)")
+    g = p.add_argument_group("TIES / DARE (--merge_strategy ties | dare, PEFT's merge_utils)")
+    g.add_argument("--merge_density", type=unit_interval, default=0.5,
+                   help="fraction of each dW's entries kept (TIES: largest magnitudes; DARE: random, rescaled); default 0.5")
+    g.add_argument("--ties_majority_sign", choices=("total", "frequency"), default="total",
+                   help="TIES sign election (PEFT's majority_sign_method; default total)")
 
 
 def add_ziplora_arguments(p: argparse.ArgumentParser) -> None:

@@ -47,6 +47,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--use_zero_init", action=argparse.BooleanOptionalAction, default=True, help="zero coefficients at init (identity)")
     g.add_argument("--delta_scale", type=float, default=0.01, help="std of the coefficients with --no-use_zero_init")
     g.add_argument("--moe_num_experts", type=int, default=8)
+    g.add_argument("--qr_basis", choices=("top", "random"), default="top",
+                   help="frozen Q basis (deltaR, triu_deltaR, svd): top = the top-r singular directions (the paper); "
+                        "random = a seeded random orthonormal Q, a control of the disentanglement study (default top)")
+    g.add_argument("--qr_basis_offset", type=int, default=0,
+                   help="use singular directions k+1..k+r instead of the top r (a study control; default 0)")
+    g.add_argument("--qr_basis_seed", type=int, default=0, help="seed of --qr_basis random (default 0)")
     g = p.add_argument_group("optimisation")
     g.add_argument("--train_batch_size", type=int, default=1)
     g.add_argument("--gradient_accumulation_steps", type=int, default=1)

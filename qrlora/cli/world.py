@@ -36,7 +36,9 @@ def main(argv: list[str] | None = None) -> None:
     b.add_argument("--denoiser_steps", type=positive(int), default=4000)
     b.add_argument("--classifier_steps", type=positive(int), default=800)
     b.add_argument("--width", type=int, default=128, help="transformer width (a multiple of 32)")
-    b.add_argument("--layers", type=positive(int), default=4, help="transformer joint blocks")
+    b.add_argument("--layers", "--blocks", type=positive(int), default=4, help="transformer joint blocks (default 4)")
+    b.add_argument("--save_dtype", choices=("float32", "float16"), default="float32",
+                   help="precision of the stored transformer weights (float16 halves the folder; default float32)")
     b.add_argument("--batch_size", type=positive(int), default=64)
     b.add_argument("--learning_rate", type=positive(float), default=1e-3)
     b.add_argument("--threads", type=positive(int), default=1, help="torch threads per process (the classifier trains in a second one)")
@@ -58,6 +60,27 @@ def main(argv: list[str] | None = None) -> None:
     i.add_argument("--count", type=positive(int), default=4)
     i.add_argument("--seed", type=int, default=0)
     i.add_argument("--output", required=True, help="folder to write into (created)")
+    st = sub.add_parser("study", help="the seeded disentanglement study: conditions x seeds, rates with 95%% intervals, "
+                                      "the mechanism (README: Does QR-LoRA disentangle?); resumes where it stopped")
+    st.add_argument("--output", required=True, help="study folder (created; run the same command again to resume)")
+    st.add_argument("--world", default=None, help="built world folder (default: the shipped assets/world)")
+    st.add_argument("--conditions", default="all",
+                    help="comma list of condition names (qrlora.world.study.CONDITIONS), or 'all' (default)")
+    st.add_argument("--seeds", default=None,
+                    help="comma list of seeds for every condition (default: 0..4 for headline rows, 0..2 otherwise)")
+    st.add_argument("--jobs", type=positive(int), default=2, help="processes in parallel, one thread each (default 2)")
+    st.add_argument("--samples", type=positive(int), default=32, help="images per grid cell and seed (default 32)")
+    st.add_argument("--report_dir", default=None, help="also write the report here (e.g. bench/reports)")
+    st.add_argument("--report_name", default="world_study",
+                    help="file name of the report, NAME.{json,md,png} (default world_study)")
+    v = sub.add_parser("verdict", help="merge grids of adapter pairs side by side, every cell read by the classifier "
+                                        "(green: both right), and one verdict line per pair")
+    v.add_argument("--grid", action="append", required=True, metavar="LABEL=FOLDER",
+                   help="a pair's merge grid folder (inference_s<w>_c<w>.png), e.g. 'QR-LoRA pair=out/grid'; repeatable")
+    v.add_argument("--output", required=True, help="the figure (.png) to write")
+    v.add_argument("--world", default=None, help="built world folder (default: the shipped assets/world)")
+    v.add_argument("--study", default=None,
+                   help="a world_study.json report: also print what the study found at weights (1, 1)")
     c = sub.add_parser("score", help="classify the PNG images of a folder (shape, style) with a world's classifier")
     c.add_argument("folder", help="folder of .png images (e.g. a merge grid's output)")
     c.add_argument("--world", default=None, help="built world folder (default: the shipped assets/world)")
@@ -74,7 +97,7 @@ def main(argv: list[str] | None = None) -> None:
         record = build_world(args.output, seed=args.seed, vae_steps=args.vae_steps, denoiser_steps=args.denoiser_steps,
                              classifier_steps=args.classifier_steps, width=args.width, layers=args.layers,
                              batch_size=args.batch_size, lr=args.learning_rate, threads=args.threads,
-                             samples_per_pair=args.samples_per_pair, command=command)
+                             samples_per_pair=args.samples_per_pair, save_dtype=args.save_dtype, command=command)
         c, m = record["classifier"], record["base_model"]
         print(f"built the world at {args.output} in {(time.perf_counter() - start) / 60:.1f} min: "
               f"classifier shape {c['shape_accuracy']:.1%} style {c['style_accuracy']:.1%}; "
@@ -82,6 +105,10 @@ def main(argv: list[str] | None = None) -> None:
 
     elif args.command == "experiment":
         _experiment(args, command)
+    elif args.command == "study":
+        _study(args, command)
+    elif args.command == "verdict":
+        _verdict(args)
     elif args.command == "score":
         _score(args)
     elif args.command == "images":
@@ -102,6 +129,51 @@ def _score(args) -> None:
     shapes, styles = world.classify([Image.open(f) for f in files])
     for f, shape, style in zip(files, shapes, styles):
         print(f"{f.name}: {shape}, {style}")
+
+
+def _verdict(args) -> None:
+    """Read each grid with the classifier, draw the side-by-side figure, print the verdict lines."""
+    from ..world.study import study_summary
+    from ..world.verdict import read_grid, verdict_figure, verdict_line
+    from ..world.world import SHIPPED_WORLD, load_world
+
+    grids = {}
+    for item in args.grid:
+        label, sep, folder = item.partition("=")
+        if not sep or not label or not folder:
+            raise UserError(f"--grid: expected LABEL=FOLDER, got {item!r}")
+        grids[label] = folder
+    output = Path(args.output)
+    if output.suffix.lower() != ".png":
+        raise UserError(f"--output: {output} must be a .png file")
+    world = load_world(args.world or SHIPPED_WORLD)
+    cells = {label: read_grid(world, folder, world.new_shape, world.new_style) for label, folder in grids.items()}
+    output.parent.mkdir(parents=True, exist_ok=True)
+    verdict_figure(cells, data.caption(world.new_shape, world.new_style), output)
+    print(verdict_line(cells))
+    if args.study:
+        print(study_summary(args.study))
+    print(f"figure: {output}")
+
+
+def _study(args, command: str) -> None:
+    """Check every flag, then run (or resume) the study and print its table."""
+    from ..world.experiment import check_choices
+    from ..world.study import CONDITIONS, markdown as study_markdown
+    from ..world.world import SHIPPED_WORLD
+    from .world_study import run_study
+
+    names = list(CONDITIONS) if args.conditions == "all" else check_choices("--conditions", args.conditions.split(","), list(CONDITIONS))
+    seeds = None
+    if args.seeds is not None:
+        try:
+            seeds = [int(s) for s in args.seeds.split(",")]
+        except ValueError:
+            raise UserError(f"--seeds: expected a comma list of integers, got {args.seeds!r}") from None
+    report = run_study(args.world or str(SHIPPED_WORLD), Path(args.output), names, seeds, jobs=args.jobs,
+                       samples=args.samples, command=command, report_name=args.report_name,
+                       report_dir=Path(args.report_dir) if args.report_dir else None)
+    print(study_markdown(report))
 
 
 def _experiment(args, command: str) -> None:
@@ -128,11 +200,11 @@ def _experiment(args, command: str) -> None:
 
 
 def train_adapter(world: World, method: str, role: str, output_dir: Path, *, steps: int, lr: float, rank: int = 4,
-                  seed: int = 0, experts: int = 2) -> Path:
+                  seed: int = 0, experts: int = 2, extra: list[str] = ()) -> Path:
     """Train the ``role`` ("content" or "style") adapter of ``method`` through ``qrlora.train``; return its file.
 
     The 4 instance images are rendered into ``output_dir/images`` (seeded by ``seed``); the run folder is
-    ``output_dir/run``.
+    ``output_dir/run``. ``extra`` trainer flags come last and override the defaults here (batch size, ...).
     """
     from accelerate.state import AcceleratorState
 
@@ -147,7 +219,7 @@ def train_adapter(world: World, method: str, role: str, output_dir: Path, *, ste
             "--lora_init_method", method, "--rank", str(rank), "--moe_num_experts", str(experts),
             "--max_train_steps", str(steps), "--learning_rate", str(lr * LR_FACTOR.get(method, 1.0)),
             "--train_batch_size", "4", "--cache_latents", "--seed", str(seed),
-            "--checkpointing_steps", str(steps + 1), *world.trainer_flags(),
+            "--checkpointing_steps", str(steps + 1), *world.trainer_flags(), *extra,
         ])
     finally:
         AcceleratorState._reset_state()  # accelerate keeps one global state per process

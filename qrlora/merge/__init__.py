@@ -168,6 +168,24 @@ class Merger:
         return self.model
 
     @torch.no_grad()
+    def merge_combined(self, weights: Sequence[float], combine) -> nn.Module:
+        """Set each layer to ``W + combine(p, [dW_i], weights)``: a merge rule over the static adapters' dense
+        weight changes (one layer at a time, float32), e.g. PEFT's TIES or DARE. Adapters that do not adapt layer
+        ``p`` contribute a zero ``dW``."""
+        if len(weights) != len(self.adapters):
+            raise UserError(f"{len(weights)} weights for {len(self.adapters)} adapters")
+        for p, original in self._originals.items():
+            layer = self._linear(p, "")
+            device = layer.weight.device
+            merged = self._start(p, original, device)
+            deltas = [self._factors[i][p][0].to(device) @ self._factors[i][p][1].to(device) if p in self._factors[i]
+                      else torch.zeros_like(merged) for i in self.static]
+            merged += combine(p, deltas, [float(weights[i]) for i in self.static])
+            layer.weight.copy_(merged)
+        set_adapter_weights(self.model, {f"merge_{i}": weights[i] for i in self.live})
+        return self.model
+
+    @torch.no_grad()
     def restore(self) -> nn.Module:
         """Put the original weights back and silence live adapters."""
         for p, original in self._originals.items():

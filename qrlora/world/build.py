@@ -58,6 +58,14 @@ TEXT_WIDTH = 2 * CLIP_WIDTH  # T5 width = joint attention width: SD3 pads the CL
 SAMPLE_STEPS = 20
 VAE_BATCH = 32
 SAMPLE_GUIDANCE = 4.0
+# FLUX.1-dev's published adapters: rank 64 on width 3072. A world's "flux-ratio" rank keeps r / width the same,
+# so a study can ask whether the rank-to-width ratio (not the absolute rank) decides how adapters merge.
+FLUX_RANK, FLUX_WIDTH = 64, 3072
+
+
+def flux_ratio_rank(width: int) -> int:
+    """The adapter rank with FLUX's r / width (64 / 3072) on a transformer of ``width``; at least 1."""
+    return max(1, round(width * FLUX_RANK / FLUX_WIDTH))
 
 
 def make_vae(seed: int):
@@ -198,8 +206,13 @@ def _classifier_job(path: str, seed: int, steps: int, threads: int) -> None:
 
 def build_world(output: Path, *, seed: int = 0, vae_steps: int = 1200, denoiser_steps: int = 4000,
                 classifier_steps: int = 800, width: int = 128, layers: int = 4, batch_size: int = 64,
-                lr: float = 1e-3, threads: int = 1, samples_per_pair: int = 4, command: str = "") -> dict:
-    """Build the whole world into ``output`` (must not exist or be empty); return the ``world.json`` record."""
+                lr: float = 1e-3, threads: int = 1, samples_per_pair: int = 4, save_dtype: str = "float32",
+                command: str = "") -> dict:
+    """Build the whole world into ``output`` (must not exist or be empty); return the ``world.json`` record.
+
+    ``save_dtype`` ``float16`` stores the transformer's weights in half precision (half the file; loaders upcast to
+    their own dtype); training and the measured accuracies below always use the reloaded, stored weights.
+    """
     from diffusers import StableDiffusion3Pipeline
 
     output = Path(output).expanduser().absolute()
@@ -251,6 +264,7 @@ def build_world(output: Path, *, seed: int = 0, vae_steps: int = 1200, denoiser_
                              batch_size=batch_size, lr=lr, seed=seed, shift=scheduler.config.shift)
         timings["denoiser_s"] = round(time.perf_counter() - t, 1)
 
+        ema.to(getattr(torch, save_dtype))  # stored precision; the evaluation below reloads what was stored
         pipe = StableDiffusion3Pipeline(transformer=ema, vae=vae, scheduler=scheduler, **text)
         with no_progress_bars():
             pipe.save_pretrained(tmp, safe_serialization=True)
@@ -264,7 +278,7 @@ def build_world(output: Path, *, seed: int = 0, vae_steps: int = 1200, denoiser_
         # ---- score the reloaded pipeline on every seen pair ---------------------------------------------
         t = time.perf_counter()
         torch.set_num_threads(max(threads, 2))  # the classifier's process has ended: sampling may use both cores
-        reloaded = StableDiffusion3Pipeline.from_pretrained(tmp)
+        reloaded = StableDiffusion3Pipeline.from_pretrained(tmp, torch_dtype=torch.float32)
         reloaded.set_progress_bar_config(disable=True)
         # Every seen (shape, style) pair, trained ones and held-out combinations, samples_per_pair seeds each.
         eval_pairs = data.balanced_pairs(data.SEEN_SHAPES, data.SEEN_STYLES, samples_per_pair)
@@ -296,7 +310,9 @@ def build_world(output: Path, *, seed: int = 0, vae_steps: int = 1200, denoiser_
             "held_out_pairs": [list(p) for p in data.HELD_OUT_PAIRS],
             "caption": data.caption("{shape}", "{style}"), "max_sequence_length": MAX_SEQUENCE_LENGTH,
             "settings": {"vae_steps": vae_steps, "denoiser_steps": denoiser_steps, "classifier_steps": classifier_steps,
-                         "width": width, "layers": layers, "batch_size": batch_size, "lr": lr, "threads": threads},
+                         "width": width, "layers": layers, "batch_size": batch_size, "lr": lr, "threads": threads,
+                         "save_dtype": save_dtype},
+            "rank_targets": {"flux_ratio": flux_ratio_rank(width), "flux_ratio_of": f"{FLUX_RANK} / {FLUX_WIDTH}"},
             "vae_psnr_db": round(psnr, 2), "classifier": classifier_accuracy, "base_model": base,
             "parameters": {"transformer": sum(p.numel() for p in ema.parameters()),
                            "vae": sum(p.numel() for p in vae.parameters())},
@@ -357,5 +373,6 @@ Built with (seed {record["seed"]}, torch {record["torch"]}, {s["threads"]} torch
 | classifier on clean renders | shape {c["shape_accuracy"]:.1%}, style {c["style_accuracy"]:.1%} ({c["test_images"]} renders from unseen seeds, every shape and style) |
 | base model, trained pairs | shape {b["seen_shape_accuracy"]:.1%}, style {b["seen_style_accuracy"]:.1%} ({b["samples"]} samples through the reloaded pipeline, {b["sample_steps"]} steps, guidance {b["guidance_scale"]}) |
 | base model, held-out combinations of seen words ({", ".join(f"{a} in {b_}" for a, b_ in record["held_out_pairs"])}) | shape {b["held_out_pair_shape_accuracy"]:.1%}, style {b["held_out_pair_style_accuracy"]:.1%} ({b["held_out_pair_samples"]} samples) |
-| parameters | transformer {record["parameters"]["transformer"]:,}, VAE {record["parameters"]["vae"]:,} |
+| parameters | transformer {record["parameters"]["transformer"]:,} (width {s["width"]}, {s["layers"]} blocks, stored as {s.get("save_dtype", "float32")}), VAE {record["parameters"]["vae"]:,} |
+| adapter rank with FLUX.1-dev's r / width ({record.get("rank_targets", {}).get("flux_ratio_of", "64 / 3072")}) | {record.get("rank_targets", {}).get("flux_ratio", "-")} |
 """

@@ -44,6 +44,13 @@ class World:
     def new_style(self) -> str:
         return self.record["held_out_style"]
 
+    @property
+    def flux_ratio_rank(self) -> int:
+        """The adapter rank with FLUX.1-dev's r / width (64 / 3072) on this world's transformer."""
+        from .build import flux_ratio_rank
+
+        return int(self.record.get("rank_targets", {}).get("flux_ratio") or flux_ratio_rank(self.record["settings"]["width"]))
+
     def trainer_flags(self) -> list[str]:
         """The ``qrlora.train`` flags this world needs whatever the adapter: its resolution and T5 length."""
         return ["--resolution", str(self.resolution), "--max_sequence_length", str(self.max_sequence_length)]
