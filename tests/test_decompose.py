@@ -96,3 +96,50 @@ def test_layer_seed_is_stable_and_name_dependent():
     assert decompose.layer_seed(0, "a.to_q") == decompose.layer_seed(0, "a.to_q")
     assert decompose.layer_seed(0, "a.to_q") != decompose.layer_seed(0, "a.to_k")
     assert decompose.layer_seed(0, "a.to_q") != decompose.layer_seed(1, "a.to_q")
+
+
+def gapped_matrix(out_features, in_features, rank, gap, seed=0):
+    """A slowly decaying spectrum (``1 / (1 + 0.02 i)``, a hard case for subspace iteration) whose tail after
+    ``rank`` is scaled so that ``sigma_r / sigma_(r+1) = gap`` exactly."""
+    gen = torch.Generator().manual_seed(seed)
+    k = min(out_features, in_features)
+    U, _ = torch.linalg.qr(torch.randn(out_features, k, generator=gen, dtype=torch.float64))
+    V, _ = torch.linalg.qr(torch.randn(in_features, k, generator=gen, dtype=torch.float64))
+    S = 1.0 / (1.0 + 0.02 * torch.arange(1, k + 1, dtype=torch.float64))
+    S[rank:] *= S[rank - 1] / S[rank] / gap
+    return ((U * S) @ V.T).float()
+
+
+@pytest.mark.parametrize("gap", [1.5, 1.05, 1.01, 1.001])
+@pytest.mark.parametrize("exact", [None, False])  # the default path, and the randomized one forced
+def test_q_sits_in_the_exact_top_r_subspace_wherever_the_gap_defines_it(gap, exact):
+    """At most 1 degree from the dense SVD's top-r left subspace when sigma_r / sigma_(r+1) >= 1.01; below that
+    the subspace is undefined and the result reports the gap (the trainer records it) instead."""
+    rank = 16
+    W = gapped_matrix(768, 640, rank, gap, seed=1)  # min(out, in) above DENSE_MAX_DIM: the default is randomized
+    svd = decompose.truncated_svd(W, rank, exact=exact)
+    assert svd.iterations >= 2  # the randomized path ran (dense reports 0)
+    exact_U = torch.linalg.svd(W.double(), full_matrices=False)[0][:, :rank]
+    Q, _ = decompose.qr_of_core(svd, 1.0)
+    angle = decompose.principal_angle_deg(Q, exact_U)  # span(Q) = span(U_r)
+    if gap >= decompose.GAP_DEFINED:
+        assert angle <= 1.0, f"gap {gap}: {angle:.3f} degrees from the exact subspace"
+        assert svd.gap == pytest.approx(gap, rel=5e-3)  # Ritz estimate of the gap
+    else:
+        assert svd.gap < decompose.GAP_DEFINED  # reported as undefined, whatever the angle
+    again = decompose.truncated_svd(W, rank, exact=exact)  # deterministic: same seed, same device
+    assert torch.equal(again.U, svd.U) and torch.equal(again.Vh, svd.Vh)
+
+
+def test_small_matrices_take_the_exact_svd_and_report_its_gap():
+    W = gapped_matrix(128, 128, 4, 1.06)  # the world's shape: dense, so exactly the published subspace
+    svd = decompose.truncated_svd(W, 4)
+    assert svd.iterations == 0 and svd.gap == pytest.approx(1.06, rel=1e-4)
+    assert decompose.truncated_svd(W, 128).gap == float("inf")  # no (r+1)-th singular value
+
+
+def test_principal_angle_of_known_rotation():
+    e = torch.eye(3, dtype=torch.float64)
+    t = 0.3
+    rotated = torch.stack([e[0], torch.cos(torch.tensor(t)) * e[1] + torch.sin(torch.tensor(t)) * e[2]], dim=1)
+    assert decompose.principal_angle_deg(rotated, e[:, :2]) == pytest.approx(torch.rad2deg(torch.tensor(t)).item())
