@@ -21,8 +21,6 @@ from typing import Callable, Iterable, Sequence
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 RESULTS_DIR = REPO_ROOT / "bench" / "results"
-if str(REPO_ROOT) not in sys.path:  # `python bench/x.py` from anywhere imports the in-tree qrlora
-    sys.path.insert(0, str(REPO_ROOT))
 
 # --------------------------------------------------------------------------------------------------------
 # Published configs (the config.json of each model's `transformer/` folder; no download needed)
@@ -184,6 +182,12 @@ def _cpu_model() -> str:
     return name
 
 
+def command_name() -> str:
+    """How the running bench was started: ``-m bench.X`` (as the README runs them), else the script path as typed."""
+    spec = getattr(sys.modules["__main__"], "__spec__", None)
+    return f"-m {spec.name}" if spec is not None else Path(sys.argv[0]).as_posix()
+
+
 def machine_info() -> dict:
     """What the numbers were measured on: CPU, cores, threads, memory, GPU, library versions, load average."""
     import torch
@@ -196,7 +200,7 @@ def machine_info() -> dict:
         "torch_threads": torch.get_num_threads(),
         "python": platform.python_version(),
         "torch": torch.__version__,
-        "command": " ".join([Path(sys.argv[0]).as_posix()] + sys.argv[1:]),
+        "command": " ".join([command_name()] + sys.argv[1:]),
     }
     try:
         info["memory_gib"] = round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)

@@ -1,6 +1,6 @@
 """Convergence: fixed-noise evaluation loss against optimizer steps, every method vs PEFT LoRA, same lr and rank.
 
-    python bench/convergence.py [--backbones sd3,flux] [--steps 200] [--lr 1e-2] [--rank 4] [--seeds 0,1,2]
+    python -m bench.convergence [--backbones sd3,flux] [--steps 200] [--lr 1e-2] [--rank 4] [--seeds 0,1,2]
 
 Each variant starts from the same base denoiser and learns one image (``assets/sty/swirl_painting``, 64 px) with
 the trainer's own loss (``Backbone.training_loss``: the shared objective, per-step generators) and AdamW; PEFT
@@ -20,7 +20,7 @@ import sys
 import time
 from pathlib import Path
 
-import _common as C  # noqa: F401  (puts the in-tree qrlora on sys.path)
+from . import _common as C
 
 REPORTS = Path(__file__).resolve().parent / "reports"
 IMAGE_DIR = C.REPO_ROOT / "assets" / "sty" / "swirl_painting"

@@ -22,8 +22,8 @@ Spectrum (``--spectrum``): ``power`` (default) ``sigma_i = i^-0.5``, the slow po
 attention and MLP weights, and the harder case for randomized SVD because the gap at the rank-r cut is tiny;
 ``exp``: ``sigma_i = exp(-i / r) + 0.02``, a fast decay onto a noise floor.
 
-    python bench/decompose.py            # full: FLUX + SD3 shapes (several minutes on 2 cores)
-    python bench/decompose.py --quick    # SD3 shapes only (~1 minute on 2 cores)
+    python -m bench.decompose            # full: FLUX + SD3 shapes (several minutes on 2 cores)
+    python -m bench.decompose --quick    # SD3 shapes only (~1 minute on 2 cores)
 """
 from __future__ import annotations
 
@@ -32,12 +32,11 @@ import inspect
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import _common as C  # noqa: E402  (also puts the repo root on sys.path)
+import torch
 
-import torch  # noqa: E402
+from qrlora.decompose import TruncatedSVD, qr_of_core, truncated_svd
 
-from qrlora.decompose import TruncatedSVD, qr_of_core, truncated_svd  # noqa: E402
+from . import _common as C
 
 FLUX_SHAPES = [(3072, 3072), (12288, 3072), (3072, 12288)]
 SD3_SHAPES = [(1536, 1536), (6144, 1536), (1536, 6144)]

@@ -20,7 +20,7 @@ Runs in well under 8 minutes on an H100/H200. Without a CUDA GPU it prints a mes
 ``bench/gpu_flux.sh``). ``--tiny-cpu`` runs the same code on a tiny FLUX config on the CPU (a logic check only,
 used by the test suite; its numbers mean nothing).
 
-    bash bench/gpu_flux.sh                  # or: python bench/gpu_flux.py [--output PATH]
+    bash bench/gpu_flux.sh                  # or: python -m bench.gpu_flux [--output PATH]
 """
 from __future__ import annotations
 
@@ -31,8 +31,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import _common as C  # noqa: E402
+from . import _common as C
 
 NO_GPU_MESSAGE = "bench/gpu_flux.py: no CUDA GPU available (torch.cuda.is_available() is False); nothing to measure."
 RANK = 64
@@ -85,7 +84,7 @@ def run_init(device: str, tiny: bool, size: dict) -> dict:
     import torch
     from collections import Counter
 
-    from decompose import peft_pissa_niter_4_init, published_init, ours_init
+    from .decompose import peft_pissa_niter_4_init, published_init, ours_init
     from qrlora.inject import find_target_modules, inject_adapters
     from qrlora.methods import AdapterConfig
 
@@ -222,12 +221,12 @@ def run_train(variant: str, device: str, tiny: bool, size: dict) -> dict:
 # ---------------------------------------------------------------------------------------------------------
 def spawn(part: str, device: str, tiny: bool, workdir: Path, timeout: float) -> dict:
     out = workdir / f"{part.replace('+', '_')}.json"
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--part", part, "--device", device, "--json-out", str(out)]
+    cmd = [sys.executable, "-m", "bench.gpu_flux", "--part", part, "--device", device, "--json-out", str(out)]
     if tiny:
         cmd.append("--tiny-cpu")
     print(f"[gpu_flux] {part} ...", file=sys.stderr, flush=True)
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=C.REPO_ROOT)
     except subprocess.TimeoutExpired:
         return {"part": part, "error": f"timed out after {timeout:.0f} s"}
     if proc.returncode != 0:

@@ -21,4 +21,6 @@ if ! "$python" -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() el
     exit 0
 fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
-exec "$python" "$here/gpu_flux.py" "$@"
+# bench is a package (python -m bench.gpu_flux): the repository root on PYTHONPATH finds it from any folder,
+# with the in-tree qrlora, while relative paths in the arguments keep meaning the caller's folder.
+PYTHONPATH="$(dirname "$here")${PYTHONPATH:+:$PYTHONPATH}" exec "$python" -m bench.gpu_flux "$@"

@@ -13,8 +13,8 @@ route) and cold (its pages dropped first with ``posix_fadvise(DONTNEED)``, as af
 Per-shape times are extrapolated to the whole FLUX.1-dev target set (layer counts from the real config on the
 meta device), with the residual bytes the delta route never writes, stores or reads.
 
-    python bench/merge.py           # FLUX shapes, 5 repeats
-    python bench/merge.py --quick   # FLUX shapes, 2 repeats (~1 minute on 2 cores)
+    python -m bench.merge           # FLUX shapes, 5 repeats
+    python -m bench.merge --quick   # FLUX shapes, 2 repeats (~1 minute on 2 cores)
 """
 from __future__ import annotations
 
@@ -24,15 +24,14 @@ import sys
 import tempfile
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import _common as C  # noqa: E402
+import torch
+from torch import nn
 
-import torch  # noqa: E402
-from torch import nn  # noqa: E402
+from qrlora.checkpoint import AdapterFile, load_residual, residuals_from_adapter, save_residual
+from qrlora.merge import Merger
+from qrlora.methods import AdapterConfig, get_method
 
-from qrlora.checkpoint import AdapterFile, load_residual, residuals_from_adapter, save_residual  # noqa: E402
-from qrlora.merge import Merger  # noqa: E402
-from qrlora.methods import AdapterConfig, get_method  # noqa: E402
+from . import _common as C
 
 FLUX_SHAPES = [(3072, 3072), (12288, 3072), (3072, 12288)]
 SMOKE_SHAPES = [(256, 256), (1024, 256), (256, 1024)]  # FLUX's / 12, for the test suite

@@ -3,14 +3,14 @@
 Every number in the README's "Benchmarks" section comes from a report a bench script wrote, so a table can never
 drift from its measurement: ``tests/test_bench.py`` fails when the README differs from what this script makes.
 
-    python bench/readme_table.py            # print the tables
-    python bench/readme_table.py --write    # replace them in README.md (between the generated-block markers)
+    python -m bench.readme_table            # print the tables
+    python -m bench.readme_table --write    # replace them in README.md (between the generated-block markers)
 
 Reports are made by (each records its machine, date, load and command):
-    python bench/decompose.py --output bench/reports/decompose.json
-    python bench/train_step.py --output bench/reports/train_step.json
-    python bench/merge.py --output bench/reports/merge.json
-    python bench/convergence.py --output bench/reports/convergence.json
+    python -m bench.decompose --output bench/reports/decompose.json
+    python -m bench.train_step --output bench/reports/train_step.json
+    python -m bench.merge --output bench/reports/merge.json
+    python -m bench.convergence --output bench/reports/convergence.json
     bash bench/gpu_flux.sh --output bench/reports/gpu_flux.json        (needs a CUDA GPU)
 """
 from __future__ import annotations
@@ -46,7 +46,7 @@ def row(*cells) -> str:
 
 
 def decompose_rows(d: dict) -> list[str]:
-    cmd = "`python bench/decompose.py`"
+    cmd = "`python -m bench.decompose`"
     names = list(d["totals"])
     flux, sd3 = d["totals"][names[0]], d["totals"].get("SD3-medium")
     s = flux["seconds"]
@@ -80,7 +80,7 @@ def decompose_rows(d: dict) -> list[str]:
 
 
 def train_step_rows(t: dict) -> list[str]:
-    cmd = "`python bench/train_step.py`"
+    cmd = "`python -m bench.train_step`"
     by = {r["variant"]: r for r in t["variants"] if "error" not in r}
     ours = [m for m in R_BY_IN if m in by]
     others = [m for m in OTHERS if m in by]
@@ -109,7 +109,7 @@ def train_step_rows(t: dict) -> list[str]:
 
 
 def merge_rows(m: dict) -> list[str]:
-    cmd = "`python bench/merge.py`"
+    cmd = "`python -m bench.merge`"
     t = m["total"]
     return [
         row(f"merge style + content into the {m['total_label']}: residual route / delta route time",
@@ -179,7 +179,7 @@ def render() -> str:
     lines += gpu_rows(reports.get("gpu_flux"))
     lines += ["", provenance(reports)]
     if "convergence" in reports:
-        lines += ["", "Convergence (`python bench/convergence.py`): fixed-noise evaluation loss on the training image as a "
+        lines += ["", "Convergence (`python -m bench.convergence`): fixed-noise evaluation loss on the training image as a "
                   "fraction of the base model's, one image, 64 px, rank "
                   f"{reports['convergence']['settings']['rank']}, AdamW lr {reports['convergence']['settings']['lr']} "
                   "for every variant, the trainer's own loss:", ""]

@@ -19,8 +19,8 @@ step; the memory target is judged on it, because the whole-process peak is set b
 in every variant); trainable parameters (with the exact expected ``sum(in) / sum(in + out)`` for the methods
 that train an ``r x in`` matrix).
 
-    python bench/train_step.py            # 4 blocks, 154 text tokens, every method (~5 minutes on 2 idle cores)
-    python bench/train_step.py --quick    # 1 block, 77 text tokens, fewer steps (~1-2 minutes on 2 cores)
+    python -m bench.train_step            # 4 blocks, 154 text tokens, every method (~5 minutes on 2 idle cores)
+    python -m bench.train_step --quick    # 1 block, 77 text tokens, fewer steps (~1-2 minutes on 2 cores)
 """
 from __future__ import annotations
 
@@ -32,8 +32,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import _common as C  # noqa: E402
+from . import _common as C
 
 TARGET_STEP_RATIO = 0.95  # deltaR / triu_deltaR / svd step time vs PEFT LoRA
 TARGET_MEMORY_RATIO = 1.0
@@ -234,10 +233,10 @@ def run_variant(variant: str, size: dict, rank: int, idle_wait: float = 0.0) -> 
 # ---------------------------------------------------------------------------------------------------------
 def spawn(variant: str, mode: str, rank: int, size: dict, workdir: Path, idle_wait: float) -> dict:
     out = workdir / f"{variant}.json"
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--variant", variant, "--json-out", str(out),
+    cmd = [sys.executable, "-m", "bench.train_step", "--variant", variant, "--json-out", str(out),
            "--rank", str(rank), "--size-json", json.dumps(size), "--idle-wait", str(idle_wait)]
     print(f"[train_step] {variant} ...", file=sys.stderr, flush=True)
-    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=C.REPO_ROOT, env={**os.environ, "PYTHONWARNINGS": "ignore"})
     if proc.returncode != 0:
         tail = (proc.stderr or proc.stdout)[-3000:]
         return {"variant": variant, "error": f"exit {proc.returncode}: {tail}"}

@@ -9,7 +9,7 @@ real ``MergedPipeline`` (direct strategy):
 * ``merge_shape`` / ``merge_style``: the (1, 1) merge on ``a heart in checker style``;
 * ``base_*``: the base model on the same prompts and seeds.
 
-    PYTHONPATH=. python bench/world_thresholds.py --methods triu_deltaR --steps 40 --lrs 1e-2 --seeds 0,1,2,3,4
+    python -m bench.world_thresholds --methods triu_deltaR --steps 40 --lrs 1e-2 --seeds 0,1,2,3,4
 
 Prints one JSON line per run and a min / mean / max summary per setting.
 """

@@ -1,4 +1,4 @@
-"""Files users hold (ARCHITECTURE.md section 2): adapter files and residual files (standard LoRA exports: export.py).
+"""Files users hold (docs/ARCHITECTURE.md s. 2): adapter files and residual files (standard LoRA exports: export.py).
 
 Adapter file ``pytorch_lora_weights.safetensors``: per adapted module path ``P`` inside the denoiser, keys
 ``{component}.P.lora.q.weight`` / ``lora.base_r.weight`` / ``lora.delta_r.weight`` (+ ``lora.q0/r0``, ``gate.*``,

@@ -1,6 +1,6 @@
 """Pure float32 math behind every QR-LoRA method: no ``nn`` state, no file or backbone knowledge.
 
-Notation (ARCHITECTURE.md section 1): a Linear weight ``W`` is ``out x in``; rank ``r``; scale
+Notation (docs/ARCHITECTURE.md section 1): a Linear weight ``W`` is ``out x in``; rank ``r``; scale
 ``s = alpha / r``. The *core* is the top-r SVD part of ``W`` divided by ``s``:
 ``C = U_r diag(S_r / s) V_r^T``, and QR-LoRA (Yang et al., 2025, "QR-LoRA: Efficient and Disentangled
 Fine-tuning via QR Decomposition for Customized Generation") factors it as ``C = Q R``.

@@ -4,7 +4,7 @@ A ``FitProbe`` loads a pipeline's parts once, preprocesses one instance image ex
 (same resolution, seed, crop), encodes its prompt, and then scores any denoiser with
 ``qrlora.objective.evaluation_loss``: the unweighted training loss at fixed noise levels with fixed noise, on the
 latent mean. The number depends only on the denoiser's weights, so "adapted / base < 1 - margin" is a test of
-learning (ARCHITECTURE.md s. 3a) and ``bench/convergence.py`` plots it against steps.
+learning (docs/ARCHITECTURE.md s. 3a) and ``bench/convergence.py`` plots it against steps.
 """
 from __future__ import annotations
 

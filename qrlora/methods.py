@@ -3,7 +3,7 @@
 Every method is "frozen basis + trainable coefficients" around a frozen base Linear ``W`` (out x in), except
 ``moe`` (token-dependent, cannot be folded into ``W``) and ``lora`` (the baseline, no basis). Methods know
 nothing about backbones or files on disk; they see one weight and a named set of tensors. Tensor names are
-the middle of the file keys of ARCHITECTURE.md section 2 (``q`` -> ``P.lora.q.weight``).
+the middle of the file keys of docs/ARCHITECTURE.md section 2 (``q`` -> ``P.lora.q.weight``).
 """
 from __future__ import annotations
 
@@ -73,7 +73,7 @@ class AdapterConfig:
 
 
 def _file_key(name: str) -> str:
-    """Key suffix after the module path ``P`` (ARCHITECTURE.md section 2)."""
+    """Key suffix after the module path ``P`` (docs/ARCHITECTURE.md section 2)."""
     special = {"gate_weight": "gate.weight", "gate_bias": "gate.bias", "lora_A": "lora_A.weight", "lora_B": "lora_B.weight"}
     return special.get(name, f"lora.{name}.weight")
 

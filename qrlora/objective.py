@@ -1,4 +1,4 @@
-"""One training step's loss, shared by the trainer, the benchmarks and the tests (ARCHITECTURE.md s. 3a).
+"""One training step's loss, shared by the trainer, the benchmarks and the tests (docs/ARCHITECTURE.md s. 3a).
 
 The loss is a function of the denoiser, a batch (latents + conditioning), a frozen *noise schedule* and a small
 typed ``Objective``; never of the argparse namespace, and never of a scheduler object someone else can mutate.

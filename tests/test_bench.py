@@ -34,7 +34,7 @@ def _machine_fields(payload: dict) -> None:
 
 def test_decompose_smoke(tmp_path):
     out = tmp_path / "decompose.json"
-    proc = _run([str(BENCH / "decompose.py"), "--smoke", "--repeats", "1", "--output", str(out)])
+    proc = _run(["-m", "bench.decompose", "--smoke", "--repeats", "1", "--output", str(out)])
     payload = json.loads(out.read_text())
     assert payload["benchmark"] == "decompose" and payload["mode"] == "smoke"
     _machine_fields(payload)
@@ -60,7 +60,7 @@ def test_decompose_smoke(tmp_path):
 
 def test_train_step_smoke(tmp_path):
     out = tmp_path / "train_step.json"
-    proc = _run([str(BENCH / "train_step.py"), "--smoke", "--output", str(out)])
+    proc = _run(["-m", "bench.train_step", "--smoke", "--output", str(out)])
     payload = json.loads(out.read_text())
     assert payload["benchmark"] == "train_step" and payload["mode"] == "smoke"
     _machine_fields(payload)
@@ -80,7 +80,7 @@ def test_train_step_smoke(tmp_path):
 
 def test_merge_smoke(tmp_path):
     out = tmp_path / "merge.json"
-    _run([str(BENCH / "merge.py"), "--smoke", "--repeats", "1", "--tmpdir", str(tmp_path), "--output", str(out)])
+    _run(["-m", "bench.merge", "--smoke", "--repeats", "1", "--tmpdir", str(tmp_path), "--output", str(out)])
     payload = json.loads(out.read_text())
     assert payload["benchmark"] == "merge" and payload["mode"] == "smoke"
     _machine_fields(payload)
@@ -114,15 +114,14 @@ def test_gpu_flux_without_gpu_stops_cleanly(tmp_path):
 
 @pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the no-GPU path")
 def test_gpu_flux_python_without_gpu(tmp_path):
-    proc = _run([str(BENCH / "gpu_flux.py"), "--output", str(tmp_path / "g.json")], timeout=120)
+    proc = _run(["-m", "bench.gpu_flux", "--output", str(tmp_path / "g.json")], timeout=120)
     assert "no CUDA GPU" in proc.stdout
     assert not (tmp_path / "g.json").exists()
 
 
-def test_gpu_flux_logic_on_tiny_cpu_model(monkeypatch):
+def test_gpu_flux_logic_on_tiny_cpu_model():
     """The GPU script's init and training code on a tiny FLUX config on the CPU, in-process (no timing)."""
-    monkeypatch.setattr(sys, "path", [str(BENCH), *sys.path])  # restored after the test
-    import gpu_flux
+    from bench import gpu_flux
     size = gpu_flux.SIZES["tiny-cpu"]
     init = gpu_flux.run_init("cpu", True, size)
     assert init["layers"] == sum(init["counts"].values()) == 15
@@ -141,13 +140,9 @@ def test_gpu_flux_logic_on_tiny_cpu_model(monkeypatch):
 
 def test_readme_tables_are_the_committed_reports():
     """Every benchmark number in the README comes from ``bench/reports/*.json``: editing one without the other fails."""
-    sys.path.insert(0, str(BENCH))
-    try:
-        import readme_table
-    finally:
-        sys.path.remove(str(BENCH))
+    from bench import readme_table
     readme = (REPO / "README.md").read_text()
     assert readme.count(readme_table.START) == 1 and readme.count(readme_table.END) == 1
     block = readme.split(readme_table.START, 1)[1].split(readme_table.END, 1)[0]
     assert readme_table.START + block + readme_table.END == readme_table.render(), \
-        "README benchmark tables differ from bench/reports: run python bench/readme_table.py --write"
+        "README benchmark tables differ from bench/reports: run python -m bench.readme_table --write"

@@ -1,4 +1,4 @@
-"""Proof of learning (ARCHITECTURE.md s. 3a): every backbone x every method learns its one training image.
+"""Proof of learning (docs/ARCHITECTURE.md s. 3a): every backbone x every method learns its one training image.
 
 Each run trains on one image with validation on, as the wrappers run it (validation after the first epoch,
 i.e. after step 1 for one image: the moment the old shared scheduler corrupted the noise table). The score is

@@ -1,4 +1,4 @@
-"""Training invariants of real runs (ARCHITECTURE.md s. 3a) and the fixes of the learning issue, each a test.
+"""Training invariants of real runs (docs/ARCHITECTURE.md s. 3a) and the fixes of the learning issue, each a test.
 
 Validation cannot change training; adapter state moves with the model; exactly --max_train_steps updates
 with accumulation and a non-dividing dataset, resumed bit-exactly; per-copy augmentation; SDXL micro-conditioning,

@@ -2,7 +2,8 @@
 
 A backbone is a small object that knows one model family: how to load its parts from a diffusers folder or
 hub id, encode prompts (through the pipeline's own ``encode_prompt``), turn pixels into latents, compute the
-family part of the training objective, and build the inference pipeline. It knows nothing about adapter methods (ARCHITECTURE.md s. 3).
+family part of the training objective, and build the inference pipeline. It knows nothing about adapter methods
+(docs/ARCHITECTURE.md s. 3).
 """
 from __future__ import annotations
 
