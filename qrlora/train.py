@@ -28,6 +28,7 @@ from diffusers.training_utils import free_memory
 from tqdm.auto import tqdm
 
 from .backbones import detect_backbone
+from .blockswap import attach_block_swap, check_blocks_to_swap
 from .checkpoint import ADAPTER_FILENAME, adapter_from_model, adapter_metadata, base_fingerprint, load_adapter, save_adapter
 from .data import DreamBoothDataset, collate
 from .devices import DTYPES, MIXED_PRECISION_DTYPES
@@ -134,6 +135,8 @@ def train(args, command: str) -> Path:
                            delta_scale=args.delta_scale, num_experts=args.moe_num_experts, seed=args.seed)
     output_dir = Path(args.output_dir)
     base_dtype(args)  # fail now, not after loading, when fp8 / nf4 cannot work here
+    check_blocks_to_swap(args.blocks_to_swap, backbone.count_transformer_blocks(args.pretrained_model_name_or_path),
+                         backbone.name, quantized=args.base_precision in LIBRARIES)
     if args.output_kohya_format and not METHODS[args.lora_init_method].static:
         raise UserError(f"--output_kohya_format: {args.lora_init_method} adapters are token-dependent and have no LoRA form")
     dataset = DreamBoothDataset(args.instance_data_dir, resolution=args.resolution, center_crop=args.center_crop,
@@ -197,12 +200,15 @@ def train(args, command: str) -> Path:
     denoiser = parts.denoiser
     report = inject_adapters(denoiser, config, targets, blocks=blocks, progress=accelerator.is_main_process)
     logger.info(str(report))
-    cast_base_model_(denoiser, model_dtype).to(device)
+    cast_base_model_(denoiser, model_dtype)
+    # Fingerprinted before any weight is swapped out or quantized: it names the base model as loaded.
+    metadata["base_fingerprint"] = base_fingerprint({p: layer.base_layer.weight for p, layer in adapter_layers(denoiser)})
+    attach_block_swap(backbone, denoiser, args.blocks_to_swap, device)  # before .to(device): swapped weights stay on the host
+    denoiser.to(device)
     if args.base_precision in LIBRARIES:
         quantize_base_(denoiser, args.base_precision)
     if args.gradient_checkpointing:
         denoiser.enable_gradient_checkpointing()
-    metadata["base_fingerprint"] = base_fingerprint({p: layer.base_layer.weight for p, layer in adapter_layers(denoiser)})
     if resume_from is not None:
         check_resume_matches(resume_from, metadata)  # again: the base fingerprint exists only once the model is loaded
 

@@ -90,6 +90,9 @@ class Backbone:
     text_encoder_names: tuple[str, ...] = ()
     # The original checkpoint layout for kohya-style LoRA files; empty: the diffusers module names are kept.
     original_layout: tuple[OriginalModule, ...] = ()
+    # (denoiser attribute, config key of its length) of each list of transformer blocks, in execution order
+    # (``--blocks_to_swap``); empty: the family has no list of uniform blocks to swap.
+    block_lists: tuple[tuple[str, str], ...] = ()
 
     # ---- loading ------------------------------------------------------------------------------------
     def pipeline_cls(self):
@@ -122,6 +125,17 @@ class Backbone:
         return self.pipeline_cls().from_pretrained(
             model_path, torch_dtype=dtype, **{self.denoiser_name: denoiser}, **drop, **parts
         )
+
+    def transformer_blocks(self, denoiser: nn.Module) -> list[nn.Module]:
+        """The denoiser's transformer blocks in the order its forward runs them (``block_lists`` concatenated)."""
+        return [block for name, _ in self.block_lists for block in getattr(denoiser, name)]
+
+    def count_transformer_blocks(self, model_path: str) -> int:
+        """How many blocks ``transformer_blocks`` will return, from the denoiser's config alone (nothing loaded)."""
+        if not self.block_lists:
+            return 0
+        config = getattr(diffusers, self.denoiser_class).load_config(model_path, subfolder=self.denoiser_name)
+        return sum(int(config[key]) for _, key in self.block_lists)
 
     # ---- prompts and latents --------------------------------------------------------------------------
     def encode_prompts(self, text_pipeline, prompts: list[str], device, max_sequence_length: int) -> Cond:

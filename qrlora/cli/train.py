@@ -71,6 +71,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--max_grad_norm", type=float, default=1.0)
     g.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], default="no")
     g.add_argument("--gradient_checkpointing", action="store_true")
+    g.add_argument("--blocks_to_swap", type=int, default=0, help="keep the frozen weights of the last N transformer "
+                   "blocks in host memory, copied to the GPU one block ahead of their forward and backward (FLUX, SD3)")
     g.add_argument("--seed", type=int, default=0)
     g = p.add_argument_group("objective")
     g.add_argument("--weighting_scheme", choices=list(WEIGHTING_SCHEMES), help="flow matching timestep density and loss weighting (default: the backbone's: logit_normal SD3, none FLUX)")
