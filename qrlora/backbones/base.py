@@ -105,12 +105,18 @@ class Backbone:
     def load(self, model_path: str, *, vae_path: str | None = None, denoiser_dtype: torch.dtype | None = None,
              text_dtype: torch.dtype = torch.float32) -> Components:
         """Load the denoiser (as stored, or in ``denoiser_dtype``), the VAE, the scheduler, and the text parts."""
-        vae = diffusers.AutoencoderKL.from_pretrained(vae_path or model_path, subfolder=None if vae_path else "vae")
+        vae = self.load_vae(model_path, vae_path)
         scheduler = self.load_scheduler(model_path)
-        text_pipeline = self.pipeline_cls().from_pretrained(
-            model_path, torch_dtype=text_dtype, **{self.denoiser_name: None, "vae": None}
-        )
+        text_pipeline = self.load_text_pipeline(model_path, text_dtype)
         return Components(self.load_denoiser(model_path, denoiser_dtype), vae, scheduler, text_pipeline)
+
+    def load_vae(self, model_path: str, vae_path: str | None = None) -> nn.Module:
+        """The pipeline's VAE, or the separate one at ``vae_path`` (a folder or hub id holding the VAE itself)."""
+        return diffusers.AutoencoderKL.from_pretrained(vae_path or model_path, subfolder=None if vae_path else "vae")
+
+    def load_text_pipeline(self, model_path: str, dtype: torch.dtype = torch.float32):
+        """The pipeline with its text encoders and tokenizers only (no denoiser, no VAE), for ``encode_prompts``."""
+        return self.pipeline_cls().from_pretrained(model_path, torch_dtype=dtype, **{self.denoiser_name: None, "vae": None})
 
     def load_scheduler(self, model_path: str):
         """The pipeline's scheduler, freshly built (cheap: a config file). Any scheduler class reads

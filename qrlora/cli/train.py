@@ -37,6 +37,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--random_flip", action="store_true")
     g.add_argument("--repeats", type=int, default=1)
     g.add_argument("--cache_latents", action="store_true")
+    g.add_argument("--cache_dir", help="disk cache of prompt embeddings and latent distributions (implies --cache_latents): "
+                   "a later run with the same model files, prompts, images and settings loads no text encoder or VAE encoder")
     g.add_argument("--max_sequence_length", type=int, help="T5 prompt length (default: 77 SD3, 512 FLUX)")
     g = p.add_argument_group("adapter")
     g.add_argument("--rank", type=int, default=4)
@@ -138,6 +140,8 @@ def flag_problem(args: argparse.Namespace) -> str | None:
     for name in ("adam_beta1", "adam_beta2"):
         if not 0 <= getattr(args, name) < 1:
             return f"--{name} must be in [0, 1), got {getattr(args, name)}"
+    if args.cache_dir and Path(args.cache_dir).exists() and not Path(args.cache_dir).is_dir():
+        return f"--cache_dir: {args.cache_dir} is a file, not a folder"
     if args.with_prior_preservation and not (args.class_data_dir and args.class_prompt):
         return "--with_prior_preservation needs --class_data_dir and --class_prompt"
     if args.report_to in ("tensorboard", "wandb") and importlib.util.find_spec(args.report_to) is None:
