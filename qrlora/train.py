@@ -37,6 +37,7 @@ from .errors import UserError
 from .export import export_lora, kohya_path
 from .hub import push_run_folder
 from .inject import inject_adapters, trainable_parameters
+from .launch import check_launch
 from .layers import adapter_layers, apply_constraints_, cast_base_model_
 from .methods import METHODS, AdapterConfig
 from .model_card import write_model_card
@@ -124,6 +125,7 @@ def train(args, command: str) -> Path:
     """Train one adapter as the parsed flags (``qrlora.cli.train``) say; ``command`` is the command line the model
     card records. Returns the final adapter file."""
     # ---- 1. Check every input before loading anything heavy ------------------------------------------
+    check_launch()  # several processes that accelerate would each run alone: stop before any of them writes
     backbone = detect_backbone(args.pretrained_model_name_or_path, args.backbone)
     max_sequence_length = args.max_sequence_length or backbone.default_max_sequence_length
     scheduler = backbone.load_scheduler(args.pretrained_model_name_or_path)
