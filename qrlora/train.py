@@ -24,17 +24,20 @@ from accelerate import Accelerator, PartialState
 from accelerate.utils import ProjectConfiguration, set_seed
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from diffusers.optimization import get_scheduler
-from diffusers.training_utils import free_memory
 from tqdm.auto import tqdm
 
 from .backbones import detect_backbone
+from .blockswap import attach_block_swap, check_blocks_to_swap
+from .cache import DiskCache
 from .checkpoint import ADAPTER_FILENAME, adapter_from_model, adapter_metadata, base_fingerprint, load_adapter, save_adapter
 from .data import DreamBoothDataset, collate
 from .devices import DTYPES, MIXED_PRECISION_DTYPES
+from .encoders import Encoders
 from .errors import UserError
 from .export import export_lora, kohya_path
 from .hub import push_run_folder
 from .inject import inject_adapters, trainable_parameters
+from .launch import check_launch
 from .layers import adapter_layers, apply_constraints_, cast_base_model_
 from .methods import METHODS, AdapterConfig
 from .model_card import write_model_card
@@ -106,7 +109,10 @@ def update_groups(batches: list[list[int]], accumulation: int) -> list[list[list
 
 
 def batch_latents(backbone, vae, batch: dict, generator: torch.Generator, dtype: torch.dtype) -> torch.Tensor:
-    """Normalised latents (B, C, h, w) of a batch: a fresh sample of each image's latent distribution."""
+    """Normalised latents (B, C, h, w) of a batch: a fresh sample of each image's latent distribution.
+
+    ``vae``: the VAE, or ``qrlora.encoders.Encoders`` (its device, dtype, config and encode, VAE loaded lazily).
+    """
     if "latent_params" in batch:  # --cache_latents: the distribution was computed once, the sample is per step
         dist = DiagonalGaussianDistribution(batch["latent_params"].to(vae.device, vae.dtype))
     else:
@@ -119,6 +125,7 @@ def train(args, command: str) -> Path:
     """Train one adapter as the parsed flags (``qrlora.cli.train``) say; ``command`` is the command line the model
     card records. Returns the final adapter file."""
     # ---- 1. Check every input before loading anything heavy ------------------------------------------
+    check_launch()  # several processes that accelerate would each run alone: stop before any of them writes
     backbone = detect_backbone(args.pretrained_model_name_or_path, args.backbone)
     max_sequence_length = args.max_sequence_length or backbone.default_max_sequence_length
     scheduler = backbone.load_scheduler(args.pretrained_model_name_or_path)
@@ -135,6 +142,8 @@ def train(args, command: str) -> Path:
                            basis=args.qr_basis, basis_offset=args.qr_basis_offset, basis_seed=args.qr_basis_seed)
     output_dir = Path(args.output_dir)
     base_dtype(args)  # fail now, not after loading, when fp8 / nf4 cannot work here
+    check_blocks_to_swap(args.blocks_to_swap, backbone.count_transformer_blocks(args.pretrained_model_name_or_path),
+                         backbone.name, quantized=args.base_precision in LIBRARIES)
     if args.output_kohya_format and not METHODS[args.lora_init_method].static:
         raise UserError(f"--output_kohya_format: {args.lora_init_method} adapters are token-dependent and have no LoRA form")
     dataset = DreamBoothDataset(args.instance_data_dir, resolution=args.resolution, center_crop=args.center_crop,
@@ -177,33 +186,31 @@ def train(args, command: str) -> Path:
                                     random_flip=args.random_flip, repeats=args.repeats, seed=args.seed,
                                     class_dir=args.class_data_dir, num_class_images=args.num_class_images)
 
-    # ---- 4. Load the parts; encode every prompt once and free the text encoders ---------------------
-    parts = backbone.load(args.pretrained_model_name_or_path, vae_path=args.pretrained_vae_model_name_or_path,
-                          denoiser_dtype=base_dtype(args), text_dtype=weight_dtype)
-    text = parts.text_pipeline.to(device)
+    # ---- 4. Encode every prompt once and free the text encoders (--cache_dir: from disk, nothing loaded) --
+    encoders = Encoders(backbone, args.pretrained_model_name_or_path, vae_path=args.pretrained_vae_model_name_or_path,
+                        device=device, text_dtype=weight_dtype, vae_dtype=torch.float32 if backbone.vae_in_float32 else weight_dtype,
+                        max_sequence_length=max_sequence_length,
+                        cache=DiskCache(args.cache_dir, write=accelerator.is_main_process) if args.cache_dir else None)
     prompts = [args.instance_prompt] + ([args.class_prompt] if args.with_prior_preservation else [])
-    with torch.no_grad():
-        cond_table = cast_floating(backbone.encode_prompts(text, prompts, device, max_sequence_length), model_dtype)
-        validation_cond = None
-        if args.validation_prompt:
-            validation_cond = (backbone.encode_prompts(text, [args.validation_prompt], device, max_sequence_length),
-                               backbone.negative_cond(text, device, max_sequence_length))
-    del text, parts.text_pipeline
-    free_memory()
-    vae = parts.vae.to(device, dtype=torch.float32 if backbone.vae_in_float32 else weight_dtype).requires_grad_(False)
-    if args.cache_latents:
-        dataset.cache(lambda px: vae.encode(px.to(device, vae.dtype)).latent_dist.parameters)
+    cond_table = cast_floating(encoders.prompts(prompts), model_dtype)
+    validation_cond = (encoders.prompts([args.validation_prompt]), encoders.negative()) if args.validation_prompt else None
+    encoders.free_text()
+    if args.cache_latents or args.cache_dir:
+        dataset.cache(encoders.latent_params)
 
     # ---- 5. Adapters: decompose in float32 from the weights as loaded, then cast the base -----------
-    denoiser = parts.denoiser
+    denoiser = backbone.load_denoiser(args.pretrained_model_name_or_path, base_dtype(args))
     report = inject_adapters(denoiser, config, targets, blocks=blocks, progress=accelerator.is_main_process)
     logger.info(str(report))
-    cast_base_model_(denoiser, model_dtype).to(device)
+    cast_base_model_(denoiser, model_dtype)
+    # Fingerprinted before any weight is swapped out or quantized: it names the base model as loaded.
+    metadata["base_fingerprint"] = base_fingerprint({p: layer.base_layer.weight for p, layer in adapter_layers(denoiser)})
+    attach_block_swap(backbone, denoiser, args.blocks_to_swap, device)  # before .to(device): swapped weights stay on the host
+    denoiser.to(device)
     if args.base_precision in LIBRARIES:
         quantize_base_(denoiser, args.base_precision)
     if args.gradient_checkpointing:
         denoiser.enable_gradient_checkpointing()
-    metadata["base_fingerprint"] = base_fingerprint({p: layer.base_layer.weight for p, layer in adapter_layers(denoiser)})
     if resume_from is not None:
         check_resume_matches(resume_from, metadata)  # again: the base fingerprint exists only once the model is loaded
 
@@ -267,7 +274,7 @@ def train(args, command: str) -> Path:
                 batch = collate([dataset[i] for i in indices])
                 last = micro == len(group) - 1
                 with contextlib.nullcontext() if last or world == 1 else accelerator.no_sync(denoiser):
-                    latents = batch_latents(backbone, vae, batch, generator, model_dtype)
+                    latents = batch_latents(backbone, encoders, batch, generator, model_dtype)
                     cond = backbone.batch_cond(cond_table, batch)
                     per_sample = backbone.training_loss(denoiser, latents, cond, schedule, objective, generator)
                     if args.with_prior_preservation:
@@ -300,7 +307,7 @@ def train(args, command: str) -> Path:
                 break
         skip = 0
         if validation_cond and accelerator.is_main_process and epoch % args.validation_epochs == 0 and global_step < max_steps:
-            run_validation(backbone, args, model, vae, scheduler, validation_cond, global_step, accelerator, weight_dtype)
+            run_validation(backbone, args, model, encoders, scheduler, validation_cond, global_step, accelerator, weight_dtype)
 
     # ---- 9. Final adapter file (main process only), last validation ---------------------------------
     accelerator.wait_for_everyone()
@@ -312,7 +319,7 @@ def train(args, command: str) -> Path:
         logger.info("saved %s", final)
         images = []
         if validation_cond:
-            images = run_validation(backbone, args, model, vae, scheduler, validation_cond, global_step, accelerator, weight_dtype)
+            images = run_validation(backbone, args, model, encoders, scheduler, validation_cond, global_step, accelerator, weight_dtype)
         publish_run(args, backbone, adapter, final, images, command)
     accelerator.end_training()
     if run_lock is not None:
@@ -325,7 +332,7 @@ def cast_floating(table: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[st
     return {k: v.to(dtype) if v.is_floating_point() else v for k, v in table.items()}
 
 
-def run_validation(backbone, args, model, vae, scheduler, cond, step, accelerator, dtype) -> list[Path]:
+def run_validation(backbone, args, model, encoders, scheduler, cond, step, accelerator, dtype) -> list[Path]:
     """Images of the validation prompt with the adapted denoiser, saved under ``output_dir/validation``.
 
     Validation owns everything it mutates: a fresh scheduler built from the config (pipelines call
@@ -335,7 +342,7 @@ def run_validation(backbone, args, model, vae, scheduler, cond, step, accelerato
     model.eval()
     own_scheduler = type(scheduler).from_config(scheduler.config)
     pipe = backbone.inference_pipeline(args.pretrained_model_name_or_path, model, dtype=dtype, with_text=False,
-                                       vae=vae, scheduler=own_scheduler).to(accelerator.device)
+                                       vae=encoders.vae(), scheduler=own_scheduler).to(accelerator.device)
     pipe.set_progress_bar_config(disable=True)
     generator = torch.Generator(device="cpu").manual_seed(args.seed)
     folder = Path(args.output_dir) / "validation"

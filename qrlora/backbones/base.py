@@ -91,6 +91,9 @@ class Backbone:
     text_encoder_names: tuple[str, ...] = ()
     # The original checkpoint layout for kohya-style LoRA files; empty: the diffusers module names are kept.
     original_layout: tuple[OriginalModule, ...] = ()
+    # (denoiser attribute, config key of its length) of each list of transformer blocks, in execution order
+    # (``--blocks_to_swap``); empty: the family has no list of uniform blocks to swap.
+    block_lists: tuple[tuple[str, str], ...] = ()
 
     # ---- loading ------------------------------------------------------------------------------------
     def pipeline_cls(self):
@@ -103,12 +106,18 @@ class Backbone:
     def load(self, model_path: str, *, vae_path: str | None = None, denoiser_dtype: torch.dtype | None = None,
              text_dtype: torch.dtype = torch.float32) -> Components:
         """Load the denoiser (as stored, or in ``denoiser_dtype``), the VAE, the scheduler, and the text parts."""
-        vae = diffusers.AutoencoderKL.from_pretrained(vae_path or model_path, subfolder=None if vae_path else "vae")
+        vae = self.load_vae(model_path, vae_path)
         scheduler = self.load_scheduler(model_path)
-        text_pipeline = self.pipeline_cls().from_pretrained(
-            model_path, torch_dtype=text_dtype, **{self.denoiser_name: None, "vae": None}
-        )
+        text_pipeline = self.load_text_pipeline(model_path, text_dtype)
         return Components(self.load_denoiser(model_path, denoiser_dtype), vae, scheduler, text_pipeline)
+
+    def load_vae(self, model_path: str, vae_path: str | None = None) -> nn.Module:
+        """The pipeline's VAE, or the separate one at ``vae_path`` (a folder or hub id holding the VAE itself)."""
+        return diffusers.AutoencoderKL.from_pretrained(vae_path or model_path, subfolder=None if vae_path else "vae")
+
+    def load_text_pipeline(self, model_path: str, dtype: torch.dtype = torch.float32):
+        """The pipeline with its text encoders and tokenizers only (no denoiser, no VAE), for ``encode_prompts``."""
+        return self.pipeline_cls().from_pretrained(model_path, torch_dtype=dtype, **{self.denoiser_name: None, "vae": None})
 
     def load_scheduler(self, model_path: str):
         """The pipeline's scheduler, freshly built (cheap: a config file). Any scheduler class reads
@@ -123,6 +132,17 @@ class Backbone:
         return self.pipeline_cls().from_pretrained(
             model_path, torch_dtype=dtype, **{self.denoiser_name: denoiser}, **drop, **parts
         )
+
+    def transformer_blocks(self, denoiser: nn.Module) -> list[nn.Module]:
+        """The denoiser's transformer blocks in the order its forward runs them (``block_lists`` concatenated)."""
+        return [block for name, _ in self.block_lists for block in getattr(denoiser, name)]
+
+    def count_transformer_blocks(self, model_path: str) -> int:
+        """How many blocks ``transformer_blocks`` will return, from the denoiser's config alone (nothing loaded)."""
+        if not self.block_lists:
+            return 0
+        config = getattr(diffusers, self.denoiser_class).load_config(model_path, subfolder=self.denoiser_name)
+        return sum(int(config[key]) for _, key in self.block_lists)
 
     # ---- prompts and latents --------------------------------------------------------------------------
     def encode_prompts(self, text_pipeline, prompts: list[str], device, max_sequence_length: int) -> Cond:

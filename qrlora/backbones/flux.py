@@ -40,6 +40,7 @@ class Flux(FlowMatchingBackbone):
         "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2",
     )
     default_max_sequence_length = 512
+    block_lists = (("transformer_blocks", "num_layers"), ("single_transformer_blocks", "num_single_layers"))  # double first
     text_encoder_names = ("text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2")
     # BFL's checkpoint names (kohya sd-scripts, ComfyUI, A1111/Forge); q, k, v (and, in single blocks, the MLP
     # input) are one fused Linear there. The same map as diffusers' ``_convert_kohya_flux_lora_to_diffusers``.

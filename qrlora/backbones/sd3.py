@@ -19,6 +19,7 @@ class SD3(FlowMatchingBackbone):
     # diffusers' SD3 DreamBooth script: logit-normal timesteps, x0-preconditioned outputs, VAE in float32.
     default_objective = Objective(prediction_type="flow", weighting_scheme="logit_normal", precondition_outputs=True)
     default_max_sequence_length = 77
+    block_lists = (("transformer_blocks", "num_layers"),)
     vae_in_float32 = True
     text_encoder_names = ("text_encoder", "text_encoder_2", "text_encoder_3", "tokenizer", "tokenizer_2", "tokenizer_3")
     # Stability's MMDiT checkpoint names (kohya sd-scripts, ComfyUI); q, k, v are one fused Linear there, in that

@@ -37,6 +37,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--random_flip", action="store_true")
     g.add_argument("--repeats", type=int, default=1)
     g.add_argument("--cache_latents", action="store_true")
+    g.add_argument("--cache_dir", help="disk cache of prompt embeddings and latent distributions (implies --cache_latents): "
+                   "a later run with the same model files, prompts, images and settings loads no text encoder or VAE encoder")
     g.add_argument("--max_sequence_length", type=int, help="T5 prompt length (default: 77 SD3, 512 FLUX)")
     g = p.add_argument_group("adapter")
     g.add_argument("--rank", type=int, default=4)
@@ -77,6 +79,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--max_grad_norm", type=float, default=1.0)
     g.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], default="no")
     g.add_argument("--gradient_checkpointing", action="store_true")
+    g.add_argument("--blocks_to_swap", type=int, default=0, help="keep the frozen weights of the last N transformer "
+                   "blocks in host memory, copied to the GPU one block ahead of their forward and backward (FLUX, SD3)")
     g.add_argument("--seed", type=int, default=0)
     g = p.add_argument_group("objective")
     g.add_argument("--weighting_scheme", choices=list(WEIGHTING_SCHEMES), help="flow matching timestep density and loss weighting (default: the backbone's: logit_normal SD3, none FLUX)")
@@ -142,6 +146,8 @@ def flag_problem(args: argparse.Namespace) -> str | None:
     for name in ("adam_beta1", "adam_beta2"):
         if not 0 <= getattr(args, name) < 1:
             return f"--{name} must be in [0, 1), got {getattr(args, name)}"
+    if args.cache_dir and Path(args.cache_dir).exists() and not Path(args.cache_dir).is_dir():
+        return f"--cache_dir: {args.cache_dir} is a file, not a folder"
     if args.with_prior_preservation and not (args.class_data_dir and args.class_prompt):
         return "--with_prior_preservation needs --class_data_dir and --class_prompt"
     if args.report_to in ("tensorboard", "wandb") and importlib.util.find_spec(args.report_to) is None:
