@@ -6,7 +6,8 @@
 #      (and a plain-LoRA pair in the same trainer, for the disentanglement comparison)
 #   3. extract the residual from the content adapter
 #   4. render a 3x3 style x content weight grid of "a heart in checker style" in residual form and in delta form,
-#      check they agree, and read the grid with the world's classifier (shape, style of every cell)
+#      check they agree; render the plain-LoRA pair's grid; read every cell with the world's classifier and draw
+#      both pairs side by side (verdict.png), one verdict line per pair
 #   5. plot the adapters' similarity (QR-LoRA pair against the plain-LoRA pair)
 # Environment overrides: DEMO_DIR (demo_output), STEPS (100 training steps per adapter), RANK (4).
 set -euo pipefail
@@ -36,7 +37,7 @@ python -m qrlora.world images --shape circle --style checker --output "$DEMO_DIR
 train() {  # train WRAPPER OUTPUT SHAPE STYLE [extra flags]
   local wrapper="$1" out="$2" shape="$3" style="$4"; shift 4
   MODEL_NAME="$MODEL" OUTPUT_DIR="$DEMO_DIR/$out" MAX_TRAIN_STEPS="$STEPS" RESOLUTION=32 MIXED_PRECISION=no \
-    INSTANCE_DIR="$DEMO_DIR/data/${shape}_$style" bash "$wrapper" cpu "$RANK" --learning_rate 1e-2 --train_batch_size 4 \
+    INSTANCE_DIR="$DEMO_DIR/data/${shape}_$style" bash "$wrapper" cpu "$RANK" --learning_rate 1e-2 --train_batch_size 4 --gradient_accumulation_steps 1 \
     --instance_prompt "a $shape in $style style" --validation_prompt "a $shape in $style style" --validation_inference_steps 20 --num_validation_images 1 \
     "${WORLD_FLAGS[@]}" "$@" \
     2> "$DEMO_DIR/$out.log" || { tail -n 5 "$DEMO_DIR/$out.log" >&2; die "training $out failed (log: $DEMO_DIR/$out.log)"; }
@@ -54,9 +55,9 @@ step "3/5 residual from the content adapter's stored Q and R"
 python SD3_dir/extract_residual_from_checkpoint.py --model_path "$MODEL" --lora_path "$CONTENT" \
   --output_dir "$DEMO_DIR/residual"
 
-step "4/5 3x3 weight grids: residual form and delta form"
-render() {  # render OUT [RESIDUAL]
-  MODEL_NAME="$MODEL" STYLE_LORA="$STYLE" CONTENT_LORA="$CONTENT" RESIDUAL="${2:-}" STEPS=20 HEIGHT=32 WIDTH=32 \
+step "4/5 3x3 weight grids: residual form and delta form, then the plain-LoRA pair"
+render() {  # render OUT [RESIDUAL] [STYLE CONTENT]
+  MODEL_NAME="$MODEL" STYLE_LORA="${3:-$STYLE}" CONTENT_LORA="${4:-$CONTENT}" RESIDUAL="${2:-}" STEPS=20 HEIGHT=32 WIDTH=32 \
     GUIDANCE=4 PROMPT="a heart in checker style" DTYPE=float32 OUTPUT_DIR="$DEMO_DIR/$1" \
     bash SD3_dir/inference.sh cpu "${WORLD_FLAGS[@]}" 2>/dev/null
 }
@@ -74,8 +75,10 @@ verdict = "agree" if diff <= 1 else "DISAGREE"
 print(f"residual form and delta form {verdict}: {len(names)} images, max pixel difference {diff}/255")
 sys.exit(0 if diff <= 1 else 1)
 PY
-echo "the world's classifier on the delta-form grid (inference_s<style weight>_c<content weight>.png: shape, style):"
-python -m qrlora.world score "$DEMO_DIR/grid_delta" --glob "inference_s*_c*.png" 2>/dev/null
+render grid_lora "" "$DEMO_DIR/lora_style/pytorch_lora_weights.safetensors" "$DEMO_DIR/lora_content/pytorch_lora_weights.safetensors"
+echo "the world's classifier on every cell (green in $DEMO_DIR/verdict.png: both the heart and the checker style):"
+python -m qrlora.world verdict --grid "QR-LoRA pair=$DEMO_DIR/grid_delta" --grid "LoRA pair=$DEMO_DIR/grid_lora" \
+  --study bench/reports/world_study.json --output "$DEMO_DIR/verdict.png" 2>/dev/null
 
 step "5/5 similarity: content vs style (Q, R, dR), then dW against the plain-LoRA pair"
 similarity() {  # similarity OUT [env...]
@@ -97,6 +100,8 @@ cat <<MSG
   residual/                          sd3_residual_weights.safetensors (W - s Q R)
   grid_residual/grid.png             3x3 style x content grid of "a heart in checker style", residual form
   grid_delta/grid.png                the same grid, delta form (no residual file)
+  grid_lora/grid.png                 the plain-LoRA pair's grid
+  verdict.png                        both pairs' grids side by side, each cell captioned by the classifier
   similarity/                        per-layer cosine / CKA / NMI of Q, R, dR, dW: plots, JSON, summary
   similarity_vs_lora/                dW similarity of the QR-LoRA pair beside the plain-LoRA pair (paper figure)
 MSG

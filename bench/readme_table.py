@@ -195,13 +195,23 @@ def replace_block(text: str, block: str) -> str:
     return head + block + rest.split(END, 1)[1]
 
 
+def replace_study_block(text: str) -> str:
+    """``text`` with the world study's tables (``qrlora.world.study.readme_block``) replaced, when it has them."""
+    from qrlora.world.study import README_END, README_START, readme_block
+
+    if README_START not in text or README_END not in text:
+        return text
+    head, rest = text.split(README_START, 1)
+    return head + readme_block(REPORTS) + rest.split(README_END, 1)[1]
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--write", action="store_true", help=f"replace the tables in {README.name}")
     args = p.parse_args(argv)
     block = render()
     if args.write:
-        README.write_text(replace_block(README.read_text(), block))
+        README.write_text(replace_study_block(replace_block(README.read_text(), block)))
         print(f"updated {README}")
     else:
         print(block)

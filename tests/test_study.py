@@ -44,6 +44,7 @@ def _cell(seed, both_at_one, best_elsewhere, samples=8):
              "both": both_at_one if (wc, ws) == (1.0, 1.0) else best_elsewhere if (wc, ws) == (1.25, 1.25) else 0}
             for wc in (1.0, 1.25) for ws in (1.0, 1.25)]
     return {"seed": seed, "samples": samples, "grid": grid, "own_content": samples, "own_style": samples - 1,
+            "content_alone_merged_prompt": 1, "style_alone_merged_prompt": 2,
             "mechanism": {"abs_cos_dw": 0.1 * (seed + 1), "output_alignment": None}, "seconds": 1.0}
 
 
@@ -54,6 +55,7 @@ def test_aggregate_reads_the_headline_cell_the_best_per_seed_and_the_best_fixed_
     assert row["best_both"]["per_seed"] == [4 / 8, 5 / 8]  # seed 0's best is (1, 1), seed 1's is (1.25, 1.25)
     assert row["best_fixed_cell"]["weights"] == [1.0, 1.0] and row["best_fixed_cell"]["rate"] == 6 / 16
     assert row["own_style"]["rate"] == 14 / 16
+    assert row["content_alone_merged_prompt"]["rate"] == 2 / 16 and row["style_alone_merged_prompt"]["rate"] == 4 / 16
     assert row["mechanism"]["abs_cos_dw"] == pytest.approx(0.15) and row["mechanism"]["output_alignment"] is None
 
 
@@ -150,13 +152,14 @@ def test_ties_and_dare_equal_peft_by_hand(name):
 def test_every_declared_condition_runs_one_step_on_the_world(tmp_path):
     from qrlora.cli.world_study import train_pair
     from qrlora.checkpoint import load_adapter
-    from qrlora.world.world import SHIPPED_WORLD
+    from qrlora.world.world import SHIPPED_WORLD, load_world
 
+    world = load_world(SHIPPED_WORLD)
     for c, seed in StudyPlan(list(CONDITIONS.values()), {n: [0] for n in CONDITIONS}).pairs():
         pair = train_pair(str(SHIPPED_WORLD), c.name, seed, str(tmp_path), steps=1)
         content, style = (load_adapter(pair["paths"][r]) for r in ("content", "style"))
         assert content.config.method == style.config.method == c.method, c.name
-        assert content.config.rank == c.rank, c.name
+        assert content.config.rank == (c.rank or world.flux_ratio_rank), c.name
         assert pair["seeds"]["style"] == (0 if c.shared_seed else 100), c.name
         if c.targets:
             assert all(any(p.endswith(t) for t in c.targets) for p in content.layers), c.name
@@ -245,3 +248,14 @@ def test_trainer_flags_choose_the_basis_and_the_file_keeps_it(tiny_sd3, tmp_path
     assert top.config.basis == "top" and "basis" not in read_safetensors(top_path)[1]  # default files: keys unchanged
     layer = sorted(top.layers)[0]
     assert subspace_overlap(random.layers[layer]["q"], top.layers[layer]["q"]) < 0.9
+
+
+def test_readme_study_tables_are_the_committed_reports():
+    from conftest import REPO
+    from qrlora.world.study import README_END, README_START, readme_block
+
+    readme = (REPO / "README.md").read_text()
+    assert readme.count(README_START) == 1 and readme.count(README_END) == 1
+    block = README_START + readme.split(README_START, 1)[1].split(README_END, 1)[0] + README_END
+    assert block == readme_block(REPO / "bench/reports"), \
+        "README study tables differ from bench/reports/world_study*.json: run python bench/readme_table.py --write"

@@ -104,6 +104,11 @@ def run_cell(world_path: str, name: str, seed: int, output: str, samples: int, g
                               shape=world.new_shape)["shape"]
     own_style = world.rates(direct.images((0.0, 1.0), [data.caption(STYLE_SHAPE, world.new_style)]),
                             style=world.new_style)["style"]
+    # Each adapter alone on the merged prompt: does the failure come from summing two adapters, or does one
+    # adapter already lose its attribute when the prompt's other word is new?
+    merged_prompt = [data.caption(world.new_shape, world.new_style)]
+    content_alone = world.rates(direct.images((1.0, 0.0), merged_prompt), shape=world.new_shape)["shape"]
+    style_alone = world.rates(direct.images((0.0, 1.0), merged_prompt), style=world.new_style)["style"]
     merged = direct if condition.merge == "direct" else Sampler(
         world, MergedPipeline(str(world.path), adapters, None, args, strategy=condition.merge), samples)
     cells = []
@@ -117,6 +122,8 @@ def run_cell(world_path: str, name: str, seed: int, output: str, samples: int, g
     mechanism = mechanism_of(direct.merged.pipe, world, adapters)
     result = {"condition": name, "seed": seed, "samples": samples, "pair_seeds": pair["seeds"], "grid": cells,
               "own_content": round(own_content * samples), "own_style": round(own_style * samples),
+              "content_alone_merged_prompt": round(content_alone * samples),
+              "style_alone_merged_prompt": round(style_alone * samples),
               "mechanism": mechanism, "training_seconds": pair["seconds"],
               "seconds": round(time.perf_counter() - start + pair["seconds"], 1)}
     _write_json(path, result)
