@@ -122,7 +122,7 @@ def run_render_settings(pipeline_cls, *, mixed_precision: str, device: str, reso
 
 def _usage(adapter: AdapterFile, adapter_name: str, kohya_name: str | None, pipeline_class: str, prompt: str,
            settings: RenderSettings) -> str:
-    merge = (f"```bash\npython -m qrlora.merge --model_path {adapter.base_model} --adapters {adapter_name} --weights 1.0 \\\n"
+    merge = (f"```bash\npython -m qrlora.merge --model_path {shlex.quote(str(adapter.base_model))} --adapters {shlex.quote(adapter_name)} --weights 1.0 \\\n"
              f"  --prompt {shlex.quote(prompt)} {settings.merge_flags()}\n```\n\nCombine it with another adapter of the "
              "same base (e.g. style + content) by listing both files and two weights.")
     if not adapter.method.static:

@@ -53,6 +53,8 @@ def test_every_trainer_flag_has_help_and_shows_its_default():
 @pytest.mark.parametrize("flags,expect", [
     (["--lora_layers", ""], "--lora_layers '' names no layer"),
     (["--lora_layers", " , "], "names no layer"),
+    (["--lora_layers", "to_q,,to_k"], "--lora_layers 'to_q,,to_k' has an empty entry"),
+    (["--lora_blocks", "transformer_blocks.0,"], "--lora_blocks 'transformer_blocks.0,' has an empty entry"),
     (["--learning_rate", "1e39"], "--learning_rate 1e+39 is above float32's largest value"),
     (["--learning_rate", "1e300"], "--learning_rate 1e+300 is above float32's largest value"),
     (["--adam_epsilon", "1e40"], "--adam_epsilon"),

@@ -89,7 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--validation_epochs", type=int, default=50, help="validate every this many epochs, and at the end")
     g.add_argument("--validation_inference_steps", type=int, default=28, help="denoising steps of a validation image")
     g.add_argument("--report_to", choices=["tensorboard", "wandb", "none"], default="none", help="experiment tracker of the loss, learning rate and validation images")
-    g.add_argument("--logging_dir", default="logs", help="tracker folder inside --output_dir (created only with --report_to)")
+    g.add_argument("--logging_dir", default="logs", help="TensorBoard's folder inside --output_dir (made only with --report_to tensorboard)")
     g.add_argument("--checkpointing_steps", type=int, default=500, help="save checkpoint-N every this many updates")
     g.add_argument("--checkpoints_total_limit", type=int, help="keep only the newest N checkpoints (default: all)")
     g.add_argument("--resume_from_checkpoint", help="a checkpoint-N folder, or 'latest' (default: start afresh)")
@@ -161,8 +161,12 @@ def flag_problem(args: argparse.Namespace) -> str | None:
     for name in ("adam_beta1", "adam_beta2"):
         if not 0 <= getattr(args, name) < 1:
             return f"--{name} must be in [0, 1), got {getattr(args, name)}"
-    if args.lora_layers is not None and not [t for t in args.lora_layers.split(",") if t.strip()]:
+    if args.lora_layers is not None and not args.lora_layers.strip(" ,"):
         return f"--lora_layers {args.lora_layers!r} names no layer; leave the flag out for the backbone's default targets"
+    for flag in ("lora_layers", "lora_blocks"):
+        value = getattr(args, flag)
+        if value is not None and any(not name.strip() for name in value.split(",")):
+            return f"--{flag} {value!r} has an empty entry (an empty suffix would match every layer)"
     for flag in ("instance_data_dir", "class_data_dir"):
         if getattr(args, flag) and Path(getattr(args, flag)).is_file():
             return f"--{flag} {getattr(args, flag)} is a file; give the folder that holds the images"
