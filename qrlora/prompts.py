@@ -59,8 +59,9 @@ def check_prompt_lengths(model_path: str, max_sequence_length: int, instance_pro
         name, tok, lost = found
         raise UserError(f"--instance_prompt {instance_prompt!r}: {type(tok).__name__} ({model_path}/{name}) keeps "
                         f"{_limit(tok, max_sequence_length)} tokens and would drop {lost!r}, so the adapter would "
-                        "learn a shorter prompt than the one typed; shorten it (a word the tokenizer does not know takes several tokens)"
-                        + ("" if "T5" not in type(tok).__name__ else " or raise --max_sequence_length"))
+                        "learn a shorter prompt than the one typed; shorten it"
+                        + (" or raise --max_sequence_length" if "T5" in type(tok).__name__ else "")
+                        + " (a word the tokenizer does not know takes several tokens)")
     for flag, prompt in other_prompts.items():
         if prompt and (found := cut(prompt)):
             name, tok, lost = found
