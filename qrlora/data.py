@@ -57,7 +57,7 @@ def load_image(path: str | Path, resolution: int | None = None) -> Image.Image:
     Shrinking keeps the short side at least ``max(2 * resolution, 1024)`` (JPEG decodes at a reduced DCT scale
     via ``draft``, others by an integer box ``reduce``), so the bicubic resize to ``resolution`` that follows
     sees the same detail. 16-bit and 32-bit integer images are scaled to 8 bits (a plain ``convert`` clips them
-    to white).
+    to white); transparent pixels are composited onto white.
     """
     with Image.open(path) as img:
         # The true source size (h, w) after EXIF rotation, before any shrinking: SDXL is conditioned on it.
@@ -71,9 +71,18 @@ def load_image(path: str | Path, resolution: int | None = None) -> Image.Image:
         image = _to_8bit(image)
         if floor and min(image.size) >= 2 * floor:
             image = image.reduce(min(image.size) // floor)
-        image = image.convert("RGB")
+        image = on_white(image)
         image.info["original_size"] = (height, width)
         return image
+
+
+def on_white(image: Image.Image) -> Image.Image:
+    """RGB, with any transparency (RGBA, LA, a palette's transparent index) composited onto white: a plain
+    ``convert("RGB")`` keeps whatever colour a transparent pixel stores (often black)."""
+    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info:
+        rgba = image.convert("RGBA")
+        return Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB")
+    return image.convert("RGB")
 
 
 def _to_8bit(image: Image.Image) -> Image.Image:

@@ -19,10 +19,14 @@ def describe_os_error(err: OSError) -> str:
 
 def cli_entry(main: Callable) -> Callable:
     """Wrap a CLI ``main`` so ``UserError``, OS errors (full disk, read-only folder, a file where a folder should
-    be) and Ctrl-C become one ``error: ...`` line on stderr and a non-zero exit status."""
+    be) and Ctrl-C become one ``error: ...`` line on stderr and a non-zero exit status; third-party messages a user
+    cannot act on are silenced first (``qrlora.quiet``)."""
 
     @functools.wraps(main)
     def wrapper(*args, **kwargs):
+        from . import quiet  # here, not at import: only a command changes third-party logging
+
+        quiet.install()
         try:
             return main(*args, **kwargs)
         except UserError as err:

@@ -181,8 +181,10 @@ def kohya_path(adapter_path: str | os.PathLike) -> Path:
 
 def export_file(args) -> Path:
     """``python -m qrlora.export`` (flags: ``qrlora.cli.export``): ``args.input`` to ``args.output`` in ``args.format``."""
-    adapter = load_adapter(args.input)
     out = Path(args.output)
+    if out.is_dir():  # checked first: --overwrite replaces a file, never a folder
+        raise UserError(f"{out} is a folder; give the path of the LoRA file to write (e.g. {out / 'lora.safetensors'})")
+    adapter = load_adapter(args.input)
     if out.exists() and not args.overwrite:
         raise UserError(f"{out} already exists; pass --overwrite to replace it")
     if out.resolve() == Path(args.input).resolve():

@@ -6,14 +6,17 @@ adapter file as saved: base model and its licence, backbone, method, rank, alpha
 """
 from __future__ import annotations
 
+import inspect
 import json
 import shlex
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
 from huggingface_hub import ModelCard, ModelCardData
 
 from .checkpoint import AdapterFile
+from .devices import DTYPES, MIXED_PRECISION_DTYPES
 
 CARD_FILENAME = "README.md"
 
@@ -82,10 +85,46 @@ def base_model_license(base_model: str) -> dict[str, str]:
     return {"license": "unknown"}
 
 
-def _usage(adapter: AdapterFile, adapter_name: str, kohya_name: str | None, pipeline_class: str, prompt: str) -> str:
-    merge = (f"```bash\npython -m qrlora.merge --model_path {adapter.base_model} --adapters {adapter_name} --weights 1.0 \\\n"
-             f"  --prompt {shlex.quote(prompt)}\n```\n\nCombine it with another adapter of the same base (e.g. style + "
-             "content) by listing both files and two weights.")
+@dataclass(frozen=True)
+class RenderSettings:
+    """How the run rendered its validation images, so the card's snippets load and call the pipeline the same way:
+    ``dtype`` a ``qrlora.devices.DTYPES`` name, ``device`` a torch device type, ``max_sequence_length`` None when
+    the run used the pipeline's default (or the pipeline takes none)."""
+
+    dtype: str = "bfloat16"
+    device: str = "cuda"
+    height: int = 1024
+    width: int = 1024
+    max_sequence_length: int | None = None
+
+    def merge_flags(self) -> str:
+        """The ``qrlora.merge`` flags that reproduce these settings."""
+        flags = ["--height", str(self.height), "--width", str(self.width), "--dtype", self.dtype, "--device", self.device]
+        if self.max_sequence_length is not None:
+            flags += ["--max_sequence_length", str(self.max_sequence_length)]
+        return shlex.join(flags)
+
+    def call_kwargs(self) -> str:
+        """The pipeline-call keyword arguments, as Python source (``, height=512, width=512``)."""
+        extra = f", max_sequence_length={self.max_sequence_length}" if self.max_sequence_length is not None else ""
+        return f", height={self.height}, width={self.width}{extra}"
+
+
+def run_render_settings(pipeline_cls, *, mixed_precision: str, device: str, resolution: int,
+                        max_sequence_length: int | None) -> RenderSettings:
+    """A training run's ``RenderSettings``: its mixed-precision dtype, device type and resolution, and its
+    ``--max_sequence_length`` where it set one and ``pipeline_cls`` takes one (SDXL's pipeline has no T5)."""
+    takes_length = "max_sequence_length" in inspect.signature(pipeline_cls.__call__).parameters
+    return RenderSettings(dtype=str(MIXED_PRECISION_DTYPES[mixed_precision]).removeprefix("torch."), device=device,
+                          height=resolution, width=resolution,
+                          max_sequence_length=max_sequence_length if takes_length else None)
+
+
+def _usage(adapter: AdapterFile, adapter_name: str, kohya_name: str | None, pipeline_class: str, prompt: str,
+           settings: RenderSettings) -> str:
+    merge = (f"```bash\npython -m qrlora.merge --model_path {shlex.quote(str(adapter.base_model))} --adapters {shlex.quote(adapter_name)} --weights 1.0 \\\n"
+             f"  --prompt {shlex.quote(prompt)} {settings.merge_flags()}\n```\n\nCombine it with another adapter of the "
+             "same base (e.g. style + content) by listing both files and two weights.")
     if not adapter.method.static:
         return ("This adapter's change depends on the token (frequency MoE), so it has no standard LoRA form; load it "
                 "with QR-LoRA, which merges it live:\n\n" + merge)
@@ -93,9 +132,9 @@ def _usage(adapter: AdapterFile, adapter_name: str, kohya_name: str | None, pipe
         f"With diffusers (export once to the standard LoRA layout, `B A = dW`):\n\n"
         f"```bash\npython -m qrlora.export {adapter_name} lora_diffusers.safetensors\n```\n\n"
         f"```python\nimport torch\nfrom diffusers import {pipeline_class}\n\n"
-        f"pipe = {pipeline_class}.from_pretrained({adapter.base_model!r}, torch_dtype=torch.bfloat16).to(\"cuda\")\n"
+        f"pipe = {pipeline_class}.from_pretrained({adapter.base_model!r}, torch_dtype={DTYPES[settings.dtype]}).to({settings.device!r})\n"
         f"pipe.load_lora_weights(\"lora_diffusers.safetensors\")\n"
-        f"image = pipe({prompt!r}).images[0]\n```\n\n"
+        f"image = pipe({prompt!r}{settings.call_kwargs()}).images[0]\n```\n\n"
         f"With QR-LoRA's merge (the file as trained, no export):\n\n{merge}\n\n")
     kohya = (f"ComfyUI, A1111/Forge and kohya's tools: load `{kohya_name}` (written with `--output_kohya_format`)."
              if kohya_name else
@@ -106,8 +145,9 @@ def _usage(adapter: AdapterFile, adapter_name: str, kohya_name: str | None, pipe
 
 def render_model_card(adapter: AdapterFile, *, adapter_name: str, pipeline_class: str, command: str,
                       validation_prompt: str | None = None, validation_images: Sequence[str] = (),
-                      kohya_name: str | None = None) -> ModelCard:
-    """The model card of one training run (``validation_images`` and file names relative to the run folder)."""
+                      kohya_name: str | None = None, settings: RenderSettings = RenderSettings()) -> ModelCard:
+    """The model card of one training run (``validation_images`` and file names relative to the run folder);
+    ``settings``: the run's dtype, device, size and prompt length, written into the snippets."""
     meta = adapter.metadata
     base_model = adapter.base_model or "unknown"
     licence = base_model_license(base_model)
@@ -140,7 +180,7 @@ def render_model_card(adapter: AdapterFile, *, adapter_name: str, pipeline_class
                  "each targeted Linear `W` keeps its frozen basis (QR, SVD or ICA of `W`) and learns only coefficients on it; the adapter stores the change `dW`, never `W`."),
         validation="\n".join(f"![{shown_prompt}]({image})" for image in validation_images)
         or "No validation images (the run had no `--validation_prompt`).",
-        usage=_usage(adapter, adapter_name, kohya_name, pipeline_class, shown_prompt or "a photo"),
+        usage=_usage(adapter, adapter_name, kohya_name, pipeline_class, shown_prompt or "a photo", settings),
         command=command, licence=licence_text,
     )
 

@@ -40,9 +40,10 @@ from .inject import inject_adapters, trainable_parameters
 from .launch import check_launch
 from .layers import adapter_layers, apply_constraints_, cast_base_model_
 from .methods import METHODS, AdapterConfig
-from .model_card import write_model_card
+from .model_card import run_render_settings, write_model_card
 from .objective import step_generator
 from .prior import generate_class_images
+from .prompts import check_prompt_lengths
 from .quantize import LIBRARIES, check_available, quantize_base_
 from .run_folder import (RunLock, check_finite, check_resume_matches, complete_checkpoints, keep_launcher, remove_partials,
                          resolve_resume, write_checkpoint)
@@ -151,6 +152,8 @@ def train(args, command: str) -> Path:
     metadata = adapter_metadata(config, component=backbone.denoiser_name, backbone=backbone.name,
                                 base_model=args.pretrained_model_name_or_path, targets=targets,
                                 extra={"lora_blocks": json.dumps(blocks or []), "instance_prompt": args.instance_prompt})
+    check_prompt_lengths(args.pretrained_model_name_or_path, max_sequence_length, args.instance_prompt,
+                         {"--class_prompt": args.class_prompt, "--validation_prompt": args.validation_prompt})
     # One run per folder: the main process holds the folder's lock for the whole run (the kernel drops it on exit).
     run_lock = RunLock(output_dir).acquire() if PartialState().is_main_process else None
     resume_from = resolve_resume(args.resume_from_checkpoint, output_dir)
@@ -320,7 +323,7 @@ def train(args, command: str) -> Path:
         images = []
         if validation_cond:
             images = run_validation(backbone, args, model, encoders, scheduler, validation_cond, global_step, accelerator, weight_dtype)
-        publish_run(args, backbone, adapter, final, images, command)
+        publish_run(args, backbone, adapter, final, images, command, accelerator.device.type)
     accelerator.end_training()
     if run_lock is not None:
         run_lock.release()
@@ -361,7 +364,7 @@ def run_validation(backbone, args, model, encoders, scheduler, cond, step, accel
     return saved
 
 
-def publish_run(args, backbone, adapter, final: Path, images: list[Path], command: str) -> None:
+def publish_run(args, backbone, adapter, final: Path, images: list[Path], command: str, device: str) -> None:
     """After the final save: the kohya file (``--output_kohya_format``), the model card, the hub upload."""
     output_dir = final.parent
     kohya = None
@@ -371,7 +374,10 @@ def publish_run(args, backbone, adapter, final: Path, images: list[Path], comman
     card = write_model_card(output_dir, adapter, adapter_name=final.name, pipeline_class=backbone.pipeline_class,
                             command=command, validation_prompt=args.validation_prompt,
                             validation_images=[p.relative_to(output_dir).as_posix() for p in images],
-                            kohya_name=kohya.name if kohya else None)
+                            kohya_name=kohya.name if kohya else None,
+                            settings=run_render_settings(backbone.pipeline_cls(), mixed_precision=args.mixed_precision, device=device,
+                                                         resolution=args.resolution,
+                                                         max_sequence_length=args.max_sequence_length or backbone.default_max_sequence_length))
     logger.info("saved %s", card)
     if args.push_to_hub:
         url = push_run_folder(output_dir, args.hub_model_id or output_dir.resolve().name, args.hub_token)

@@ -11,6 +11,7 @@ select_devices "$1"
 RANK_ARG="$2"; shift 2
 [[ "$RANK_ARG" =~ ^[1-9][0-9]*$ ]] || die "RANK must be a positive integer, got '$RANK_ARG'"
 
+# Published settings: batch 1 with 4 micro-batches per update, lr 1e-4 constant, a checkpoint every 250 steps.
 # Native resolutions: SD3 and FLUX train at 512 in the published scripts; SDXL is a 1024 model.
 case "$BACKBONE" in
   sd3)  DEFAULT_MODEL="stabilityai/stable-diffusion-3-medium-diffusers"; EXP_ROOT="exps_SD3"; DEFAULT_RESOLUTION=512 ;;
@@ -59,7 +60,7 @@ COMMAND=("${LAUNCH[@]}" -m qrlora.train \
   --lora_init_method "$METHOD" \
   --resolution "$RESOLUTION" \
   --train_batch_size 1 \
-  --gradient_accumulation_steps 1 \
+  --gradient_accumulation_steps 4 \
   --learning_rate 1e-4 \
   --lr_scheduler constant \
   --lr_warmup_steps 0 \

@@ -16,6 +16,8 @@ def test_demo_end_to_end(tmp_path):
                 "grid_delta/inference_s0.50_c1.00.png", "similarity/all_statistics_summary.json"):
         assert (demo / rel).is_file(), rel
     assert list((demo / "similarity").glob("*.png"))
+    # the comparison's file is named where it ends up, not in the temporary folder it was written to
+    assert f"wrote {demo / 'similarity_vs_lora' / 'dW_comparison.json'}" in proc.stdout and ".tmp" not in proc.stdout
     # A folder the demo did not make is never touched.
     foreign = tmp_path / "mine"
     foreign.mkdir()

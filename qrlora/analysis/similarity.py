@@ -259,5 +259,5 @@ def run_compare(qr_paths: Sequence[str], baseline_paths: Sequence[str], output_d
                         for p in pairs)
         r = "n/a" if ratio[m] is None else f"{ratio[m]:.3f}"
         print(f"{m:<8}{cells}{r:>18}")
-    print(f"wrote {out / 'dW_comparison.json'} and the figure")
+    print(f"wrote {out.final / 'dW_comparison.json'} and the figure")
     return payload

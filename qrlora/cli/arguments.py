@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import re
 
 from ..devices import DTYPES
 from ..errors import UserError
@@ -20,8 +21,48 @@ class ArgumentParser(argparse.ArgumentParser):
     which flag is wrong; every command's parser is this class so a bad flag reads like every other user error.
     """
 
+    def __init__(self, *args, **kwargs):
+        if kwargs.get("formatter_class", argparse.RawDescriptionHelpFormatter) is argparse.RawDescriptionHelpFormatter:
+            kwargs["formatter_class"] = HelpFormatter
+        super().__init__(*args, **kwargs)
+        # A value such as "-1,2" (a negative first weight) is a value, not an unknown flag: argparse's own test
+        # for negative numbers knows only single numbers, so `--weights -1,2` failed as "expected one argument".
+        self._negative_number_matcher = NEGATIVE_NUMBERS
+
     def error(self, message: str):
         raise UserError(f"{message} (see {self.prog} --help)")
+
+
+NUMBER = r"(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?"
+NEGATIVE_NUMBERS = re.compile(rf"^-{NUMBER}(,\s*-?{NUMBER})*$")
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """``--help`` with each flag's default appended, ``(default: X)``, unless its help already says it or it has
+    none to show (a switch that is off, a value the help explains)."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        # identity, not ==: a default of 0 is shown (0 == False), None and a switch that is off are not
+        shown = not any(action.default is v for v in (None, False, argparse.SUPPRESS)) and action.option_strings
+        if shown and "default" not in text:
+            text += f" (default: {action.default})" if text else f"(default: {action.default})"
+        return text
+
+
+def number_list(text: str) -> str:
+    """An argparse ``type`` for comma lists of weights (``"0,0.5,1"``, ``"-1,2"``): every entry a finite number,
+    none empty (``"1,,1"`` is refused, not read as two weights). Returns the text as given."""
+    for index, entry in enumerate(text.split(","), 1):
+        if not entry.strip():
+            raise argparse.ArgumentTypeError(f"entry {index} of {text!r} is empty; give one number per entry")
+        try:
+            value = float(entry)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{entry.strip()!r} (entry {index} of {text!r}) is not a number") from None
+        if not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"entry {index} of {text!r} is not a finite number")
+    return text
 
 
 def positive(kind: type):

@@ -6,7 +6,7 @@ from pathlib import Path
 from ..compare import compare
 from ..errors import cli_entry
 from ..strategies import STRATEGIES
-from .arguments import ArgumentParser, add_evaluation_arguments, add_render_arguments, add_strategy_options
+from .arguments import ArgumentParser, add_evaluation_arguments, add_render_arguments, add_strategy_options, number_list
 
 
 @cli_entry
@@ -19,8 +19,8 @@ def main(argv=None) -> list[Path]:
     p.add_argument("--content_refs", required=True, help="folder of content reference images (DINO)")
     p.add_argument("--style_refs", required=True, help="folder of style reference images (CLIP-I)")
     p.add_argument("--strategies", default=",".join(STRATEGIES), help="comma list of merge strategies to compare")
-    p.add_argument("--style_weights", default="1.0", help="comma list")
-    p.add_argument("--content_weights", default="1.0", help="comma list")
+    p.add_argument("--style_weights", type=number_list, default="1.0", help="comma list")
+    p.add_argument("--content_weights", type=number_list, default="1.0", help="comma list")
     p.add_argument("--seeds", default="0", help="comma list; several seeds give each cell a standard error")
     add_strategy_options(p)
     add_evaluation_arguments(p)

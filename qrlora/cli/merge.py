@@ -8,7 +8,7 @@ from pathlib import Path
 
 from ..errors import cli_entry
 from ..inference import merge_adapters, render_grid
-from .arguments import ArgumentParser, add_render_arguments, add_strategy_arguments
+from .arguments import ArgumentParser, add_render_arguments, add_strategy_arguments, number_list
 
 
 def grid_parser(description: str, backbone_default_steps: int = 28) -> argparse.ArgumentParser:
@@ -17,8 +17,8 @@ def grid_parser(description: str, backbone_default_steps: int = 28) -> argparse.
     p.add_argument("--style_lora_path", required=True)
     p.add_argument("--content_lora_path", required=True)
     p.add_argument("--residual_path", help="residual file: merge in residual form (default: delta form, no file needed)")
-    p.add_argument("--style_weights", default="0.0,0.5,1.0", help="comma list")
-    p.add_argument("--content_weights", default="0.0,0.5,1.0", help="comma list")
+    p.add_argument("--style_weights", type=number_list, default="0.0,0.5,1.0", help="comma list")
+    p.add_argument("--content_weights", type=number_list, default="0.0,0.5,1.0", help="comma list")
     add_strategy_arguments(p)
     add_render_arguments(p, backbone_default_steps)
     return p
@@ -34,7 +34,7 @@ def merge_parser() -> argparse.ArgumentParser:
     p = ArgumentParser(prog="python -m qrlora.merge", description=merge_main.__doc__)
     p.add_argument("--model_path", required=True)
     p.add_argument("--adapters", nargs="+", required=True, help="adapter files (static methods mixed; MoE live)")
-    p.add_argument("--weights", help="comma list, one per adapter (default: all 1.0)")
+    p.add_argument("--weights", type=number_list, help="comma list, one per adapter (default: all 1.0); negative weights work: --weights -1,2")
     p.add_argument("--residual_path", help="merge in residual form (adapters must share Q and R)")
     p.add_argument("--save_merged", help="write the merged denoiser here in the diffusers layout (static adapters only)")
     p.add_argument("--no_render", action="store_true", help="skip rendering the prompt")

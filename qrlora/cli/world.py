@@ -19,7 +19,7 @@ from ..strategies import STRATEGIES
 from ..world import data
 from ..world.experiment import GUIDANCE, LR_FACTOR, SAMPLE_STEPS, Sampler, dw_similarity, markdown, plot
 from ..world.world import CONTENT_STYLE, STYLE_SHAPE, World, write_instance_images
-from .arguments import ArgumentParser, add_render_arguments, add_strategy_arguments, positive
+from .arguments import ArgumentParser, add_render_arguments, add_strategy_arguments, number_list, positive
 
 EXPERIMENT_STEPS = 100  # trainer steps per adapter (a sweep on the shipped world: README "The CPU world")
 EXPERIMENT_LR = 1e-2
@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> None:
     e.add_argument("--output", required=True, help="folder for the runs and results.json / .md / .png (must not exist or be empty)")
     e.add_argument("--methods", default="all", help="comma list of --lora_init_method names, or 'all' (default)")
     e.add_argument("--merges", default="all", help="comma list of merge strategies (direct, ziplora, klora), or 'all' (default)")
-    e.add_argument("--weights", default="0.5,1.0", help="comma list: the grid is every (content, style) pair of these (default 0.5,1.0)")
+    e.add_argument("--weights", type=number_list, default="0.5,1.0", help="comma list: the grid is every (content, style) pair of these (default 0.5,1.0)")
     e.add_argument("--samples", type=positive(int), default=32, help="images per cell, seeds 0..N-1 (default 32)")
     e.add_argument("--steps", type=positive(int), default=EXPERIMENT_STEPS, help=f"trainer steps per adapter (default {EXPERIMENT_STEPS})")
     e.add_argument("--learning_rate", type=positive(float), default=EXPERIMENT_LR, help=f"trainer learning rate (default {EXPERIMENT_LR}; x10 for ica)")

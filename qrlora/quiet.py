@@ -1,0 +1,73 @@
+"""Third-party messages on every run: those a user cannot act on are silenced, a repeated one is said once.
+
+Installed by every command-line entry (``qrlora.errors.cli_entry``), never on import: a library user keeps
+diffusers' and transformers' logging as they configured it. What is silenced, and why:
+
+* ``There are modules in AutoencoderKL that should be kept in float32: []``: an empty list, nothing to keep;
+* ``CLIPImageProcessor requires torchvision ... falling back``: the fallback is what runs, and no tool here uses it;
+* ``Token indices sequence length is longer than ...``: tokenizer-level; the truncation itself is reported (below);
+* ``Repo card metadata block was not found``: said while the model card is built from its own template;
+* the ``torch_dtype is deprecated`` FutureWarning: the argument our code passes to diffusers, not the user's.
+
+The pipelines' truncation warning (``The following part of your input was truncated ...``, once per encode: 27
+times for one 9-image grid) is said once per prompt in our words, and not at all when the trainer's own check
+(``qrlora.prompts``) already named the words lost.
+"""
+from __future__ import annotations
+
+import importlib
+import logging
+import re
+import sys
+import warnings
+
+SILENCED = (
+    "should be kept in float32: []",
+    "requires torchvision",
+    "Token indices sequence length is longer than the specified maximum sequence length",
+    "Repo card metadata block was not found",
+)
+TRUNCATED = re.compile(r"The following part of your input was truncated because (.*?) (\d+) tokens: (.*)$", re.S)
+_said: set[str] = set()
+
+
+def mark_said(lost: str) -> None:
+    """Record that the words ``lost`` from a prompt were reported already (the pipelines' warning is then dropped)."""
+    _said.add(lost.strip())
+
+
+class QuietFilter(logging.Filter):
+    """Drops the messages of ``SILENCED``; rewords the first truncation warning of each prompt, drops the rest."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if any(text in message for text in SILENCED):
+            return False
+        match = TRUNCATED.search(message)
+        if match:
+            reason, tokens, lost = match.groups()
+            key = lost.strip()
+            if key in _said or any(said and said in key for said in _said):
+                return False
+            _said.add(key)
+            limit = "the T5 prompt length (--max_sequence_length)" if "max_sequence_length" in reason else "the CLIP tokenizer"
+            record.msg, record.args = f"prompt truncated to {tokens} tokens by {limit}; the model never sees: {lost}", ()
+        return True
+
+
+_FILTER = QuietFilter()
+
+
+def install() -> None:
+    """Attach the filter where these messages pass: diffusers' and transformers' own handlers (their records do
+    not propagate) and the hub's model-card logger; ignore the ``torch_dtype`` FutureWarning. Idempotent."""
+    for library in ("diffusers", "transformers"):
+        if library in sys.modules:  # configure its logging (adds its handler) without importing it afresh
+            importlib.import_module(f"{library}.utils.logging").get_logger(library)
+        for handler in logging.getLogger(library).handlers:
+            if _FILTER not in handler.filters:
+                handler.addFilter(_FILTER)
+    hub = logging.getLogger("huggingface_hub.repocard")
+    if _FILTER not in hub.filters:
+        hub.addFilter(_FILTER)
+    warnings.filterwarnings("ignore", message=r".*`torch_dtype` is deprecated", category=FutureWarning)
