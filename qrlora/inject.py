@@ -8,6 +8,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .backbones.base import discarded_linears
 from .errors import UserError
 from .layers import AdapterLinear, AdapterState, adapter_layers
 from .methods import AdapterConfig, get_method
@@ -27,9 +28,14 @@ def find_target_modules(
 ) -> list[str]:
     """Paths of the Linears matching any of ``patterns``, optionally only inside the named ``blocks``.
 
+    Linears whose output the model discards (``backbones.base.discarded_linears``: SD3's last
+    ``attn.add_q_proj``) are never targets: they would get no gradient.
+
     Raises:
-        UserError: a pattern (``--lora_layers``) or a block (``--lora_blocks``) that matches no Linear.
+        UserError: a pattern (``--lora_layers``) or a block (``--lora_blocks``) that matches no Linear the model
+            uses.
     """
+    discarded = discarded_linears(model)
     names = [n for n, m in model.named_modules() if _is_linear(m) and not n.endswith(".base_layer")]
     if blocks:
         module_names = {n for n, _ in model.named_modules()}
@@ -40,9 +46,13 @@ def find_target_modules(
     selected = []
     for pattern in patterns:
         hits = [n for n in names if matches_target(n, pattern)]
+        where = f" inside {', '.join(blocks)}" if blocks else ""
         if not hits:
-            where = f" inside {', '.join(blocks)}" if blocks else ""
             raise UserError(f"--lora_layers: target '{pattern}' matches no Linear layer{where}")
+        hits = [n for n in hits if n not in discarded]
+        if not hits:
+            raise UserError(f"--lora_layers: target '{pattern}' matches only Linears whose output the model "
+                            f"discards{where} (they would never receive a gradient)")
         selected.extend(hits)
     order = {n: i for i, n in enumerate(names)}
     return sorted(set(selected), key=order.__getitem__)
