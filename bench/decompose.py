@@ -28,13 +28,12 @@ attention and MLP weights, and the harder case for randomized SVD because the ga
 from __future__ import annotations
 
 import argparse
-import inspect
 import sys
 from pathlib import Path
 
 import torch
 
-from qrlora.decompose import TruncatedSVD, qr_of_core, truncated_svd
+from qrlora.decompose import GAP_DEFINED, TruncatedSVD, principal_angle_deg, qr_of_core, truncated_svd
 
 from . import _common as C
 
@@ -42,7 +41,10 @@ FLUX_SHAPES = [(3072, 3072), (12288, 3072), (3072, 12288)]
 SD3_SHAPES = [(1536, 1536), (6144, 1536), (1536, 6144)]
 SMOKE_SHAPES = [(256, 256), (1024, 256), (256, 1024)]  # SD3's shapes / 6, for the test suite
 
-TARGETS = {"ours_speedup_min": 20.0, "error_ratio_max": 1.01, "orthogonality_max": 1e-5}
+TARGETS = {"ours_speedup_min": 25.0, "error_ratio_max": 1.01, "orthogonality_max": 1e-5,
+           "angle_max_deg": 1.0, "angle_gap_min": GAP_DEFINED}
+WORLD = Path(__file__).resolve().parent.parent / "assets" / "world"
+WORLD_RANKS = (4, 8, 16)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -69,14 +71,14 @@ def ours_init(W: torch.Tensor, rank: int, scale: float) -> tuple[torch.Tensor, t
 
 
 def ours_with_power_iterations(n_iter: int):
-    """Ours with ``n_iter`` power iterations instead of the default: the speed / error trade-off."""
+    """Ours with a fixed ``n_iter`` power iterations instead of the adaptive default: the speed / error / angle
+    trade-off (the default before the adaptive rule was 2)."""
     def init(W: torch.Tensor, rank: int, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
         return qr_of_core(truncated_svd(W, rank, n_iter=n_iter), scale)
     return init
 
 
-DEFAULT_N_ITER = inspect.signature(truncated_svd).parameters["n_iter"].default
-SWEEP = [k for k in (1, 2, 3, 4) if k != DEFAULT_N_ITER]
+SWEEP = [1, 2, 3, 4]  # the default iterates adaptively (until its top-r subspace has converged)
 METHODS = {"published": published_init, "peft_pissa_niter_4": peft_pissa_niter_4_init, "ours": ours_init,
            **{f"ours_niter_{k}": ours_with_power_iterations(k) for k in SWEEP}}
 
@@ -93,30 +95,35 @@ def spectrum(kind: str, k: int, rank: int) -> torch.Tensor:
     raise ValueError(f"unknown spectrum {kind}")
 
 
-def spectral_matrix(out_f: int, in_f: int, kind: str, rank: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``W = U diag(sigma) V^T`` (float32) with seeded Haar-random orthonormal U, V and a prescribed spectrum."""
+def spectral_matrix(out_f: int, in_f: int, kind: str, rank: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``W = U diag(sigma) V^T`` (float32) with seeded Haar-random orthonormal U, V and a prescribed spectrum;
+    returns ``W``, ``sigma`` and the exact top-``rank`` left singular vectors ``U[:, :rank]``."""
     k = min(out_f, in_f)
     gen = torch.Generator().manual_seed(seed)
     U, _ = torch.linalg.qr(torch.randn(out_f, k, generator=gen))
     V, _ = torch.linalg.qr(torch.randn(in_f, k, generator=gen))
     sigma = spectrum(kind, k, rank)
     W = (U * sigma.to(torch.float32)) @ V.T
-    return W.contiguous(), sigma
+    return W.contiguous(), sigma, U[:, :rank].contiguous()
 
 
-def quality(W: torch.Tensor, Q: torch.Tensor, R: torch.Tensor, scale: float, optimal: float) -> dict:
+def quality(W: torch.Tensor, Q: torch.Tensor, R: torch.Tensor, scale: float, optimal: float,
+            exact_U: torch.Tensor) -> dict:
+    """Error ratio, orthogonality, R's lower part and the largest principal angle (degrees) between span(Q) and
+    the exact top-r left singular subspace (span(Q) = span(U_r) for an exact decomposition)."""
     err = float((W - scale * (Q @ R)).double().norm())
     Qd = Q.double()
     E = Qd.T @ Qd - torch.eye(Q.shape[1], dtype=torch.float64)
     below = float(R.tril(-1).abs().max()) if R.shape[0] > 1 else 0.0
-    return {"error": err, "error_ratio": err / optimal, "orthogonality": float(E.norm()),
+    return {"error": err, "error_ratio": err / optimal, "angle_deg": principal_angle_deg(Q, exact_U),
+            "orthogonality": float(E.norm()),
             "orthogonality_2norm": float(torch.linalg.matrix_norm(E, 2)), "r_below_diagonal": below}
 
 
 # ---------------------------------------------------------------------------------------------------------
 def bench_shape(shape, args, gate: C.IdleGate) -> dict:
     out_f, in_f = shape
-    W, sigma = spectral_matrix(out_f, in_f, args.spectrum, args.rank, seed=args.seed + out_f * 7 + in_f)
+    W, sigma, exact_U = spectral_matrix(out_f, in_f, args.spectrum, args.rank, seed=args.seed + out_f * 7 + in_f)
     optimal = float(sigma[args.rank:].pow(2).sum().sqrt())
     scale = 1.0  # alpha = rank, as published
     times = {m: [] for m in METHODS}
@@ -130,15 +137,59 @@ def bench_shape(shape, args, gate: C.IdleGate) -> dict:
             seconds, (Q, R) = C.timed(lambda: fn(W, args.rank, scale))
             times[name].append(seconds)
             if name not in results:
-                results[name] = quality(W, Q, R, scale, optimal)
+                results[name] = quality(W, Q, R, scale, optimal, exact_U)
             del Q, R
-    row = {"shape": list(shape), "optimal_error": optimal, "methods": {}}
+    row = {"shape": list(shape), "optimal_error": optimal, "gap": float(sigma[args.rank - 1] / sigma[args.rank]),
+           "ours_iterations": truncated_svd(W, args.rank).iterations, "methods": {}}
     for name in METHODS:
         row["methods"][name] = {"seconds": min(times[name]), "seconds_all": times[name], **results[name]}
     pub = row["methods"]["published"]["seconds"]
     for name in METHODS:
         row["methods"][name]["speedup_vs_published"] = pub / row["methods"][name]["seconds"]
     return row
+
+
+def world_rows(ranks=WORLD_RANKS) -> dict | None:
+    """Ours on the shipped world's real weights (its backbone's default targets) against the dense SVD.
+
+    Per rank: the largest principal angle between span(Q) and the exact top-r left singular subspace (mean and
+    worst over layers, worst over the layers whose ``sigma_r / sigma_(r+1) >= GAP_DEFINED``), the error ratio,
+    and the same for the previous default (a forced randomized path with 2 power iterations) for comparison.
+    """
+    if not (WORLD / "model_index.json").is_file():
+        return None
+    from qrlora.backbones import detect_backbone
+    from qrlora.inject import find_target_modules
+
+    backbone = detect_backbone(str(WORLD))
+    model = backbone.load_denoiser(str(WORLD))
+    paths = find_target_modules(model, backbone.default_targets)
+    out = {"path": "assets/world", "backbone": backbone.name, "layers": len(paths),
+           "shapes": sorted({C.shape_str(tuple(model.get_submodule(p).weight.shape)) for p in paths}), "ranks": {}}
+    for rank in ranks:
+        per = {"ours": [], "previous_default": []}
+        gaps, errors = [], []
+        for path in paths:
+            W = model.get_submodule(path).weight.detach().float()
+            U, S, _ = torch.linalg.svd(W.double(), full_matrices=False)
+            gap = float(S[rank - 1] / S[rank]) if rank < S.numel() and S[rank] > 0 else float("inf")
+            optimal = float(S[rank:].pow(2).sum().sqrt())
+            for name, svd in (("ours", truncated_svd(W, rank)),
+                              ("previous_default", truncated_svd(W, rank, n_iter=2, exact=False))):
+                Q, R = qr_of_core(svd, 1.0)
+                per[name].append(principal_angle_deg(Q, U[:, :rank]))
+                if name == "ours":
+                    errors.append(float((W - Q @ R).double().norm()) / optimal if optimal > 0 else 1.0)
+            gaps.append(gap)
+        defined = [i for i, g in enumerate(gaps) if g >= GAP_DEFINED]
+        out["ranks"][str(rank)] = {
+            "layers_gap_below_threshold": len(paths) - len(defined), "smallest_gap": min(gaps),
+            "worst_error_ratio": max(errors),
+            **{name: {"mean_angle_deg": sum(a) / len(a), "worst_angle_deg": max(a),
+                      "worst_angle_deg_where_defined": max((a[i] for i in defined), default=0.0)}
+               for name, a in per.items()},
+        }
+    return out
 
 
 def totals(rows: list[dict], counts: dict[tuple[int, int], int]) -> dict:
@@ -177,7 +228,7 @@ def main(argv=None) -> dict:
     info = C.machine_info()
     shape_sets = {"full": FLUX_SHAPES + SD3_SHAPES, "quick": SD3_SHAPES, "smoke": SMOKE_SHAPES}[mode]
     # Warm up LAPACK / BLAS thread pools once so the first timed shape is not charged for it.
-    _w, _ = spectral_matrix(128, 96, args.spectrum, 8, seed=1)
+    _w, _, _ = spectral_matrix(128, 96, args.spectrum, 8, seed=1)
     for fn in METHODS.values():
         fn(_w, 8, 1.0)
 
@@ -198,7 +249,13 @@ def main(argv=None) -> dict:
         scaled = {(o // 6, i // 6): n for (o, i), n in sd3_counts.items()}
         total["SD3-medium layer counts on shapes / 6"] = totals(rows, scaled)
 
+    world = world_rows() if mode != "smoke" else None
     worst_err = max(r["methods"]["ours"]["error_ratio"] for r in rows)
+    # The angle promise holds where the matrix defines its top-r subspace (sigma_r / sigma_(r+1) >= 1.01).
+    angles = [r["methods"]["ours"]["angle_deg"] for r in rows if r["gap"] >= GAP_DEFINED]
+    if world:
+        angles += [v["ours"]["worst_angle_deg_where_defined"] for v in world["ranks"].values()]
+    worst_angle = max(angles, default=None)
     worst_orth = max(r["methods"]["ours"]["orthogonality"] for r in rows)
     flux = total.get("FLUX.1-dev")  # the speed target is set on the whole FLUX.1-dev target set
     verdict = {
@@ -208,6 +265,8 @@ def main(argv=None) -> dict:
         "error_ok": worst_err <= TARGETS["error_ratio_max"],
         "worst_orthogonality": worst_orth,
         "orthogonality_ok": worst_orth <= TARGETS["orthogonality_max"],
+        "worst_angle_deg_where_defined": worst_angle,
+        "angle_ok": None if worst_angle is None else worst_angle <= TARGETS["angle_max_deg"],
     }
     payload = {
         "benchmark": "decompose",
@@ -224,6 +283,7 @@ def main(argv=None) -> dict:
         "targets": TARGETS,
         "shapes": rows,
         "totals": total,
+        "world": world,
         "verdict": verdict,
     }
     C.write_json(output, payload)
@@ -234,7 +294,8 @@ def main(argv=None) -> dict:
 
 
 def tradeoff_plot(payload: dict, path: Path) -> None:
-    """Worst error ratio against whole-set speed-up over the published init, one point per variant of ours."""
+    """Two panels over the whole-set speed-up against the published init, one point per variant of ours (and
+    PEFT): the worst error ratio, and the worst principal angle to the exact top-r subspace."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -243,21 +304,28 @@ def tradeoff_plot(payload: dict, path: Path) -> None:
     total = next(iter(payload["totals"].values()), None)
     if total is None:
         return
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    fig, (ax_err, ax_ang) = plt.subplots(1, 2, figsize=(11.0, 4.2))
     for name in METHODS:
         if name == "published":
             continue
         speed = total["speedup_vs_published"][name]
         error = max(r["methods"][name]["error_ratio"] for r in payload["shapes"])
-        label = {"ours": f"ours (n_iter={DEFAULT_N_ITER}, default)", "peft_pissa_niter_4": "PEFT svd_lowrank niter=4"}.get(
+        angle = max(r["methods"][name]["angle_deg"] for r in payload["shapes"])
+        label = {"ours": "ours (adaptive, default)", "peft_pissa_niter_4": "PEFT svd_lowrank niter=4"}.get(
             name, name.replace("ours_niter_", "ours n_iter="))
-        ax.scatter(speed, error, s=40)
-        ax.annotate(label, (speed, error), textcoords="offset points", xytext=(5, 4), fontsize=8)
-    ax.axhline(1.001, color="grey", linestyle=":", linewidth=1)
-    ax.set_xlabel(f"speed-up over the published init ({next(iter(payload['totals']))} target set)")
-    ax.set_ylabel("worst ||W - sQR||_F / optimal rank-r error")
-    ax.set_title(f"init trade-off, rank {payload['rank']}, {payload['spectrum']} spectrum")
-    ax.grid(alpha=0.3)
+        for ax, y in ((ax_err, error), (ax_ang, angle)):
+            ax.scatter(speed, y, s=40)
+            ax.annotate(label, (speed, y), textcoords="offset points", xytext=(5, 4), fontsize=8)
+    ax_err.axhline(1.001, color="grey", linestyle=":", linewidth=1)
+    ax_ang.axhline(TARGETS["angle_max_deg"], color="grey", linestyle=":", linewidth=1)
+    ax_ang.set_yscale("log")
+    gaps = ", ".join(f"{r['gap']:.4f}" for r in payload["shapes"][:1])
+    for ax, ylabel in ((ax_err, "worst ||W - sQR||_F / optimal rank-r error"),
+                       (ax_ang, f"worst angle to the exact top-r subspace (deg; gap {gaps})")):
+        ax.set_xlabel(f"time: speed-up over the published init ({next(iter(payload['totals']))} set)")
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+    fig.suptitle(f"init trade-off: error, angle and time, rank {payload['rank']}, {payload['spectrum']} spectrum")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
@@ -272,7 +340,8 @@ def render(payload: dict) -> str:
         "",
     ]
     headers = ["shape (out x in)", "published s", "PEFT pissa_niter_4 s", "ours s", "ours speedup", "PEFT speedup",
-               "err/opt published", "err/opt PEFT", "err/opt ours", "||QtQ-I|| ours"]
+               "err/opt published", "err/opt PEFT", "err/opt ours", "gap s_r/s_r+1", "angle PEFT deg",
+               "angle ours deg", "||QtQ-I|| ours"]
     rows = []
     for r in payload["shapes"]:
         ms = r["methods"]
@@ -280,7 +349,8 @@ def render(payload: dict) -> str:
                      ms["ours"]["seconds"], ms["ours"]["speedup_vs_published"],
                      ms["peft_pissa_niter_4"]["speedup_vs_published"], f"{ms['published']['error_ratio']:.5f}",
                      f"{ms['peft_pissa_niter_4']['error_ratio']:.5f}", f"{ms['ours']['error_ratio']:.5f}",
-                     ms["ours"]["orthogonality"]])
+                     f"{r['gap']:.4f}", f"{ms['peft_pissa_niter_4']['angle_deg']:.2f}",
+                     f"{ms['ours']['angle_deg']:.3f}", ms["ours"]["orthogonality"]])
     lines.append(C.markdown_table(headers, rows))
     if payload["totals"]:
         lines += ["", "Whole target set (each shape timed once x number of targeted layers of that shape):", ""]
@@ -293,17 +363,35 @@ def render(payload: dict) -> str:
                                        "PEFT speedup"], trows))
     if payload["totals"]:
         name, t = next(iter(payload["totals"].items()))
-        lines += ["", f"Power iterations of ours: speed / error trade-off ({name} set; plot beside the JSON):", ""]
-        srows = [[n.replace("ours_niter_", "n_iter=") if n != "ours" else f"n_iter={DEFAULT_N_ITER} (default)",
-                  t["speedup_vs_published"][n], f"{max(r['methods'][n]['error_ratio'] for r in payload['shapes']):.5f}"]
+        lines += ["", f"Power iterations of ours: speed / error / angle trade-off ({name} set; plot beside the JSON):", ""]
+        srows = [[n.replace("ours_niter_", "n_iter=") if n != "ours" else "adaptive (default)",
+                  t["speedup_vs_published"][n], f"{max(r['methods'][n]['error_ratio'] for r in payload['shapes']):.5f}",
+                  f"{max(r['methods'][n]['angle_deg'] for r in payload['shapes']):.3f}"]
                  for n in ["ours", *[f"ours_niter_{k}" for k in SWEEP]]]
-        lines.append(C.markdown_table(["ours", "speedup vs published", "worst err/opt"], srows))
+        lines.append(C.markdown_table(["ours", "speedup vs published", "worst err/opt", "worst angle deg"], srows))
+    world = payload.get("world")
+    if world:
+        lines += ["", f"The shipped world ({world['path']}, {world['layers']} targeted Linears, {', '.join(world['shapes'])}): "
+                  "largest principal angle to the dense SVD's top-r subspace, degrees:", ""]
+        wrows = [[rank, v["layers_gap_below_threshold"], f"{v['smallest_gap']:.4f}",
+                  f"{v['ours']['mean_angle_deg']:.4f} / {v['ours']['worst_angle_deg']:.4f}",
+                  f"{v['ours']['worst_angle_deg_where_defined']:.4f}",
+                  f"{v['previous_default']['mean_angle_deg']:.2f} / {v['previous_default']['worst_angle_deg']:.2f}",
+                  f"{v['previous_default']['worst_angle_deg_where_defined']:.2f}", f"{v['worst_error_ratio']:.6f}"]
+                 for rank, v in world["ranks"].items()]
+        lines.append(C.markdown_table(["rank", f"layers with gap < {GAP_DEFINED}", "smallest gap",
+                                       "ours mean / worst", "ours worst (gap >= 1.01)",
+                                       "2-iteration randomized mean / worst", "its worst (gap >= 1.01)",
+                                       "ours worst err/opt"], wrows))
     v = payload["verdict"]
     speed = (f"{C.fmt(v['speedup_ok'])} ({v['speedup_total']:.1f}x)" if v["speedup_total"] is not None
              else "not measured in this mode (it needs the FLUX shapes: run without --quick)")
     lines += ["", f"Targets: speedup >= {TARGETS['ours_speedup_min']:g}x on the whole FLUX.1-dev target set: {speed}; "
               f"error <= {TARGETS['error_ratio_max']} x optimal: {C.fmt(v['error_ok'])} (worst {v['worst_error_ratio']:.5f}); "
-              f"orthogonality <= 1e-5: {C.fmt(v['orthogonality_ok'])} (worst {v['worst_orthogonality']:.1e})"]
+              f"orthogonality <= 1e-5: {C.fmt(v['orthogonality_ok'])} (worst {v['worst_orthogonality']:.1e}); "
+              + (f"angle <= {TARGETS['angle_max_deg']:g} deg where sigma_r / sigma_(r+1) >= {GAP_DEFINED}: "
+                 f"{C.fmt(v['angle_ok'])} (worst {v['worst_angle_deg_where_defined']:.3f})"
+                 if v["worst_angle_deg_where_defined"] is not None else "angle: no measured matrix has a defined gap")]
     return "\n".join(lines)
 
 

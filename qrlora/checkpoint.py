@@ -371,8 +371,20 @@ def fingerprint_difference(first: str | None, second: str | None, rtol: float = 
 
 def adapter_from_model(model: torch.nn.Module, config: AdapterConfig, metadata: Mapping[str, str], *,
                        component: str = "transformer", adapter_name: str = "default") -> AdapterFile:
-    """Snapshot the named adapter of ``model`` as an ``AdapterFile`` ready to save."""
-    return AdapterFile(config=config, component=component, layers=collect_adapter(model, adapter_name), metadata=dict(metadata))
+    """Snapshot the named adapter of ``model`` as an ``AdapterFile`` ready to save.
+
+    When the adapter was initialised here (``inject_adapters``), the metadata also gets ``singular_gap_min``:
+    the smallest ``sigma_r / sigma_(r+1)`` over its layers' weights, and ``singular_gap_min_layer``. Below
+    ``qrlora.decompose.GAP_DEFINED`` (1.01) that layer's top-r subspace, and so its ``Q``, is not defined by the
+    weight alone (the file's own ``Q`` and ``R`` still load and merge exactly).
+    """
+    meta = dict(metadata)
+    gaps = {path: layer.adapters[adapter_name].singular_gap for path, layer in adapter_layers(model)
+            if adapter_name in layer.adapters and hasattr(layer.adapters[adapter_name], "singular_gap")}
+    if gaps:
+        layer_name = min(gaps, key=gaps.__getitem__)
+        meta.update(singular_gap_min=repr(gaps[layer_name]), singular_gap_min_layer=layer_name)
+    return AdapterFile(config=config, component=component, layers=collect_adapter(model, adapter_name), metadata=meta)
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -14,6 +14,7 @@ iterates until its top-r subspace matches the exact one (within a quarter degree
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import zlib
 from dataclasses import dataclass
@@ -30,6 +31,7 @@ __all__ = [
     "fast_ica",
     "ica_of_core",
     "layer_seed",
+    "recorded_gaps",
     "optimal_rank_r_error",
 ]
 
@@ -161,6 +163,24 @@ def _subspace_iteration(W: torch.Tensor, rank: int, k: int, seed: int, n_iter: i
         iterations += 1
 
 
+_GAP_RECORDS: list[list[float]] = []  # open ``recorded_gaps`` contexts, innermost last
+
+
+@contextlib.contextmanager
+def recorded_gaps():
+    """Collect the ``gap`` of every ``truncated_svd`` inside the block (a list, filled as they run).
+
+    Lets the caller of a method's ``initialize`` (``qrlora.inject``) learn how well the weight defines its top-r
+    subspace without the methods passing SVD results around or anyone decomposing twice.
+    """
+    record: list[float] = []
+    _GAP_RECORDS.append(record)
+    try:
+        yield record
+    finally:
+        _GAP_RECORDS.remove(record)
+
+
 def truncated_svd(
     weight: torch.Tensor,
     rank: int,
@@ -199,6 +219,8 @@ def truncated_svd(
     if result is None:
         result = _dense_svd(W, rank)
     U, Vh = _fix_svd_signs(result.U.contiguous(), result.Vh.contiguous())
+    for record in _GAP_RECORDS:
+        record.append(result.gap)
     return TruncatedSVD(U=U, S=result.S.contiguous(), Vh=Vh, gap=result.gap, iterations=result.iterations)
 
 

@@ -1,6 +1,8 @@
 """Find target Linears by suffix (as PEFT does), wrap them with adapters, and report what trains."""
 from __future__ import annotations
 
+import logging
+import math
 from dataclasses import dataclass, field
 from typing import Iterable, Mapping, Sequence
 
@@ -8,9 +10,13 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from . import decompose
+from .backbones.base import discarded_linears
 from .errors import UserError
 from .layers import AdapterLinear, AdapterState, adapter_layers
 from .methods import AdapterConfig, get_method
+
+logger = logging.getLogger("qrlora.inject")
 
 
 def _is_linear(module: nn.Module) -> bool:
@@ -27,9 +33,14 @@ def find_target_modules(
 ) -> list[str]:
     """Paths of the Linears matching any of ``patterns``, optionally only inside the named ``blocks``.
 
+    Linears whose output the model discards (``backbones.base.discarded_linears``: SD3's last
+    ``attn.add_q_proj``) are never targets: they would get no gradient.
+
     Raises:
-        UserError: a pattern (``--lora_layers``) or a block (``--lora_blocks``) that matches no Linear.
+        UserError: a pattern (``--lora_layers``) or a block (``--lora_blocks``) that matches no Linear the model
+            uses.
     """
+    discarded = discarded_linears(model)
     names = [n for n, m in model.named_modules() if _is_linear(m) and not n.endswith(".base_layer")]
     if blocks:
         module_names = {n for n, _ in model.named_modules()}
@@ -40,9 +51,13 @@ def find_target_modules(
     selected = []
     for pattern in patterns:
         hits = [n for n in names if matches_target(n, pattern)]
+        where = f" inside {', '.join(blocks)}" if blocks else ""
         if not hits:
-            where = f" inside {', '.join(blocks)}" if blocks else ""
             raise UserError(f"--lora_layers: target '{pattern}' matches no Linear layer{where}")
+        hits = [n for n in hits if n not in discarded]
+        if not hits:
+            raise UserError(f"--lora_layers: target '{pattern}' matches only Linears whose output the model "
+                            f"discards{where} (they would never receive a gradient)")
         selected.extend(hits)
     order = {n: i for i, n in enumerate(names)}
     return sorted(set(selected), key=order.__getitem__)
@@ -74,6 +89,10 @@ class InjectionReport:
     layers: list[str] = field(default_factory=list)
     trainable_params: int = 0
     lora_params: int = 0
+    # sigma_r / sigma_(r+1) of the decomposed weights: the smallest, where, and how many are below GAP_DEFINED
+    smallest_gap: float = math.inf
+    smallest_gap_layer: str = ""
+    undefined_gap_layers: int = 0
 
     def __str__(self) -> str:
         ratio = self.trainable_params / self.lora_params if self.lora_params else float("nan")
@@ -81,6 +100,15 @@ class InjectionReport:
             f"{self.method} rank {self.rank}: {len(self.layers)} layers adapted, "
             f"{self.trainable_params:,} trainable parameters ({ratio:.3f}x LoRA's {self.lora_params:,} at the same rank)"
         )
+
+    def gap_warning(self) -> str | None:
+        """The one line to log when some weight does not define its top-r subspace (None when all do)."""
+        if not self.undefined_gap_layers:
+            return None
+        return (f"{self.undefined_gap_layers} of {len(self.layers)} layers have sigma_r / sigma_(r+1) below "
+                f"{decompose.GAP_DEFINED} at rank {self.rank} (smallest {self.smallest_gap:.5f}, {self.smallest_gap_layer}): "
+                "their top-r singular subspace is not defined by the weight (any rounding rotates it), so Q there "
+                "is one valid basis, not the basis; the smallest gap is recorded in the adapter file's metadata")
 
 
 def _wrap(model: nn.Module, path: str) -> AdapterLinear:
@@ -125,13 +153,21 @@ def inject_adapters(
     for path in tqdm(paths, desc=f"init {method.name}", disable=not progress, unit="layer"):
         layer = _wrap(model, path)
         weight = _base_weight(layer)
-        with torch.no_grad():
+        with torch.no_grad(), decompose.recorded_gaps() as gaps:
             tensors = method.initialize(weight, config, path)
-        layer.add_adapter(adapter_name, AdapterState(config, tensors).to(weight.device))
+        state = AdapterState(config, tensors).to(weight.device)
+        # Kept on the state (not in its tensors) for the adapter file's metadata (checkpoint.adapter_from_model).
+        state.singular_gap = min(gaps, default=math.inf)
+        layer.add_adapter(adapter_name, state)
+        if state.singular_gap < report.smallest_gap:
+            report.smallest_gap, report.smallest_gap_layer = state.singular_gap, path
+        report.undefined_gap_layers += state.singular_gap < decompose.GAP_DEFINED
         out_features, in_features = weight.shape
         report.layers.append(path)
         report.trainable_params += method.trainable_count(out_features, in_features, config)
         report.lora_params += config.rank * (out_features + in_features)
+    if (warning := report.gap_warning()) is not None:
+        logger.warning(warning)  # once per injection, i.e. once per training run
     return report
 
 

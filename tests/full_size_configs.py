@@ -1,7 +1,7 @@
 """Denoiser configs of the full-size models, as published in their ``config.json`` (no weights, no download).
 
 Tests build these on the ``meta`` device to check key sets at the real sizes: FLUX.1-dev (342 default target
-Linears), SD3-medium (191), SDXL-base (560).
+Linears), SD3-medium (190: the last block's discarded add_q_proj is no target), SDXL-base (560).
 """
 
 FLUX_1_DEV = {  # black-forest-labs/FLUX.1-dev transformer/config.json

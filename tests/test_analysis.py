@@ -63,8 +63,38 @@ def test_cosine_hand_cases():
     # [1, 1] vs [1, 0]: cos 45 degrees
     assert analysis.cosine_similarity(torch.tensor([1.0, 1.0]), torch.tensor([1.0, 0.0])) == pytest.approx(1 / math.sqrt(2))
     zero = torch.zeros(2, 2)
-    assert analysis.cosine_similarity(zero, zero) == 1.0  # documented rule: both zero = identical
-    assert analysis.cosine_similarity(zero, x) == 0.0
+    assert analysis.cosine_similarity(zero, zero) is None  # a zero matrix has no direction: undefined
+    assert analysis.cosine_similarity(zero, x) is None and analysis.cosine_similarity(x, zero) is None
+
+
+def test_summarize_leaves_undefined_layers_out_and_counts_them():
+    stats = analysis.summarize([0.2, None, -0.4, None])
+    assert stats["n_layers"] == 2 and stats["n_left_out"] == 2
+    assert stats["mean"] == pytest.approx(-0.1) and stats["abs_mean"] == pytest.approx(0.3)
+    assert analysis.summarize([None])["n_layers"] == 0  # nothing defined: empty statistics, still no NaN
+
+
+def test_a_dead_layer_does_not_inflate_the_mean_cosine(adapters, tmp_path, capsys):
+    """One layer whose dR is zero in both files (never trained) is left out of every cosine statistic."""
+    from qrlora.checkpoint import load_adapter, save_adapter
+
+    paths = []
+    for key in ("qr_sty", "qr_cnt"):
+        adapter = load_adapter(adapters[key])
+        dead = analysis.order_layers(adapter.layers)[0]
+        adapter.layers[dead]["delta_r"] = torch.zeros_like(adapter.layers[dead]["delta_r"])
+        paths.append(save_adapter(tmp_path / f"{key}_dead.safetensors", adapter))
+    live = analysis.run_similarity(adapters["qr_sty"], adapters["qr_cnt"], tmp_path / "live", bins=8,
+                                   progress=False, figures=False, matrices=["dR"])
+    summary = analysis.run_similarity(*paths, tmp_path / "dead", bins=8, progress=False, figures=True,
+                                      matrices=["dR"])
+    data = _strict_json(tmp_path / "dead" / "dR_cosine_data.json")
+    assert data[dead] is None and sum(v is None for v in data.values()) == 1
+    stats = summary["dR"]["cosine"]
+    assert stats["n_left_out"] == 1 and stats["n_layers"] == live["dR"]["cosine"]["n_layers"] - 1
+    others = [v for layer, v in _strict_json(tmp_path / "live" / "dR_cosine_data.json").items() if layer != dead]
+    assert stats["abs_mean"] == pytest.approx(sum(abs(v) for v in others) / len(others))
+    assert "1 layer(s) with an all-zero matrix left out" in capsys.readouterr().out
 
 
 def test_linear_cka_hand_cases():
@@ -259,16 +289,17 @@ def test_zero_init_pair_gives_defined_values(adapters, tmp_path):
     analysis.run_similarity(adapters["zero1"], adapters["zero2"], out, bins=8, progress=False, figures=False)
     summary = _strict_json(out / "all_statistics_summary.json")
     for matrix in ("dR", "dW"):
-        assert summary[matrix]["cosine"]["mean"] == 1.0  # both zero: identical (documented rule)
+        cos = summary[matrix]["cosine"]  # both zero: no direction, every layer left out (counted, no NaN)
+        assert cos["n_layers"] == 0 and cos["n_left_out"] > 0 and cos["mean"] == 0.0
         assert summary[matrix]["cka"]["mean"] == 1.0
         assert summary[matrix]["nmi"]["mean"] == 0.0  # constant input: no information
-    # One zero, one trained: 0 by the same rules.
+    # One zero, one trained: cosine undefined (left out), CKA 0 by its rule.
     out2 = tmp_path / "zero_vs_trained"
     analysis.run_similarity(adapters["zero1"], adapters["qr_sty"], out2, bins=8, progress=False, figures=False,
                             matrices=["dR"])
     summary = _strict_json(out2 / "all_statistics_summary.json")
     assert list(summary) == ["dR"]
-    assert summary["dR"]["cosine"]["max"] == 0.0 and summary["dR"]["cka"]["max"] == 0.0
+    assert summary["dR"]["cosine"]["n_layers"] == 0 and summary["dR"]["cka"]["max"] == 0.0
 
 
 def test_compare_mode(adapters, tmp_path, capsys):
@@ -318,7 +349,7 @@ def test_compare_on_adapters_from_the_trainer(tiny_sd3, tmp_path, capsys):
     summary = analysis.run_similarity(files["deltaR", "sty"], files["deltaR", "cnt"], tmp_path / "sim", bins=16,
                                       progress=False, figures=False)
     assert summary["Q"]["cosine"]["min"] == pytest.approx(1.0) and summary["R"]["cka"]["min"] == pytest.approx(1.0)
-    # (A layer whose dR never received a gradient stays zero in both files and scores 1.0 by the zero rule.)
+    # (A layer whose dR never received a gradient stays zero in both files: its cosine is left out.)
     assert summary["dR"]["cosine"]["min"] < 0.999
 
 

@@ -143,3 +143,37 @@ def test_principal_angle_of_known_rotation():
     t = 0.3
     rotated = torch.stack([e[0], torch.cos(torch.tensor(t)) * e[1] + torch.sin(torch.tensor(t)) * e[2]], dim=1)
     assert decompose.principal_angle_deg(rotated, e[:, :2]) == pytest.approx(torch.rad2deg(torch.tensor(t)).item())
+
+
+WORLD = __import__("pathlib").Path(__file__).resolve().parents[1] / "assets" / "world"
+
+
+@pytest.mark.parametrize("rank", [4, 8])
+def test_world_adapters_sit_in_the_dense_svd_subspace(rank, caplog):
+    """Inject on the shipped world's default targets (no training): every Q spans the dense SVD's top-r left
+    subspace where the weight defines it; the smallest gap is logged once and written to the file's metadata."""
+    from qrlora.backbones import detect_backbone
+    from qrlora.checkpoint import adapter_from_model
+    from qrlora.inject import inject_adapters
+    from qrlora.methods import AdapterConfig
+
+    backbone = detect_backbone(str(WORLD))
+    model = backbone.load_denoiser(str(WORLD))
+    weights = {n: m.weight.detach().clone() for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    config = AdapterConfig(method="deltaR", rank=rank)
+    with caplog.at_level("WARNING", logger="qrlora.inject"):
+        report = inject_adapters(model, config, backbone.default_targets)
+    adapter = adapter_from_model(model, config, {}, component=backbone.denoiser_name)
+    gaps = {}
+    for path in report.layers:
+        U, S, _ = torch.linalg.svd(weights[path].double(), full_matrices=False)
+        gaps[path] = float(S[rank - 1] / S[rank])
+        angle = decompose.principal_angle_deg(adapter.layers[path]["q"], U[:, :rank])
+        if gaps[path] >= decompose.GAP_DEFINED:
+            assert angle <= 1.0, f"{path}: {angle:.2f} degrees"
+    smallest = min(gaps, key=gaps.__getitem__)
+    assert adapter.metadata["singular_gap_min_layer"] == smallest
+    assert float(adapter.metadata["singular_gap_min"]) == pytest.approx(gaps[smallest], rel=1e-4)
+    below = sum(g < decompose.GAP_DEFINED for g in gaps.values())
+    warnings = [r for r in caplog.records if "not defined by the weight" in r.getMessage()]
+    assert len(warnings) == (1 if below else 0) and report.undefined_gap_layers == below

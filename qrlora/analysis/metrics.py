@@ -5,7 +5,9 @@ sees (:func:`cka_view`), all three on one matrix pair (:func:`matrix_similarity`
 
 Rules for degenerate inputs (so no JSON ever holds NaN; ``zero dR`` at initialisation is the common case):
 
-* cosine: both tensors all zero -> 1.0 (identical); exactly one all zero -> 0.0;
+* cosine: a tensor that is all zero has no direction, so its cosine with anything is undefined: None (JSON
+  null). :func:`summarize` leaves such layers out of every statistic and counts them (``n_left_out``): a layer
+  that never moved (``dW = 0`` in both files) would otherwise count as perfectly aligned and inflate the mean;
 * linear CKA: a matrix whose columns are constant over the samples (all zero, in particular) centres to zero;
   both such -> 1.0, exactly one -> 0.0 ("centres to zero": Frobenius norm of the centred matrix at most 1e-6
   times that of the matrix, i.e. zero to float32 precision);
@@ -29,17 +31,17 @@ def _as64(t: torch.Tensor) -> torch.Tensor:
     return t.detach().to(torch.float64)
 
 
-def cosine_similarity(x: torch.Tensor, y: torch.Tensor) -> float:
+def cosine_similarity(x: torch.Tensor, y: torch.Tensor) -> float | None:
     """Cosine of the angle between ``x`` and ``y`` flattened, in [-1, 1].
 
-    Degenerate rule: both all zero -> 1.0 (identical), exactly one all zero -> 0.0.
+    Degenerate rule: None when either is all zero (a zero matrix has no direction; see the module doc).
     """
     a, b = _as64(x).reshape(-1), _as64(y).reshape(-1)
     if a.numel() != b.numel():
         raise ValueError(f"cosine_similarity: sizes differ ({a.numel()} vs {b.numel()})")
     na, nb = torch.linalg.vector_norm(a).item(), torch.linalg.vector_norm(b).item()
     if na == 0.0 or nb == 0.0:
-        return 1.0 if na == nb else 0.0
+        return None
     return float(min(1.0, max(-1.0, (torch.dot(a, b).item() / (na * nb)))))
 
 
@@ -188,10 +190,14 @@ def matrix_similarity(x: torch.Tensor, y: torch.Tensor, *, bins: int = DEFAULT_B
     return out
 
 
-def summarize(values: Iterable[float]) -> dict[str, float]:
-    """``mean``, ``std`` (population), ``min``, ``max``, ``abs_mean`` (mean of |v|: for cosine, 0 = orthogonal)."""
-    v = np.asarray(list(values), dtype=np.float64)
+def summarize(values: Iterable[float | None]) -> dict[str, float]:
+    """``mean``, ``std`` (population), ``min``, ``max``, ``abs_mean`` (mean of |v|: for cosine, 0 = orthogonal)
+    over the layers that have a value; ``n_layers`` counts those, ``n_left_out`` the None ones (no direction)."""
+    given = list(values)
+    v = np.asarray([x for x in given if x is not None], dtype=np.float64)
+    left_out = len(given) - int(v.size)
     if v.size == 0:
-        return {"mean": 0.0, "std": 0.0, "min": 0.0, "max": 0.0, "abs_mean": 0.0, "n_layers": 0}
+        return {"mean": 0.0, "std": 0.0, "min": 0.0, "max": 0.0, "abs_mean": 0.0, "n_layers": 0,
+                "n_left_out": left_out}
     return {"mean": float(v.mean()), "std": float(v.std()), "min": float(v.min()), "max": float(v.max()),
-            "abs_mean": float(np.abs(v).mean()), "n_layers": int(v.size)}
+            "abs_mean": float(np.abs(v).mean()), "n_layers": int(v.size), "n_left_out": left_out}

@@ -60,11 +60,19 @@ def _decorate_layers(ax, layers: Sequence[str], *, max_ticks: int = 40) -> list:
     return handles
 
 
+def _defined(values) -> np.ndarray:
+    """Float array of per-layer values with None (undefined: no direction) as NaN."""
+    return np.asarray([np.nan if v is None else v for v in values], dtype=np.float64)
+
+
 def _plot_series(ax, layers, values, *, label, color="C0", metric=None, fixed_scale=False):
     xs = np.arange(len(layers))
+    values = _defined(values)  # None (a cosine with a zero matrix) -> NaN: a gap in the line, not in the mean
     ax.plot(xs, values, marker="o", ms=3, lw=1.2, color=color, label=label, zorder=3)
-    mean = float(np.mean(values)) if len(values) else 0.0
-    ax.axhline(mean, color=color, ls="--", lw=1, alpha=0.8, label=f"mean = {mean:.3f}", zorder=2)
+    live = values[~np.isnan(values)]
+    mean = float(live.mean()) if live.size else 0.0
+    left_out = f", {values.size - live.size} without direction left out" if live.size < values.size else ""
+    ax.axhline(mean, color=color, ls="--", lw=1, alpha=0.8, label=f"mean = {mean:.3f}{left_out}", zorder=2)
     if metric == "cosine":
         ax.axhline(0.0, color="grey", lw=0.8, zorder=1)
     if fixed_scale and metric in _METRIC_LIMITS:
@@ -91,13 +99,15 @@ def save_histogram(path, values, *, matrix, metric, names, fixed_scale, dpi=150)
     """Distribution of one metric over layers for one matrix type."""
     fig = _figure((7.0, 4.5))
     ax = fig.add_subplot()
-    values = np.asarray(values, dtype=np.float64)
+    given = _defined(values)
+    values = given[~np.isnan(given)]  # layers without a direction are left out (and counted in the label)
+    left_out = f" ({given.size - values.size} without direction left out)" if values.size < given.size else ""
     rng = _METRIC_LIMITS[metric] if fixed_scale else None
     if rng is None and values.size and values.max() - values.min() < 1e-3:
         mid = float(values.mean())
         rng = (mid - 0.05, mid + 0.05)  # all layers (nearly) equal: one visible bar, not a degenerate range
     ax.hist(values, bins=max(5, min(30, values.size // 2 or 1)), range=rng, color="C0", edgecolor="white",
-            label=f"{values.size} layers")
+            label=f"{values.size} layers{left_out}")
     mean = float(values.mean()) if values.size else 0.0
     ax.axvline(mean, color="C3", ls="--", label=f"mean = {mean:.3f}")
     if rng is not None:

@@ -211,6 +211,15 @@ def _print_summary(summary: Mapping[str, Mapping[str, Mapping[str, float]]], nam
     for matrix, per_metric in summary.items():
         cells = "".join(f"{per_metric[m]['mean']:>12.4f} +- {per_metric[m]['std']:<5.3f}" for m in metrics)
         print(f"{matrix:<8}{cells}")
+        _print_left_out(matrix, per_metric)
+
+
+def _print_left_out(what: str, per_metric: Mapping[str, Mapping[str, float]]) -> None:
+    """One line per metric that left layers out of its statistics (a zero matrix has no cosine)."""
+    for metric, stats in per_metric.items():
+        if stats.get("n_left_out"):
+            print(f"  {what} {metric}: {stats['n_left_out']} layer(s) with an all-zero matrix left out "
+                  f"(no direction); statistics over the other {stats['n_layers']}")
 
 
 def run_compare(qr_paths: Sequence[str], baseline_paths: Sequence[str], output_dir, *, names=("style", "content"),
@@ -259,5 +268,7 @@ def run_compare(qr_paths: Sequence[str], baseline_paths: Sequence[str], output_d
                         for p in pairs)
         r = "n/a" if ratio[m] is None else f"{ratio[m]:.3f}"
         print(f"{m:<8}{cells}{r:>18}")
+    for p in pairs:
+        _print_left_out(p["label"], p["summary"])
     print(f"wrote {out.final / 'dW_comparison.json'} and the figure")
     return payload

@@ -48,6 +48,24 @@ class OriginalModule:
         return self.rows or (1,) * len(self.parts)
 
 
+def discarded_linears(model: nn.Module) -> set[str]:
+    """Paths of the Linears whose output ``model`` computes and throws away, read from each module's own config.
+
+    An MMDiT attention with ``context_pre_only=True`` (SD3's last joint block; diffusers' ``Attention`` and
+    ``FluxAttention`` carry the flag) still projects the context queries with ``add_q_proj``, but its block
+    returns no context output (``encoder_hidden_states = None``), and the context query rows of the joint
+    attention only ever feed that output. Such a layer never receives a gradient: adapting it wastes parameters
+    and puts a ``dW = 0`` layer into every similarity. (``add_k_proj`` / ``add_v_proj`` stay: image queries
+    attend to the context keys and values.) FLUX's attentions have ``context_pre_only`` False or None, SDXL's
+    UNet no context stream, so nothing is discarded there.
+    """
+    found = set()
+    for name, module in model.named_modules():
+        if getattr(module, "context_pre_only", None) is True and getattr(module, "add_q_proj", None) is not None:
+            found.add(f"{name}.add_q_proj" if name else "add_q_proj")
+    return found
+
+
 def read_model_index(model_path: str) -> dict:
     """``model_index.json`` of a local pipeline folder or a cached hub id; a ``UserError`` if there is none."""
     local = Path(model_path)

@@ -41,7 +41,12 @@ LR_FACTOR = {"ica": 10.0}
 
 
 def dw_similarity(content_path: Path, style_path: Path) -> float | None:
-    """Mean over layers of |cos(dW_content, dW_style)|; None for token-dependent (MoE) adapters."""
+    """Mean over layers of |cos(dW_content, dW_style)|; None for token-dependent (MoE) adapters.
+
+    Layers where either ``dW`` is all zero have no direction (``metrics.cosine_similarity`` gives None) and are
+    left out of the mean (``metrics.summarize``), so a layer that never trained cannot inflate it.
+    """
+    from ..analysis.metrics import summarize
     from ..analysis.similarity import DELTA_WEIGHT, pair_similarity
 
     c, s = load_adapter(content_path), load_adapter(style_path)
@@ -49,7 +54,8 @@ def dw_similarity(content_path: Path, style_path: Path) -> float | None:
         return None
     layers = sorted(set(c.layers) & set(s.layers))
     values = pair_similarity(c, s, layers, types=[(DELTA_WEIGHT, None)], metrics=("cosine",), progress=False)
-    return float(np.mean([abs(v) for v in values[DELTA_WEIGHT]["cosine"].values()]))
+    stats = summarize(values[DELTA_WEIGHT]["cosine"].values())
+    return stats["abs_mean"] if stats["n_layers"] else None
 
 
 class Sampler:
@@ -110,7 +116,7 @@ def markdown(results: dict) -> str:
              f"Base model on the same prompts: content {pct(base.get('content_accuracy'))}, style "
              f"{pct(base.get('style_accuracy'))}; alone-prompts: heart {pct(base.get('content_alone_shape_rate'))} / style "
              f"changed {pct(base.get('content_alone_style_leak'))}, checker {pct(base.get('style_alone_style_rate'))} / "
-             f"shape changed {pct(base.get('style_alone_shape_leak'))}. abs cos dW: mean over layers.",
+             f"shape changed {pct(base.get('style_alone_shape_leak'))}. abs cos dW: mean over layers where both dW are non-zero (a zero dW has no direction).",
              "",
              "| method | merge | content @(1,1) | style @(1,1) | both @(1,1) | best both (w_c, w_s) | content alone: new shape / style leak | style alone: new style / shape leak | abs cos dW |",
              "|---|---|---|---|---|---|---|---|---|"]
