@@ -37,6 +37,21 @@ FLUX_DEV_CONFIG = dict(  # black-forest-labs/FLUX.1-dev, transformer/config.json
     guidance_embeds=True,
     axes_dims_rope=(16, 56, 56),
 )
+FLUX_VAE_CONFIG = dict(  # black-forest-labs/FLUX.1-dev, vae/config.json
+    in_channels=3,
+    out_channels=3,
+    down_block_types=("DownEncoderBlock2D",) * 4,
+    up_block_types=("UpDecoderBlock2D",) * 4,
+    block_out_channels=(128, 256, 512, 512),
+    layers_per_block=2,
+    latent_channels=16,
+    norm_num_groups=32,
+    sample_size=1024,
+    scaling_factor=0.3611,
+    shift_factor=0.1159,
+    use_quant_conv=False,
+    use_post_quant_conv=False,
+)
 SD3_MEDIUM_CONFIG = dict(  # stabilityai/stable-diffusion-3-medium-diffusers, transformer/config.json
     sample_size=128,
     patch_size=2,

@@ -16,6 +16,16 @@ process so that every peak memory is its own:
    fp8 with torchao; every frozen Linear), when either library is installed; skipped with a note otherwise.
    Ours decomposes the bf16 weights first, then quantizes; PEFT's base is quantized before ``add_adapter``.
 
+4. ``memory``: every row of ``bench/reports/flux_memory.json`` (the CPU estimate of ``bench/flux_memory.py``) that
+   fits this GPU, measured: one child per base / rank / method builds the model once with the estimate's own
+   code (``flux_memory.build_model`` on CUDA, random bf16 weights, the adapters attached as in the estimate;
+   fp8 / nf4 through ``qrlora.quantize.quantize_base_`` when the library is installed), then per resolution and
+   checkpointing runs ``flux_memory.training_step`` twice (the first creates AdamW's state) and records
+   ``torch.cuda.max_memory_allocated`` over the second as ``measured_peak_gib`` beside ``peak_gib``. Block swap
+   rows stay estimates (the trainer's ``--blocks_to_swap`` is not in this benchmark). bf16 first, then the
+   quantized bases, until ``--memory-budget`` seconds are used. The report (the estimate with ``measured``
+   added) goes to ``--memory-output``; ``--memory-output bench/reports/flux_memory.json`` fills the README table.
+
 Runs in well under 8 minutes on an H100/H200. Without a CUDA GPU it prints a message and exits 0 (use
 ``bench/gpu_flux.sh``). ``--tiny-cpu`` runs the same code on a tiny FLUX config on the CPU (a logic check only,
 used by the test suite; its numbers mean nothing).
@@ -141,6 +151,94 @@ def _quantize(model, precision: str) -> int:
     return count
 
 
+def run_memory(part: str, device: str, tiny: bool, estimate_path: Path) -> dict:
+    """Child ``memory:<base>:<rank>:<method>``: the measured peak of each (resolution, checkpointing) row of the
+    estimate for that base, rank and method that fits this device."""
+    import torch
+
+    from . import flux_memory as FM
+
+    _, base, rank, method = part.split(":")
+    rank = int(rank)
+    estimate = json.loads(estimate_path.read_text())
+    config = TINY_CONFIG if tiny else C.FLUX_DEV_CONFIG
+    text_len = SIZES["tiny-cpu"]["text_len"] if tiny else FM.TEXT_LEN
+    total = torch.cuda.get_device_properties(0).total_memory / 2**30 if device == "cuda" else float("inf")
+    wanted = [r for r in estimate["rows"] if (r["base"], r["rank"], r["method"], r["blocks_to_swap"]) == (base, rank, method, 0)
+              and r["peak_gib"] < 0.9 * total]
+    if not wanted:
+        return {"part": part, "rows": []}
+    first = FM.Setting(base, wanted[0]["resolution"], rank, False, method)
+    model = FM.build_model(config, FM.Setting("bf16", first.resolution, rank, False, method), C.DEFAULT_TARGETS, device=device)
+    if base in FM.QUANT_BYTES_PER_WEIGHT:
+        _quantize(model, base)
+    import dataclasses
+
+    schedule = FM.flux_schedule()
+    schedule = dataclasses.replace(schedule, timesteps=schedule.timesteps.to(device), sigmas=schedule.sigmas.to(device))
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-4)
+    out = []
+    for r in wanted:
+        setting = FM.Setting(base, r["resolution"], rank, r["checkpointing"], method)
+        if setting.checkpointing:
+            model.enable_gradient_checkpointing()
+        else:
+            model.disable_gradient_checkpointing()
+        latents, cond = FM.make_inputs(config, setting.resolution, text_len, device=device)
+        try:
+            FM.training_step(model, optimizer, latents, cond, schedule)  # AdamW's state exists from here on
+            if device == "cuda":
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+            FM.training_step(model, optimizer, latents, cond, schedule)
+            peak = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else None
+            out.append({"key": _row_key(r), "measured_peak_gib": peak})
+        except torch.cuda.OutOfMemoryError:
+            out.append({"key": _row_key(r), "measured_peak_gib": None, "measured_error": "out of memory"})
+        del latents, cond
+        if device == "cuda":
+            torch.cuda.empty_cache()
+    return {"part": part, "rows": out}
+
+
+def _row_key(r: dict) -> list:
+    return [r[k] for k in ("base", "resolution", "rank", "checkpointing", "blocks_to_swap", "method")]
+
+
+def run_memory_parts(device: str, tiny: bool, estimate_path: Path, output: Path, budget_s: float, workdir: Path,
+                     bases: list[str], info: dict) -> dict:
+    """Every ``memory`` child (bf16 first) until ``budget_s`` is used; the estimate with ``measured`` beside it."""
+    import time
+
+    from . import flux_memory as FM
+
+    estimate = json.loads(estimate_path.read_text())
+    start, measured, skipped = time.perf_counter(), {}, []
+    for base in bases:
+        for rank in sorted({r["rank"] for r in estimate["rows"]}):
+            for method in FM.METHODS:
+                part = f"memory:{base}:{rank}:{method}"
+                if time.perf_counter() - start > budget_s:
+                    skipped.append(part)
+                    continue
+                result = spawn(part, device, tiny, workdir, timeout=max(budget_s, 60), estimate=estimate_path)
+                for row in result.get("rows", []):
+                    measured[tuple(row["key"])] = row
+                if "error" in result:
+                    skipped.append(f"{part}: {result['error'].splitlines()[-1][:200]}")
+    for r in estimate["rows"]:
+        m = measured.get(tuple(_row_key(r)))
+        r["measured_peak_gib"] = None if m is None or m["measured_peak_gib"] is None else round(m["measured_peak_gib"], 3)
+        if m and m.get("measured_error"):
+            r["measured_error"] = m["measured_error"]
+    estimate["measured_on"] = {"gpu": info.get("gpu"), "date": info.get("date"), "command": info.get("command"),
+                               "seconds": round(time.perf_counter() - start, 1), "not_measured": skipped,
+                               "block_swap": "modelled only (not measured)"}
+    C.write_json(output, estimate)
+    return estimate
+
+
 def run_train(variant: str, device: str, tiny: bool, size: dict) -> dict:
     import torch
     from diffusers import FlowMatchEulerDiscreteScheduler
@@ -219,11 +317,13 @@ def run_train(variant: str, device: str, tiny: bool, size: dict) -> dict:
 # ---------------------------------------------------------------------------------------------------------
 # Parent
 # ---------------------------------------------------------------------------------------------------------
-def spawn(part: str, device: str, tiny: bool, workdir: Path, timeout: float) -> dict:
-    out = workdir / f"{part.replace('+', '_')}.json"
+def spawn(part: str, device: str, tiny: bool, workdir: Path, timeout: float, estimate: Path | None = None) -> dict:
+    out = workdir / f"{part.replace('+', '_').replace(':', '_')}.json"
     cmd = [sys.executable, "-m", "bench.gpu_flux", "--part", part, "--device", device, "--json-out", str(out)]
     if tiny:
         cmd.append("--tiny-cpu")
+    if estimate is not None:
+        cmd += ["--memory-estimate", str(estimate)]
     print(f"[gpu_flux] {part} ...", file=sys.stderr, flush=True)
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=C.REPO_ROOT)
@@ -250,11 +350,28 @@ def _quantized_precision() -> tuple[str | None, str]:
     return None, "; ".join(reasons)
 
 
+def _available(precision: str) -> bool:
+    try:
+        from qrlora.quantize import check_available
+
+        check_available(precision)
+        return True
+    except Exception:  # noqa: BLE001 - UserError or a broken install: not available
+        return False
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--output", type=Path, default=None, help="JSON path (default bench/results/gpu_flux.json)")
     p.add_argument("--tiny-cpu", action="store_true", help="tiny FLUX config on the CPU: a logic check, not a benchmark")
     p.add_argument("--no-quantized", action="store_true", help="skip the quantized-base variants")
+    p.add_argument("--no-memory", action="store_true", help="skip part 4 (the flux_memory rows measured)")
+    p.add_argument("--memory-estimate", type=Path, default=C.REPO_ROOT / "bench" / "reports" / "flux_memory.json",
+                   help="the CPU estimate whose rows part 4 measures (default bench/reports/flux_memory.json)")
+    p.add_argument("--memory-output", type=Path, default=None,
+                   help="where part 4 writes the estimate with measured beside it (default "
+                        "bench/results/flux_memory_measured.json; bench/reports/flux_memory.json fills the README)")
+    p.add_argument("--memory-budget", type=float, default=240.0, help="seconds part 4 may use (default 240)")
     p.add_argument("--part", default=None, help=argparse.SUPPRESS)
     p.add_argument("--device", default=None, help=argparse.SUPPRESS)
     p.add_argument("--json-out", type=Path, default=None, help=argparse.SUPPRESS)
@@ -262,8 +379,11 @@ def main(argv=None) -> int:
     size = SIZES["tiny-cpu" if args.tiny_cpu else "gpu"]
 
     if args.part:  # child
-        result = run_init(args.device, args.tiny_cpu, size) if args.part == "init" else \
-            run_train(args.part, args.device, args.tiny_cpu, size)
+        if args.part.startswith("memory:"):
+            result = run_memory(args.part, args.device, args.tiny_cpu, args.memory_estimate)
+        else:
+            result = run_init(args.device, args.tiny_cpu, size) if args.part == "init" else \
+                run_train(args.part, args.device, args.tiny_cpu, size)
         C.write_json(args.json_out, result)
         return 0
 
@@ -294,6 +414,18 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         results = [spawn("init", device, args.tiny_cpu, Path(tmp), timeout)]
         results += [spawn(v, device, args.tiny_cpu, Path(tmp), timeout) for v in variants]
+        memory = None
+        if args.no_memory:
+            skipped["memory rows"] = "--no-memory"
+        elif not args.memory_estimate.is_file():
+            skipped["memory rows"] = f"no estimate at {args.memory_estimate} (run python -m bench.flux_memory)"
+        else:
+            bases = ["bf16"] + ([] if device != "cuda" or args.no_quantized else
+                                [b for b in ("fp8", "nf4") if _available(b)])
+            memory_out = args.memory_output or C.default_output("flux_memory_measured")
+            memory = run_memory_parts(device, args.tiny_cpu, args.memory_estimate, memory_out, args.memory_budget,
+                                      Path(tmp), bases, info)
+            print(f"[gpu_flux] memory rows: {memory_out}", file=sys.stderr)
     init = results[0]
     train = {r.get("variant", r["part"]): r for r in results[1:]}
     for quant in ("", "+nf4", "+fp8"):
@@ -318,6 +450,9 @@ def main(argv=None) -> int:
         "skipped": skipped,
         "init": init,
         "train": list(train.values()),
+        "memory_measured": None if memory is None else {
+            "rows_measured": sum(r.get("measured_peak_gib") is not None for r in memory["rows"]),
+            **memory["measured_on"]},
     }
     C.write_json(output, payload)
     print(render(payload))

@@ -2,10 +2,13 @@
 # FLUX.1-dev-sized benchmark on one NVIDIA GPU: init time of every targeted layer (ours vs the published
 # algorithm), then training step time and peak GPU memory at 512 px, batch 1, gradient checkpointing, rank 64,
 # triu_deltaR vs PEFT LoRA (and on an NF4 / fp8 quantized base when bitsandbytes / torchao is installed).
+# Then every row of the CPU estimate bench/reports/flux_memory.json that fits the GPU (no block swap), measured with
+# torch.cuda.max_memory_allocated and written beside the estimate (--memory-output; give
+# bench/reports/flux_memory.json to fill the README's FLUX memory table; --memory-budget seconds, default 240).
 # Random bf16 weights built from the published config: nothing is downloaded. Prints a table, writes bench/results/gpu_flux.json
 # (or the path given with --output). Under 8 minutes on an H100/H200-class GPU.
 #
-#   bash bench/gpu_flux.sh [--output PATH] [--no-quantized]
+#   bash bench/gpu_flux.sh [--output PATH] [--no-quantized] [--no-memory] [--memory-output PATH]
 #
 # On a machine without an NVIDIA GPU it says so and exits 0.
 set -euo pipefail
