@@ -224,7 +224,9 @@ def run_study(world_path: str, output: Path, names: list[str], seeds: list[int] 
     by_name: dict[str, list[dict]] = {}
     for (c, _), cell in zip(plan.cells(), cells):
         by_name.setdefault(c.name, []).append(cell)
-    report = {"command": command, "world": str(world_path), "settings": settings,
+    shown = Path(world_path).absolute()  # relative to the working folder when inside it (no machine paths in reports)
+    shown = shown.relative_to(Path.cwd()) if shown.is_relative_to(Path.cwd()) else shown
+    report = {"command": command, "world": str(shown), "settings": {**settings, "world": str(shown)},
               "prompt": data.caption(world.new_shape, world.new_style),
               "world_width": world.record["settings"]["width"], "world_blocks": world.record["settings"]["layers"],
               "seconds": round(sum(c["seconds"] for c in cells), 1),
