@@ -1,5 +1,7 @@
 """The README's first command, end to end (fewer training steps than the default to keep CI short)."""
 
+import re
+
 import pytest
 from conftest import run_script
 
@@ -10,8 +12,10 @@ def test_demo_end_to_end(tmp_path):
     demo = tmp_path / "demo"
     proc = run_script(["bash", "demo.sh"], env={"DEMO_DIR": str(demo), "STEPS": "3"})
     assert "residual form and delta form agree" in proc.stdout
-    assert proc.stdout.count("inference_s") >= 9  # the world's classifier read every cell of the grid
-    for rel in ("content/pytorch_lora_weights.safetensors", "style/pytorch_lora_weights.safetensors",
+    # The world's classifier read every cell of both pairs' grids; one verdict line per pair, and the study's line.
+    assert re.search(r"QR-LoRA pair: both right in \d/9 cells; LoRA pair: both right in \d/9 cells", proc.stdout)
+    assert "the study (bench/reports/world_study.json" in proc.stdout
+    for rel in ("verdict.png", "grid_lora/grid.png", "content/pytorch_lora_weights.safetensors", "style/pytorch_lora_weights.safetensors",
                 "residual/sd3_residual_weights.safetensors", "grid_residual/grid.png", "grid_delta/grid.png",
                 "grid_delta/inference_s0.50_c1.00.png", "similarity/all_statistics_summary.json"):
         assert (demo / rel).is_file(), rel

@@ -259,3 +259,25 @@ def test_readme_study_tables_are_the_committed_reports():
     block = README_START + readme.split(README_START, 1)[1].split(README_END, 1)[0] + README_END
     assert block == readme_block(REPO / "bench/reports"), \
         "README study tables differ from bench/reports/world_study*.json: run python bench/readme_table.py --write"
+
+
+def test_verdict_reads_each_cell_and_draws_both_grids(tmp_path):
+    from PIL import Image
+
+    from qrlora.world import data
+    from qrlora.world.verdict import read_grid, verdict_figure, verdict_line
+    from qrlora.world.world import SHIPPED_WORLD, load_world
+
+    world = load_world(SHIPPED_WORLD)
+    grids = {}
+    for label, pairs in (("A", [("heart", "checker"), ("circle", "flat")]), ("B", [("heart", "flat"), ("heart", "checker")])):
+        folder = tmp_path / label
+        folder.mkdir()
+        for (shape, style), name in zip(pairs, ("inference_s0.00_c1.00.png", "inference_s1.00_c1.00.png")):
+            Image.fromarray(data.render_set([(shape, style)], base_seed=7)[0]).save(folder / name)
+        grids[label] = read_grid(world, folder, world.new_shape, world.new_style)
+    assert [c.right for c in grids["A"]] == [True, False] and [c.right for c in grids["B"]] == [False, True]
+    assert (grids["A"][0].style_weight, grids["A"][0].content_weight) == (0.0, 1.0)
+    assert verdict_line(grids) == "A: both right in 1/2 cells; B: both right in 1/2 cells"
+    verdict_figure(grids, "a heart in checker style", tmp_path / "verdict.png")
+    assert Image.open(tmp_path / "verdict.png").size[0] > 400

@@ -411,6 +411,13 @@ def study_summary(report_path) -> str:
     for label, row in (("best QR-family condition", qr), ("best LoRA-family condition", lora)):
         if row is not None:
             parts.append(f"{label} {row['name']} {pct(row['both_at_1_1'])}")
+    if qr is not None and lora is not None:
+        if qr["both_at_1_1"]["ci_high"] < lora["both_at_1_1"]["ci_low"]:
+            parts.append("no QR-LoRA setting it tried merges as well as LoRA, so this demo keeps the experiment's "
+                         "settings (rank 4, lr 1e-2, 100 steps)")
+        else:
+            parts.append(f"QR-LoRA's {qr['name']} merges within LoRA's interval: train with its settings "
+                         f"({qr['settings']}) to see it")
     return " ".join(parts[:1]) + " " + "; ".join(parts[1:])
 
 
