@@ -85,6 +85,23 @@ def test_the_shipped_world_meets_the_issue_bars(world):
     assert size < 15 * 2**20, f"the shipped world grew to {size / 2**20:.1f} MiB"
 
 
+def test_the_larger_world_meets_the_bars_and_keeps_the_flux_rank_ratio():
+    """assets/world_w256 (width 256, 6 blocks, half-precision weights): the study's scale check (README)."""
+    from qrlora.world.world import SHIPPED_WORLD, load_world
+
+    large = load_world(SHIPPED_WORLD.parent / "world_w256")
+    record = large.record
+    assert (record["settings"]["width"], record["settings"]["layers"], record["settings"]["save_dtype"]) == (256, 6, "float16")
+    assert record["classifier"]["shape_accuracy"] >= 0.95 and record["base_model"]["seen_style_accuracy"] >= 0.80
+    assert large.flux_ratio_rank == round(256 * 64 / 3072) == 5
+    size = sum(f.stat().st_size for f in large.path.rglob("*") if f.is_file())
+    assert size < 40 * 2**20, f"the larger world grew to {size / 2**20:.1f} MiB"
+    import json
+
+    weights = json.loads((large.path / "transformer" / "config.json").read_text())
+    assert weights["num_layers"] == 6
+
+
 def test_the_classifier_reads_fresh_renders(world):
     pairs = data.balanced_pairs(data.SHAPES, data.STYLES, 4)
     shapes, styles = world.classify(data.render_set(pairs, base_seed=987_654))  # seeds no build used
