@@ -28,6 +28,8 @@ def test_wilson_interval_matches_the_hand_computed_value():
     low, high = wilson_interval(0, 32)  # 0%: the interval is not empty, its top is z^2 / (n + z^2)
     assert low == 0.0 and high == pytest.approx(1.959964 ** 2 / (32 + 1.959964 ** 2), rel=1e-6)
     assert wilson_interval(32, 32)[1] == 1.0
+    for n in (16, 48, 80):  # the bounds hold the rate itself, exactly, at 0 and at 1 too (no rounding past it)
+        assert wilson_interval(0, n)[0] == 0.0 and wilson_interval(n, n)[1] == 1.0
     assert all(math.isnan(v) for v in wilson_interval(0, 0))
 
 

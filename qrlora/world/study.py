@@ -148,7 +148,8 @@ def wilson_interval(successes: int, total: int, z: float = Z_95) -> tuple[float,
     denom = 1 + z * z / total
     center = (p + z * z / (2 * total)) / denom
     half = z * math.sqrt(p * (1 - p) / total + z * z / (4 * total * total)) / denom
-    return (max(0.0, center - half), min(1.0, center + half))
+    # Clamped to [0, p] and [p, 1]: at 0 and 1 the bound equals p exactly, which rounding can miss by 1e-17.
+    return (min(p, max(0.0, center - half)), max(p, min(1.0, center + half)))
 
 
 def pooled_rate(counts: list[int], totals: list[int]) -> dict:
