@@ -100,10 +100,13 @@ def build_model(size: dict):
 
 
 def present_targets(model, targets) -> list[str]:
-    """The default targets that exist in this (truncated) model: the last SD3 block has no context output."""
+    """The default targets that exist in this (truncated) model and feed its output: the last SD3 block has no
+    context output, so its ``add_q_proj`` is discarded (``discarded_linears``), and a one-block model has no other."""
+    from qrlora.backbones.base import discarded_linears
     from qrlora.inject import matches_target
 
-    names = [n for n, _ in model.named_modules()]
+    discarded = discarded_linears(model)
+    names = [n for n, _ in model.named_modules() if n not in discarded]
     return [t for t in targets if any(matches_target(n, t) for n in names)]
 
 
@@ -120,13 +123,19 @@ def make_trainer(variant: str, size: dict, rank: int) -> dict:
     model = build_model(size)
     model.train()
     targets = present_targets(model, sd3_default_targets())
-    layer_shapes = [tuple(m.weight.shape) for n, m in model.named_modules()
-                    if isinstance(m, nn.Linear) and any(n == t or n.endswith("." + t) for t in targets)]
+    # The layers our injection adapts (the backbone's targets less the Linears whose output the model discards):
+    # PEFT gets exactly these paths, so both sides train the same layers.
+    from qrlora.backbones.base import discarded_linears
+
+    discarded = discarded_linears(model)
+    paths = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n not in discarded
+             and any(n == t or n.endswith("." + t) for t in targets)]
+    layer_shapes = [tuple(model.get_submodule(n).weight.shape) for n in paths]
     if variant == "peft_lora":
         from peft import LoraConfig
 
         model.requires_grad_(False)
-        cfg = LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian", target_modules=targets)
+        cfg = LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian", target_modules=paths)
         init_seconds, _ = C.timed(lambda: model.add_adapter(cfg))
         constrain = None
     else:
