@@ -64,6 +64,17 @@ def error_lines(stderr: str) -> list[str]:
     return [line for line in stderr.splitlines() if line.startswith("error:")]
 
 
+def one_error(capsys, call) -> str:
+    """Run a CLI ``call``; assert it exits non-zero with exactly one ``error:`` line and no traceback."""
+    with pytest.raises(SystemExit) as exc:
+        call()
+    err = capsys.readouterr().err
+    assert exc.value.code != 0 and "Traceback" not in err
+    lines = error_lines(err)
+    assert len(lines) == 1, err
+    return lines[0]
+
+
 def _denoisers():
     from qrlora.backbones import BACKBONES
 

@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from conftest import REPO, error_lines, load_denoiser, make_adapter
+from conftest import REPO, error_lines, load_denoiser, make_adapter, one_error
 from qrlora.checkpoint import ADAPTER_FILENAME, base_fingerprint, load_adapter
 from qrlora.errors import UserError, cli_entry
 from qrlora.run_folder import (CHECKPOINT_MARKER, check_finite, complete_checkpoints, resolve_resume,
@@ -25,17 +25,6 @@ from qrlora.run_folder import (CHECKPOINT_MARKER, check_finite, complete_checkpo
 @pytest.fixture(scope="module")
 def adapter_file(tiny_sd3, tmp_path_factory):
     return make_adapter(tiny_sd3, "sd3", tmp_path_factory.mktemp("faults") / "good.safetensors", method="deltaR", seed=1)
-
-
-def one_error(capsys, call) -> str:
-    """Run a CLI ``call``; assert it exits non-zero with exactly one ``error:`` line and no traceback."""
-    with pytest.raises(SystemExit) as exc:
-        call()
-    err = capsys.readouterr().err
-    assert exc.value.code != 0 and "Traceback" not in err
-    lines = error_lines(err)
-    assert len(lines) == 1, err
-    return lines[0]
 
 
 # ---- one validating reader ------------------------------------------------------------------------------

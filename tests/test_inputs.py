@@ -11,22 +11,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import REPO, error_lines, make_adapter, run_script
+from conftest import REPO, make_adapter, one_error, run_script
 
 WORLD = REPO / "assets" / "world"
 TRUNCATED_ON_THE_WORLD = "a landscape in <s> style"  # the wrappers' style prompt: CLIP keeps 10 tokens there
 LOST_ON_THE_WORLD = "e in < s > style"
-
-
-def one_error(capsys, call) -> str:
-    """Run a CLI ``call``; assert it exits non-zero with exactly one ``error:`` line and no traceback."""
-    with pytest.raises(SystemExit) as exc:
-        call()
-    err = capsys.readouterr().err
-    assert exc.value.code != 0 and "Traceback" not in err
-    lines = error_lines(err)
-    assert len(lines) == 1, err
-    return lines[0]
 
 
 # ---- --help ----------------------------------------------------------------------------------------------------

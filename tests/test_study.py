@@ -15,7 +15,7 @@ from qrlora.checkpoint import AdapterFile
 from qrlora.decompose import layer_seed
 from qrlora.methods import METHODS, AdapterConfig
 from qrlora.strategies import STRATEGIES
-from qrlora.world.study import (CONDITIONS, Condition, StudyPlan, aggregate, layer_mechanism, pooled_rate,
+from qrlora.world.study import (CONDITIONS, StudyPlan, aggregate, layer_mechanism, pooled_rate,
                                 subspace_overlap, token_mechanism, wilson_interval, word_positions)
 
 
@@ -121,8 +121,6 @@ def test_token_mechanism_reads_each_word_position():
 # ---- TIES and DARE are PEFT's functions, applied per layer ---------------------------------------------------
 @pytest.mark.parametrize("name", ["ties", "dare"])
 def test_ties_and_dare_equal_peft_by_hand(name):
-    from qrlora.merge import Merger
-
     gen = torch.Generator().manual_seed(3)
     model = torch.nn.Sequential()
     model.add_module("blk", torch.nn.Module())
@@ -260,7 +258,7 @@ def test_readme_study_tables_are_the_committed_reports():
     assert readme.count(README_START) == 1 and readme.count(README_END) == 1
     block = README_START + readme.split(README_START, 1)[1].split(README_END, 1)[0] + README_END
     assert block == readme_block(REPO / "bench/reports"), \
-        "README study tables differ from bench/reports/world_study*.json: run python bench/readme_table.py --write"
+        "README study tables differ from bench/reports/world_study*.json: run python -m bench.readme_table --write"
 
 
 def test_verdict_reads_each_cell_and_draws_both_grids(tmp_path):
