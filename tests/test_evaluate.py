@@ -139,8 +139,10 @@ def test_bad_input_one_line(scorers, image_set, tmp_path, capsys):
 
 
 def test_compare_runs_every_strategy_end_to_end(tiny_sd3, scorers, image_set, tmp_path, capsys):
-    """One command: direct, ZipLoRA and K-LoRA rendered, scored, tabulated and plotted on the tiny SD3 pipeline."""
+    """One command: every strategy (direct, ZipLoRA, K-LoRA, TIES, DARE) rendered, scored, tabulated and plotted on
+    the tiny SD3 pipeline."""
     from qrlora.cli.compare import main as compare_main
+    from qrlora.strategies import STRATEGIES
 
     clip_dir, dino_dir = scorers
     _, style_refs, content_refs = image_set
@@ -153,7 +155,7 @@ def test_compare_runs_every_strategy_end_to_end(tiny_sd3, scorers, image_set, tm
                   "--ziplora_steps", "2", "--clip_model", str(clip_dir), "--dino_model", str(dino_dir),
                   "--output_dir", str(out), *RENDER])
     cells = json.loads((out / "summary.json").read_text())
-    assert sorted(c["strategy"] for c in cells) == ["direct", "klora", "ziplora"]
+    assert sorted(c["strategy"] for c in cells) == sorted(STRATEGIES) == ["dare", "direct", "klora", "ties", "ziplora"]
     assert all(c["n"] == 2 and c["method"] == "lora+triu_deltaR" and c["dino_content_se"] is not None for c in cells)
     assert (out / "tradeoff.png").is_file() and (out / "ziplora" / "ziplora_adapter.safetensors").is_file()
     # Strategies really differ: the same seed and weights give different images.
