@@ -1,5 +1,6 @@
 """What a training run leaves for others: kohya file, model card, hub upload (recorded, no network), wandb logs."""
 import json
+import time
 
 import pytest
 from conftest import REPO
@@ -135,7 +136,11 @@ def test_wandb_offline_logs_losses_lr_and_validation_images(tiny_sd3, tmp_path, 
     monkeypatch.setenv("WANDB_SILENT", "true")
     train(tiny_sd3, tmp_path / "run", "--report_to", "wandb")
     (run,) = (tmp_path / "wandb").glob("offline-run-*/run-*.wandb")
-    rows = wandb_history(run)
+    # wandb's writer is a separate service process that may still be flushing the log when finish() returns
+    # (seen under load, never idle): read until the history is there, up to a minute.
+    deadline = time.monotonic() + 60
+    while not (rows := wandb_history(run)) and time.monotonic() < deadline:
+        time.sleep(0.5)
     assert [row["_step"] for row in rows] == [1, 2]
     assert all(row["loss"] > 0 and row["lr"] == 1e-4 for row in rows)
     images = rows[-1]["validation/filenames"]  # the final validation, at the last step
