@@ -296,13 +296,10 @@ def replace_block(text: str, block: str, start: str = START, end: str = END) -> 
 
 
 def replace_study_block(text: str) -> str:
-    """``text`` with the world study's tables (``qrlora.world.study.readme_block``) replaced, when it has them."""
+    """``text`` with the world study's tables (``qrlora.world.study.readme_block``) replaced."""
     from qrlora.world.study import README_END, README_START, readme_block
 
-    if README_START not in text or README_END not in text:
-        return text
-    head, rest = text.split(README_START, 1)
-    return head + readme_block(REPORTS) + rest.split(README_END, 1)[1]
+    return replace_block(text, readme_block(REPORTS), README_START, README_END)
 
 
 def main(argv=None) -> int:
