@@ -60,11 +60,18 @@ _FILTER = QuietFilter()
 
 def install() -> None:
     """Attach the filter where these messages pass: diffusers' and transformers' own handlers (their records do
-    not propagate) and the hub's model-card logger; ignore the ``torch_dtype`` FutureWarning. Idempotent."""
+    propagate) and the hub's model-card logger; ignore the ``torch_dtype`` FutureWarning. Idempotent.
+
+    transformers lets its records propagate to the root logger when ``CI`` is set (``CI=1`` on every CI service);
+    there the root handler would print them a second time, unfiltered, so a command keeps them on the library's
+    own (filtered) handler."""
     for library in ("diffusers", "transformers"):
         if library in sys.modules:  # configure its logging (adds its handler) without importing it afresh
             importlib.import_module(f"{library}.utils.logging").get_logger(library)
-        for handler in logging.getLogger(library).handlers:
+        library_logger = logging.getLogger(library)
+        if library_logger.handlers:
+            library_logger.propagate = False
+        for handler in library_logger.handlers:
             if _FILTER not in handler.filters:
                 handler.addFilter(_FILTER)
     hub = logging.getLogger("huggingface_hub.repocard")

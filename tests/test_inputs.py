@@ -201,11 +201,13 @@ NOISE = ("Repo card metadata block", "requires torchvision", "torch_dtype", "sho
 
 
 def test_a_run_says_each_thing_once(tmp_path):
-    """A short world run whose validation prompt CLIP cuts: none of the third-party noise, the cut said once."""
+    """A short world run whose validation prompt CLIP cuts: none of the third-party noise, the cut said once; with
+    ``CI=1`` too, where transformers sends its records to the root logger as well."""
     from qrlora.world.world import write_instance_images
 
     data = write_instance_images(tmp_path / "data", "heart", "flat", count=4)
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+           "CI": "1"}
     proc = subprocess.run([sys.executable, "-m", "qrlora.train", "--pretrained_model_name_or_path", str(WORLD),
                            "--instance_data_dir", str(data), "--instance_prompt", "a heart in flat style",
                            "--validation_prompt", TRUNCATED_ON_THE_WORLD, "--num_validation_images", "1",
