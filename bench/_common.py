@@ -91,7 +91,7 @@ def build_on_meta(kind: str, **overrides):
 def count_target_shapes(kind: str, targets: Sequence[str] | None = None) -> dict[tuple[int, int], int]:
     """``{(out, in): number of targeted Linears}`` of the real model, counted on the meta device (not guessed);
     ``targets`` default to that backbone's own default set."""
-    from qrlora.inject import find_target_modules
+    from qrlora.core.inject import find_target_modules
 
     model = build_on_meta(kind)
     paths = find_target_modules(model, targets or default_targets(kind))

@@ -5,7 +5,7 @@
 Each variant starts from the same base denoiser and learns one image (``assets/sty/swirl_painting``, 64 px) with
 the trainer's own loss (``Backbone.training_loss``: the shared objective, per-step generators) and AdamW; PEFT
 LoRA is diffusers' ``add_adapter(LoraConfig(r, lora_alpha=r))`` on the same targets. Every ``--eval_every`` steps
-the probe scores the model (``qrlora.fitprobe``: unweighted loss at six fixed noise levels with fixed noise),
+the probe scores the model (``qrlora.toy.fitprobe``: unweighted loss at six fixed noise levels with fixed noise),
 reported as a fraction of the base model's score. The paper claims that training ``Q`` and ``R`` together
 (``qr``) converges faster; the summary's ``steps_to_90`` (first evaluated step at or below 0.9 of the base) and
 the final fraction answer it on these models, whichever way they fall.
@@ -29,7 +29,7 @@ PEFT = "peft_lora"
 
 
 def build_tiny(backbone: str, root: Path) -> Path:
-    from qrlora.tiny import build_tiny_pipeline
+    from qrlora.toy.tiny import build_tiny_pipeline
 
     return build_tiny_pipeline(backbone, root / backbone)
 
@@ -38,8 +38,8 @@ def adapted_model(probe, variant: str, rank: int, seed: int):
     """A fresh base denoiser with the variant's adapter on the backbone's default targets; its parameters."""
     import torch
 
-    from qrlora.inject import inject_adapters, trainable_parameters
-    from qrlora.methods import AdapterConfig
+    from qrlora.core.inject import inject_adapters, trainable_parameters
+    from qrlora.core.methods import AdapterConfig
 
     denoiser = probe.base_denoiser()
     targets = list(probe.backbone.default_targets)
@@ -58,8 +58,8 @@ def curve(probe, variant: str, steps: int, lr: float, rank: int, seed: int, eval
     """(step, evaluation loss / base) pairs, step 0 included."""
     import torch
 
-    from qrlora.layers import apply_constraints_
-    from qrlora.objective import step_generator
+    from qrlora.core.layers import apply_constraints_
+    from qrlora.core.objective import step_generator
 
     base = probe.loss()
     denoiser, params = adapted_model(probe, variant, rank, seed)
@@ -110,8 +110,8 @@ def plot(results: dict, path: Path) -> None:
 def main(argv=None) -> int:
     import torch
 
-    from qrlora.fitprobe import FitProbe
-    from qrlora.methods import METHODS
+    from qrlora.toy.fitprobe import FitProbe
+    from qrlora.core.methods import METHODS
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--backbones", default="sd3,flux")

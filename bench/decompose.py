@@ -9,8 +9,8 @@ For every targeted Linear shape of FLUX.1-dev (3072x3072, 12288x3072, 3072x12288
   ratio against ours smaller.)
 * ``peft_pissa_niter_4``: PEFT's ``init_lora_weights="pissa_niter_4"`` SVD exactly as ``LoraLayer.pissa_init``
   calls it (``torch.svd_lowrank(W, q=r, niter=4)``, global RNG, no oversampling), followed by our small-factor
-  QR (``qrlora.decompose.qr_of_core``) so that it yields the same Q and R objects.
-* ``ours``: ``qrlora.decompose.truncated_svd(W, r)`` + ``qr_of_core(svd, s)``.
+  QR (``qrlora.core.decompose.qr_of_core``) so that it yields the same Q and R objects.
+* ``ours``: ``qrlora.core.decompose.truncated_svd(W, r)`` + ``qr_of_core(svd, s)``.
 
 Reported per shape: time ratio against ``published`` (best of N repeats each, methods interleaved), the error
 ``||W - s Q R||_F`` over the optimal rank-r error (Eckart-Young, exact from the constructed spectrum),
@@ -33,7 +33,7 @@ from pathlib import Path
 
 import torch
 
-from qrlora.decompose import GAP_DEFINED, TruncatedSVD, principal_angle_deg, qr_of_core, truncated_svd
+from qrlora.core.decompose import GAP_DEFINED, TruncatedSVD, principal_angle_deg, qr_of_core, truncated_svd
 
 from . import _common as C
 
@@ -159,7 +159,7 @@ def world_rows(ranks=WORLD_RANKS) -> dict | None:
     if not (WORLD / "model_index.json").is_file():
         return None
     from qrlora.backbones import detect_backbone
-    from qrlora.inject import find_target_modules
+    from qrlora.core.inject import find_target_modules
 
     backbone = detect_backbone(str(WORLD))
     model = backbone.load_denoiser(str(WORLD))

@@ -4,7 +4,7 @@ The real ``FluxTransformer2DModel`` (the published FLUX.1-dev config, ~11.9 B pa
 ``torch._subclasses.FakeTensorMode``: every tensor has its true shape, dtype and storage size but no data, so no
 FLOP is computed and no memory is allocated. On it runs one real training step of the trainer's own code:
 ``Backbone.training_loss`` of the FLUX backbone (packing, ids, guidance, flow target), the repository's adapter
-layers (``qrlora.inject.attach_adapter``: the ``AdapterLinear`` / ``AdapterState`` modules the trainer trains,
+layers (``qrlora.core.inject.attach_adapter``: the ``AdapterLinear`` / ``AdapterState`` modules the trainer trains,
 triangular mask included) or PEFT LoRA through diffusers' ``add_adapter``, bf16 autocast with float32 trainable
 parameters, backward, gradient clipping, AdamW (``foreach``, the CUDA default), ``apply_constraints_``,
 ``zero_grad``, measured on the second step (AdamW's state exists). ``StorageTracker``, a ``TorchDispatchMode``
@@ -148,7 +148,7 @@ class _QuantizedLinearFactory:
 
 def quantize_stand_in_(model, precision: str) -> int:
     """Replace every frozen ``nn.Linear`` of ``model`` (not the adapters' own) with the ``precision`` stand-in,
-    as ``qrlora.quantize.quantize_base_`` does with the real libraries. Returns the number replaced."""
+    as ``qrlora.core.quantize.quantize_base_`` does with the real libraries. Returns the number replaced."""
     from torch import nn
 
     stand_in = _QuantizedLinearFactory.get()
@@ -181,8 +181,8 @@ def build_model(config: dict, setting: Setting, targets, device: str = "meta", d
     import torch
     from diffusers import FluxTransformer2DModel
 
-    from qrlora.inject import attach_adapter, find_target_modules
-    from qrlora.methods import AdapterConfig, get_method
+    from qrlora.core.inject import attach_adapter, find_target_modules
+    from qrlora.core.methods import AdapterConfig, get_method
 
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype or torch.bfloat16)  # built in its dtype: no float32 copy of the model first
@@ -234,7 +234,7 @@ def fake_tensors_(model, mode, device: str = "cpu"):
 def frozen_block_bytes(model) -> list[int]:
     """Frozen bytes (parameters and buffers not trained, adapters' frozen bases excluded) of each block, in the
     order ``transformer_blocks`` then ``single_transformer_blocks``: what block swap can keep on the CPU."""
-    from qrlora.layers import AdapterState
+    from qrlora.core.layers import AdapterState
 
     sizes = []
     for block in list(model.transformer_blocks) + list(model.single_transformer_blocks):
@@ -275,7 +275,7 @@ def flux_schedule(mode=None):
 
     from diffusers import FlowMatchEulerDiscreteScheduler
 
-    from qrlora.objective import NoiseSchedule
+    from qrlora.core.objective import NoiseSchedule
 
     schedule = NoiseSchedule.from_scheduler(FlowMatchEulerDiscreteScheduler(shift=3.0))
     if mode is None:
@@ -291,8 +291,8 @@ def training_step(model, optimizer, latents, cond, schedule, tracker=None) -> No
     import torch
 
     from qrlora.backbones import BACKBONES
-    from qrlora.layers import apply_constraints_
-    from qrlora.objective import Objective
+    from qrlora.core.layers import apply_constraints_
+    from qrlora.core.objective import Objective
 
     flux = BACKBONES["flux"]
     objective = Objective(prediction_type="flow", guidance_scale=3.5)

@@ -12,14 +12,14 @@ process so that every peak memory is its own:
    batch 1, gradient checkpointing, bf16 autocast with float32 trainable parameters (what diffusers' FLUX
    DreamBooth LoRA script does), AdamW; ``triu_deltaR`` against PEFT LoRA (``add_adapter``) at rank 64 and
    the same targets. Median step time after warm-up, ``torch.cuda.max_memory_allocated``.
-3. the same two variants on a quantized base (``qrlora.quantize.quantize_base_``: NF4 with bitsandbytes, else
+3. the same two variants on a quantized base (``qrlora.core.quantize.quantize_base_``: NF4 with bitsandbytes, else
    fp8 with torchao; every frozen Linear), when either library is installed; skipped with a note otherwise.
    Ours decomposes the bf16 weights first, then quantizes; PEFT's base is quantized before ``add_adapter``.
 
 4. ``memory``: every row of ``bench/reports/flux_memory.json`` (the CPU estimate of ``bench/flux_memory.py``) that
    fits this GPU, measured: one child per base / rank / method builds the model once with the estimate's own
    code (``flux_memory.build_model`` on CUDA, random bf16 weights, the adapters attached as in the estimate;
-   fp8 / nf4 through ``qrlora.quantize.quantize_base_`` when the library is installed), then per resolution and
+   fp8 / nf4 through ``qrlora.core.quantize.quantize_base_`` when the library is installed), then per resolution and
    checkpointing runs ``flux_memory.training_step`` twice (the first creates AdamW's state) and records
    ``torch.cuda.max_memory_allocated`` over the second as ``measured_peak_gib`` beside ``peak_gib``. Block swap
    rows stay estimates (the trainer's ``--blocks_to_swap`` is not in this benchmark). bf16 first, then the
@@ -95,8 +95,8 @@ def run_init(device: str, tiny: bool, size: dict) -> dict:
     from collections import Counter
 
     from .decompose import peft_pissa_niter_4_init, published_init, ours_init
-    from qrlora.inject import find_target_modules, inject_adapters
-    from qrlora.methods import AdapterConfig
+    from qrlora.core.inject import find_target_modules, inject_adapters
+    from qrlora.core.methods import AdapterConfig
 
     sync = _sync(device)
     rank = size["rank"]
@@ -140,11 +140,11 @@ def run_init(device: str, tiny: bool, size: dict) -> dict:
 # Parts 2-3: training step
 # ---------------------------------------------------------------------------------------------------------
 def _quantize(model, precision: str) -> int:
-    """Store every frozen base Linear in ``precision`` with the library's own ``qrlora.quantize.quantize_base_``
+    """Store every frozen base Linear in ``precision`` with the library's own ``qrlora.core.quantize.quantize_base_``
     (PEFT's variant gets the very same call before its adapters are added). Returns the number of Linears."""
     from torch import nn
 
-    from qrlora.quantize import quantize_base_
+    from qrlora.core.quantize import quantize_base_
 
     count = sum(type(m) is nn.Linear for m in model.modules())
     quantize_base_(model, precision)
@@ -244,10 +244,10 @@ def run_train(variant: str, device: str, tiny: bool, size: dict) -> dict:
     from diffusers import FlowMatchEulerDiscreteScheduler
 
     from qrlora.backbones import BACKBONES
-    from qrlora.inject import inject_adapters
-    from qrlora.layers import apply_constraints_, cast_base_model_
-    from qrlora.methods import AdapterConfig
-    from qrlora.objective import NoiseSchedule, Objective
+    from qrlora.core.inject import inject_adapters
+    from qrlora.core.layers import apply_constraints_, cast_base_model_
+    from qrlora.core.methods import AdapterConfig
+    from qrlora.core.objective import NoiseSchedule, Objective
 
     sync = _sync(device)
     method, _, quant = variant.partition("+")
@@ -277,7 +277,7 @@ def run_train(variant: str, device: str, tiny: bool, size: dict) -> dict:
     model.train()
     optimizer = torch.optim.AdamW(params, lr=1e-4)
 
-    # The trainer's own loss (qrlora.objective through the FLUX backbone): packing, ids, guidance, flow target.
+    # The trainer's own loss (qrlora.core.objective through the FLUX backbone): packing, ids, guidance, flow target.
     flux = BACKBONES["flux"]
     schedule = NoiseSchedule.from_scheduler(FlowMatchEulerDiscreteScheduler(shift=3.0))
     objective = Objective(prediction_type="flow", guidance_scale=3.5)
@@ -337,9 +337,9 @@ def spawn(part: str, device: str, tiny: bool, workdir: Path, timeout: float, est
 def _quantized_precision() -> tuple[str | None, str]:
     """The first of nf4 (bitsandbytes), fp8 (torchao) that this machine can run, or None and why not."""
     try:
-        from qrlora.quantize import check_available
+        from qrlora.core.quantize import check_available
     except ImportError as err:
-        return None, f"qrlora.quantize unavailable ({err})"
+        return None, f"qrlora.core.quantize unavailable ({err})"
     reasons = []
     for precision in ("nf4", "fp8"):
         try:
@@ -352,7 +352,7 @@ def _quantized_precision() -> tuple[str | None, str]:
 
 def _available(precision: str) -> bool:
     try:
-        from qrlora.quantize import check_available
+        from qrlora.core.quantize import check_available
 
         check_available(precision)
         return True

@@ -1,7 +1,7 @@
 """Merge benchmark: folding a style and a content adapter into the FLUX.1-dev target shapes, two routes.
 
 * ``residual`` route (the published one): read the residual file ``W_res = W - s Q R``, then recompose
-  ``W_res + s Q (R + w1 dR1 + w2 dR2)`` (``qrlora.merge.Merger(model, adapters, residual=...)``, which also checks
+  ``W_res + s Q (R + w1 dR1 + w2 dR2)`` (``qrlora.merging.merger.Merger(model, adapters, residual=...)``, which also checks
   that both adapters share Q and R).
 * ``delta`` route (ours, the default): ``W + w1 dW1 + w2 dW2`` from the base weights already in memory and the two
   adapter files alone (``Merger(model, adapters)``); no residual file exists.
@@ -27,9 +27,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from qrlora.checkpoint import AdapterFile, load_residual, residuals_from_adapter, save_residual
-from qrlora.merge import Merger
-from qrlora.methods import AdapterConfig, get_method
+from qrlora.files.checkpoint import AdapterFile, load_residual, residuals_from_adapter, save_residual
+from qrlora.merging.merger import Merger
+from qrlora.core.methods import AdapterConfig, get_method
 
 from . import _common as C
 

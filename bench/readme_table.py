@@ -296,8 +296,8 @@ def replace_block(text: str, block: str, start: str = START, end: str = END) -> 
 
 
 def replace_study_block(text: str) -> str:
-    """``text`` with the world study's tables (``qrlora.world.study.readme_block``) replaced."""
-    from qrlora.world.study import README_END, README_START, readme_block
+    """``text`` with the world study's tables (``qrlora.toy.world.study.readme_block``) replaced."""
+    from qrlora.toy.world.study import README_END, README_START, readme_block
 
     return replace_block(text, readme_block(REPORTS), README_START, README_END)
 

@@ -8,7 +8,7 @@ every step), ``zero_grad``. Every variant runs in its own process so that its pe
 
 * ``peft_lora``: ``transformer.add_adapter(LoraConfig(r, lora_alpha=r, init_lora_weights="gaussian",
   target_modules=...))``, what diffusers' DreamBooth LoRA scripts do;
-* every key of ``qrlora.methods.METHODS`` through ``qrlora.inject.inject_adapters`` at the same rank and targets.
+* every key of ``qrlora.core.methods.METHODS`` through ``qrlora.core.inject.inject_adapters`` at the same rank and targets.
 
 Reported per variant, as ratios to ``peft_lora``: the median step time after warm-up, timed step by step
 interleaved with a PEFT LoRA model in the same process (so that a burst of load on the machine hits both);
@@ -39,7 +39,7 @@ TARGET_MEMORY_RATIO = 1.0
 
 def r_by_in_methods(rank: int) -> list[str]:
     """Methods that train one r x in matrix (params = in / (in + out) of LoRA's), asked of the registry."""
-    from qrlora.methods import METHODS, AdapterConfig
+    from qrlora.core.methods import METHODS, AdapterConfig
 
     return [name for name, m in METHODS.items() if m.trains_r_by_in(AdapterConfig(method=name, rank=rank, num_experts=1))]
 
@@ -53,7 +53,7 @@ SIZES = {
 
 
 def all_variants() -> list[str]:
-    from qrlora.methods import METHODS
+    from qrlora.core.methods import METHODS
 
     return ["peft_lora"] + list(METHODS)
 
@@ -103,7 +103,7 @@ def present_targets(model, targets) -> list[str]:
     """The default targets that exist in this (truncated) model and feed its output: the last SD3 block has no
     context output, so its ``add_q_proj`` is discarded (``discarded_linears``), and a one-block model has no other."""
     from qrlora.backbones.base import discarded_linears
-    from qrlora.inject import matches_target
+    from qrlora.core.inject import matches_target
 
     discarded = discarded_linears(model)
     names = [n for n, _ in model.named_modules() if n not in discarded]
@@ -115,9 +115,9 @@ def make_trainer(variant: str, size: dict, rank: int) -> dict:
     import torch
     from torch import nn
 
-    from qrlora.inject import inject_adapters
-    from qrlora.layers import apply_constraints_
-    from qrlora.methods import AdapterConfig
+    from qrlora.core.inject import inject_adapters
+    from qrlora.core.layers import apply_constraints_
+    from qrlora.core.methods import AdapterConfig
 
     torch.manual_seed(0)
     model = build_model(size)
@@ -151,7 +151,7 @@ def make_trainer(variant: str, size: dict, rank: int) -> dict:
     from diffusers import FlowMatchEulerDiscreteScheduler
 
     from qrlora.backbones import BACKBONES
-    from qrlora.objective import NoiseSchedule
+    from qrlora.core.objective import NoiseSchedule
 
     sd3 = BACKBONES["sd3"]
     scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0)  # SD3-medium's training table

@@ -23,12 +23,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from qrlora.checkpoint import load_adapter
-from qrlora.inference import MergedPipeline
-from qrlora.cli.world import render_args, train_adapter
-from qrlora.world import data
-from qrlora.world.experiment import Sampler
-from qrlora.world.world import CONTENT_STYLE, SHIPPED_WORLD, STYLE_SHAPE, load_world
+from qrlora.files.checkpoint import load_adapter
+from qrlora.merging.inference import MergedPipeline
+from qrlora.cli.world_runs import render_args, train_adapter
+from qrlora.toy.world import data
+from qrlora.toy.world.experiment import Sampler
+from qrlora.toy.world.world import CONTENT_STYLE, SHIPPED_WORLD, STYLE_SHAPE, load_world
 
 
 def measure(world, method: str, steps: int, lr: float, seed: int, samples: int, root: Path) -> dict:

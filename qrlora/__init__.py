@@ -1,16 +1,13 @@
 """QR-LoRA: QR-decomposed adapters for text-to-image diffusion models (FLUX.1, SD3, SDXL).
 
-The library modules, by job: ``decompose`` (float32 math), ``methods`` (the registry), ``layers`` (the adapter
-layer), ``inject`` (targeting), ``checkpoint`` (files), ``merge`` (merges), ``residual`` / ``export`` (residual and
-diffusers / kohya LoRA files), ``model_card`` / ``hub`` / ``tracking`` (what a run publishes: model card, hub
-upload, tracker images), ``runs`` (finding the runs the wrappers wrote), ``inference`` (merge rendering),
-``backbones`` (model families), ``data`` / ``prior`` (DreamBooth images), ``train`` (the trainer), ``quantize``
-(fp8 / nf4 base), ``analysis`` (similarity, expert usage), ``tiny`` (offline test pipelines), ``errors``
-(one-line CLI errors), ``strategies`` / ``ziplora`` / ``klora`` (merge strategies), ``evaluate`` (CLIP / DINO
-scores), ``compare`` (the comparison command), ``tiny_scorers`` (offline CLIP and DINO models). ``cli`` holds
-every command's flags and ``main`` (the one CLI layer; ``tiny`` still parses its own).
+The library, by job (docs/ARCHITECTURE.md section 3; imports run down this list, with no cycle): ``core`` (the
+decomposition, the method registry, the adapter layer, injection, the objective), ``backbones`` (model families),
+``files`` (adapter files, run folders, export, residuals, model cards), ``training`` (the one trainer and what it
+uses), ``merging`` (the merger, merge strategies, merge rendering), ``evaluation`` (scores, the strategy comparison,
+the analyses), ``toy`` (tiny offline pipelines and scorers, the CPU world and its study) and ``cli`` (every command).
+``qrlora.train``, ``qrlora.merge``, ... are the published ``python -m`` names, shims over ``qrlora.cli``.
 """
-from .methods import METHODS, AdapterConfig, get_method
+from .core.methods import METHODS, AdapterConfig, get_method
 
 __version__ = "0.2.0"
 __all__ = ["METHODS", "AdapterConfig", "get_method", "__version__"]

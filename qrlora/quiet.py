@@ -11,7 +11,7 @@ diffusers' and transformers' logging as they configured it. What is silenced, an
 
 The pipelines' truncation warning (``The following part of your input was truncated ...``, once per encode: 27
 times for one 9-image grid) is said once per prompt in our words, and not at all when the trainer's own check
-(``qrlora.prompts``) already named the words lost.
+(``qrlora.core.prompts``) already named the words lost.
 """
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """Per-layer similarity of two adapters (cosine, linear CKA, NMI of Q, R, dR, dW ...), or with --compare the
-paper's figure: dW similarity of a QR-LoRA pair next to a plain-LoRA pair. All the work is in qrlora.analysis.
+paper's figure: dW similarity of a QR-LoRA pair next to a plain-LoRA pair. All the work is in qrlora.evaluation.analysis.
 
     python test/visualize_qrlora_similarity.py --lora1_path sty/pytorch_lora_weights.safetensors \
         --lora2_path cnt/pytorch_lora_weights.safetensors --lora1_name sty --lora2_name cnt --output_dir out --fixed_scale

@@ -32,21 +32,21 @@ def tiny_root(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_sd3(tiny_root) -> Path:
-    from qrlora.tiny import build_tiny_pipeline
+    from qrlora.toy.tiny import build_tiny_pipeline
 
     return build_tiny_pipeline("sd3", tiny_root / "sd3")
 
 
 @pytest.fixture(scope="session")
 def tiny_flux(tiny_root) -> Path:
-    from qrlora.tiny import build_tiny_pipeline
+    from qrlora.toy.tiny import build_tiny_pipeline
 
     return build_tiny_pipeline("flux", tiny_root / "flux")
 
 
 @pytest.fixture(scope="session")
 def tiny_sdxl(tiny_root) -> Path:
-    from qrlora.tiny import build_tiny_pipeline
+    from qrlora.toy.tiny import build_tiny_pipeline
 
     return build_tiny_pipeline("sdxl", tiny_root / "sdxl")
 
@@ -98,10 +98,10 @@ def make_adapter(model_dir, backbone, path, method="triu_deltaR", rank=4, seed=0
     """An adapter as training would leave it: bases from the real weights, coefficients moved (seeded noise)."""
     import torch
 
-    from qrlora.checkpoint import adapter_from_model, adapter_metadata, save_adapter
-    from qrlora.inject import inject_adapters
-    from qrlora.layers import apply_constraints_
-    from qrlora.methods import AdapterConfig
+    from qrlora.files.checkpoint import adapter_from_model, adapter_metadata, save_adapter
+    from qrlora.core.inject import inject_adapters
+    from qrlora.core.layers import apply_constraints_
+    from qrlora.core.methods import AdapterConfig
 
     denoiser = load_denoiser(model_dir, backbone)
     cfg = AdapterConfig(method=method, rank=rank, num_experts=num_experts)

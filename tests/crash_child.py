@@ -40,7 +40,7 @@ def after(original, kind, path_of=lambda *a, **k: None):
 
 
 def install() -> None:
-    import qrlora.checkpoint
+    import qrlora.files.checkpoint
 
     def file_arg(index):
         def pick(*args, **kwargs):
@@ -50,7 +50,7 @@ def install() -> None:
         return pick
 
     torch.save = after(torch.save, "write", file_arg(1))
-    qrlora.checkpoint.save_file = after(qrlora.checkpoint.save_file, "write", file_arg(1))
+    qrlora.files.checkpoint.save_file = after(qrlora.files.checkpoint.save_file, "write", file_arg(1))
     pathlib.Path.write_text = after(pathlib.Path.write_text, "write", file_arg(0))
     os.replace = after(os.replace, "rename")
     torch.optim.AdamW.step = after(torch.optim.AdamW.step, "step")

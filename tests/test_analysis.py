@@ -1,4 +1,4 @@
-"""qrlora.analysis and the test/ analysis scripts: metrics on hand-computed cases, layer order, end-to-end runs
+"""qrlora.evaluation.analysis and the test/ analysis scripts: metrics on hand-computed cases, layer order, end-to-end runs
 on adapters built from the tiny SD3 pipeline, figures that decode, JSON that matches a direct recomputation,
 and one-line errors for bad input."""
 from __future__ import annotations
@@ -18,10 +18,10 @@ import pytest
 import torch
 from PIL import Image
 
-from qrlora import analysis
-from qrlora.checkpoint import adapter_from_model, adapter_metadata, load_adapter, save_adapter
-from qrlora.inject import inject_adapters, trainable_parameters
-from qrlora.methods import AdapterConfig
+from qrlora.evaluation import analysis
+from qrlora.files.checkpoint import adapter_from_model, adapter_metadata, load_adapter, save_adapter
+from qrlora.core.inject import inject_adapters, trainable_parameters
+from qrlora.core.methods import AdapterConfig
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 TARGETS = ["attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0"]
@@ -76,7 +76,7 @@ def test_summarize_leaves_undefined_layers_out_and_counts_them():
 
 def test_a_dead_layer_does_not_inflate_the_mean_cosine(adapters, tmp_path, capsys):
     """One layer whose dR is zero in both files (never trained) is left out of every cosine statistic."""
-    from qrlora.checkpoint import load_adapter, save_adapter
+    from qrlora.files.checkpoint import load_adapter, save_adapter
 
     paths = []
     for key in ("qr_sty", "qr_cnt"):

@@ -11,11 +11,11 @@ import torch
 from torch import nn
 
 from conftest import REPO, error_lines
-from qrlora import train as trainer
-from qrlora.blockswap import BlockSwap, frozen_base_parameters
-from qrlora.checkpoint import load_adapter
-from qrlora.inject import inject_adapters
-from qrlora.methods import AdapterConfig
+from qrlora.training import trainer
+from qrlora.training.blockswap import BlockSwap, frozen_base_parameters
+from qrlora.files.checkpoint import load_adapter
+from qrlora.core.inject import inject_adapters
+from qrlora.core.methods import AdapterConfig
 
 
 class Block(nn.Module):

@@ -12,8 +12,8 @@ from PIL import Image
 
 from conftest import REPO
 from qrlora.backbones.base import Backbone
-from qrlora.cache import DiskCache
-from qrlora.checkpoint import load_adapter
+from qrlora.training.cache import DiskCache
+from qrlora.files.checkpoint import load_adapter
 
 
 def run(model, out, cache, images, prompt="a photo of a <c> cat", *extra):

@@ -19,8 +19,8 @@ import pytest
 from safetensors.torch import load_file
 
 from conftest import REPO
-from qrlora.checkpoint import ADAPTER_FILENAME
-from qrlora.run_folder import CHECKPOINT_MARKER, list_checkpoints
+from qrlora.files.checkpoint import ADAPTER_FILENAME
+from qrlora.files.run_folder import CHECKPOINT_MARKER, list_checkpoints
 
 pytestmark = pytest.mark.slow  # minutes of training or rendering: left out of `pytest -m "not slow"`
 

@@ -1,11 +1,11 @@
-"""Exactness, speed-independent accuracy and determinism of qrlora.decompose."""
+"""Exactness, speed-independent accuracy and determinism of qrlora.core.decompose."""
 import subprocess
 import sys
 
 import pytest
 import torch
 
-from qrlora import decompose
+from qrlora.core import decompose
 
 
 def decaying_matrix(out_features, in_features, seed=0, decay=0.5):
@@ -153,9 +153,9 @@ def test_world_adapters_sit_in_the_dense_svd_subspace(rank, caplog):
     """Inject on the shipped world's default targets (no training): every Q spans the dense SVD's top-r left
     subspace where the weight defines it; the smallest gap is logged once and written to the file's metadata."""
     from qrlora.backbones import detect_backbone
-    from qrlora.checkpoint import adapter_from_model
-    from qrlora.inject import inject_adapters
-    from qrlora.methods import AdapterConfig
+    from qrlora.files.checkpoint import adapter_from_model
+    from qrlora.core.inject import inject_adapters
+    from qrlora.core.methods import AdapterConfig
 
     backbone = detect_backbone(str(WORLD))
     model = backbone.load_denoiser(str(WORLD))

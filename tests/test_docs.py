@@ -33,16 +33,21 @@ def _layout_block() -> list[str]:
 
 
 def _layout_package_entries() -> dict[str, str]:
-    """``{module: description}`` of every entry indented under ``qrlora/`` (continuation lines joined)."""
-    entries, last = {}, None
+    """``{module: description}`` of every entry indented under ``qrlora/`` (continuation lines joined). An entry
+    line may name several modules before its description (``train.py evaluate.py ...``); each gets it."""
+    entries, last = {}, []
     for line in _layout_block():
         if not line.startswith(" "):
-            last = None  # a top-level folder (flux_dir/, tests/, ...): not a module of the package
+            last = []  # a top-level folder (flux_dir/, tests/, ...): not a module of the package
         elif not line.startswith("   "):
-            last, _, description = line.strip().partition(" ")
-            entries[last] = description.strip()
-        elif last is not None:
-            entries[last] += " " + line.strip()
+            parts = re.split(r"\s{2,}", line.strip(), maxsplit=1)
+            names, description = parts[0].split(), (parts[1] if len(parts) > 1 else "")
+            last = names
+            for name in names:
+                entries[name] = description.strip()
+        else:
+            for name in last:
+                entries[name] = (entries[name] + " " + line.strip()).strip()
     return entries
 
 
@@ -74,14 +79,19 @@ def test_the_design_document_is_cited_by_its_path_and_sections():
 
 def test_the_layout_names_modules_that_exist():
     entries = _layout_package_entries()
-    assert "decompose.py" in entries and "cli/" in entries  # the parser found the package entries
+    assert "core/" in entries and "cli/" in entries and "train.py" in entries  # the parser found the entries
     for name, description in entries.items():
         target = PACKAGE / name
         if name.endswith("/"):
             assert (target / "__init__.py").is_file(), f"layout names {name}, qrlora/{name} is not a package"
-            # Files a package entry names (``backbones/ base.py (...), sd3.py``) are in that package.
-            for inner in re.findall(r"\b[\w]+\.py\b", description):
-                assert (target / inner).is_file(), f"layout: qrlora/{name}{inner} does not exist"
+            # Files a package entry names (``backbones/ base.py (...), sd3.py``) are in that package, and every
+            # module and subpackage of it is named.
+            named = set(re.findall(r"\b[\w]+\.py\b", description)) | set(re.findall(r"\b([\w]+/)", description))
+            for inner in named:
+                assert (target / inner).exists(), f"layout: qrlora/{name}{inner} does not exist"
+            held = {p.name for p in target.glob("*.py") if p.name != "__init__.py"} | \
+                {f"{p.name}/" for p in target.iterdir() if (p / "__init__.py").is_file()}
+            assert not held - named, f"docs/ARCHITECTURE.md section 3: qrlora/{name} does not describe {sorted(held - named)}"
         else:
             assert name.endswith(".py") and target.is_file(), f"layout names qrlora/{name}, which does not exist"
     for line in _layout_block():

@@ -15,14 +15,14 @@ from PIL import Image
 
 from conftest import REPO, error_lines, make_adapter
 from qrlora.cli.evaluate import main as evaluate_main
-from qrlora.evaluate import ImageRecord, clip_prompt, write_manifest
+from qrlora.evaluation.evaluate import ImageRecord, clip_prompt, write_manifest
 
 RENDER = ["--height", "64", "--width", "64", "--num_inference_steps", "2", "--dtype", "float32", "--device", "cpu"]
 
 
 @pytest.fixture(scope="module")
 def scorers(tmp_path_factory):
-    from qrlora.tiny_scorers import build_tiny_scorers
+    from qrlora.toy.tiny_scorers import build_tiny_scorers
 
     return build_tiny_scorers(tmp_path_factory.mktemp("scorers"))
 
@@ -142,7 +142,7 @@ def test_compare_runs_every_strategy_end_to_end(tiny_sd3, scorers, image_set, tm
     """One command: every strategy (direct, ZipLoRA, K-LoRA, TIES, DARE) rendered, scored, tabulated and plotted on
     the tiny SD3 pipeline."""
     from qrlora.cli.compare import main as compare_main
-    from qrlora.strategies import STRATEGIES
+    from qrlora.merging.strategies import STRATEGIES
 
     clip_dir, dino_dir = scorers
     _, style_refs, content_refs = image_set

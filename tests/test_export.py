@@ -13,18 +13,18 @@ from conftest import DENOISER, make_adapter
 from full_size_configs import meta_denoiser
 
 from qrlora.backbones import BACKBONES
-from qrlora.checkpoint import AdapterFile, load_adapter, read_safetensors
+from qrlora.files.checkpoint import AdapterFile, load_adapter, read_safetensors
 from qrlora.cli.export import main
-from qrlora.export import export_lora
-from qrlora.inject import find_target_modules
-from qrlora.methods import METHODS, AdapterConfig
+from qrlora.files.export import export_lora
+from qrlora.core.inject import find_target_modules
+from qrlora.core.methods import METHODS, AdapterConfig
 
 STATIC_METHODS = [name for name, method in METHODS.items() if method.static]
 
 
 @pytest.fixture(scope="module")
 def tiny(tiny_root, tiny_sd3, tiny_flux):
-    from qrlora.tiny import build_tiny_pipeline
+    from qrlora.toy.tiny import build_tiny_pipeline
 
     return {"sd3": tiny_sd3, "flux": tiny_flux, "sdxl": build_tiny_pipeline("sdxl", tiny_root / "sdxl")}
 

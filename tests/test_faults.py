@@ -16,10 +16,10 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from conftest import REPO, error_lines, load_denoiser, make_adapter, one_error
-from qrlora.checkpoint import ADAPTER_FILENAME, base_fingerprint, load_adapter
+from qrlora.files.checkpoint import ADAPTER_FILENAME, base_fingerprint, load_adapter
 from qrlora.errors import UserError, cli_entry
-from qrlora.run_folder import (CHECKPOINT_MARKER, check_finite, complete_checkpoints, resolve_resume,
-                               write_checkpoint)
+from qrlora.files.run_folder import (CHECKPOINT_MARKER, check_finite, complete_checkpoints, resolve_resume,
+                                     write_checkpoint)
 
 
 @pytest.fixture(scope="module")
@@ -101,7 +101,7 @@ def test_every_tool_refuses_a_nan_adapter_in_one_line(tool, adapter_file, tiny_s
     with safe_open(str(adapter_file), "pt") as f:
         save_file(tensors, str(bad), metadata=f.metadata())
     from qrlora.cli import export, merge, residual
-    from qrlora.analysis import run_similarity
+    from qrlora.evaluation.analysis import run_similarity
 
     calls = {
         "export": lambda: export.main([str(bad), str(tmp_path / "out.safetensors")]),
@@ -163,7 +163,7 @@ def test_a_folder_given_as_a_file(tmp_path):
 
 # ---- base models compared by content ----------------------------------------------------------------------
 def test_base_models_are_compared_by_content_not_path(tiny_sd3, tiny_flux, adapter_file, tmp_path):
-    from qrlora.merge import Merger, check_compatible
+    from qrlora.merging.merger import Merger, check_compatible
 
     denoiser = load_denoiser(tiny_sd3, "sd3")
     weights = {p: denoiser.get_submodule(p).weight for p in load_adapter(adapter_file).layers}
@@ -187,7 +187,7 @@ def test_base_models_are_compared_by_content_not_path(tiny_sd3, tiny_flux, adapt
     with pytest.raises(UserError, match="trained on another base model"):
         Merger(load_denoiser(tiny_sd3, "sd3"), [other])
     flux = make_adapter(tiny_flux, "flux", tmp_path / "flux.safetensors")
-    from qrlora.analysis import load_pair
+    from qrlora.evaluation.analysis import load_pair
 
     with pytest.raises(UserError, match="is a flux adapter"):
         load_pair(adapter_file, flux)
@@ -233,7 +233,7 @@ def test_second_run_in_one_folder_is_refused_naming_the_holder(tiny_sd3, tmp_pat
 
     from test_train import train_args
 
-    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from qrlora.run_folder import RunLock; "
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from qrlora.files.run_folder import RunLock; "
                                f"RunLock({str(tmp_path / 'run')!r}).acquire(); print('held', flush=True); time.sleep(120)"],
                               cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, stdout=subprocess.PIPE, text=True)
     try:
@@ -328,7 +328,7 @@ def test_os_errors_become_one_line_naming_the_path(tmp_path, capsys):
 
 
 def test_atomic_files_respect_the_umask(adapter_file, tmp_path):
-    from qrlora.checkpoint import save_adapter
+    from qrlora.files.checkpoint import save_adapter
 
     old = os.umask(0o022)
     try:
@@ -340,7 +340,7 @@ def test_atomic_files_respect_the_umask(adapter_file, tmp_path):
 
 # ---- images ------------------------------------------------------------------------------------------------------
 def test_odd_images(tmp_path, monkeypatch):
-    from qrlora.data import list_images
+    from qrlora.training.data import list_images
 
     ramp = (np.arange(64 * 64).reshape(64, 64) * 16).astype(np.uint16)  # 16-bit grey, 0 .. 65520
     Image.fromarray(ramp).save(tmp_path / "a_grey16.png")

@@ -32,7 +32,7 @@ def _real_forward_truth(setting: F.Setting) -> dict:
     from torch.utils._pytree import tree_leaves
 
     from qrlora.backbones import BACKBONES
-    from qrlora.objective import Objective
+    from qrlora.core.objective import Objective
 
     model, _, schedule = F.prepared_model(SMALL, setting, TARGETS, fake=False)
     if setting.checkpointing:

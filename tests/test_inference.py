@@ -10,9 +10,9 @@ from PIL import Image
 from safetensors.torch import save_file
 
 from conftest import error_lines, load_denoiser, make_adapter, run_script
-from qrlora.checkpoint import load_adapter, load_residual, save_adapter
+from qrlora.files.checkpoint import load_adapter, load_residual, save_adapter
 from qrlora.cli.merge import grid_main, merge_main
-from qrlora.methods import METHODS, get_method
+from qrlora.core.methods import METHODS, get_method
 
 RENDER = ["--height", "64", "--width", "64", "--num_inference_steps", "2", "--dtype", "float32", "--device", "cpu"]
 def pixels(path):
@@ -161,7 +161,7 @@ def test_bad_merge_input(case, tiny_sd3, tiny_flux, sd3_pair, tmp_path):
                     "--lora_path", style, "--output_dir", str(tmp_path)])
         extra = ["--residual_path", str(tmp_path / "sd3_residual_weights.safetensors")]
     elif case == "other_base_model":
-        from qrlora.checkpoint import base_fingerprint  # bases are compared by content (weight norms), not by path
+        from qrlora.files.checkpoint import base_fingerprint  # bases are compared by content (weight norms), not by path
 
         weights = {p: w for p, w in load_denoiser(tiny_sd3, "sd3").state_dict().items()}
         for name, factor in (("style", 1.0), ("content", 1.5)):

@@ -70,7 +70,7 @@ def test_instance_data_dir_naming_a_file_says_so(tmp_path, capsys):
 
 def test_world_supplies_its_prompt_length_and_resolution():
     from qrlora.cli.train import parse_args
-    from qrlora.world.world import load_world
+    from qrlora.toy.world.world import load_world
 
     world = load_world(WORLD)
     base = ["--pretrained_model_name_or_path", str(WORLD), "--instance_data_dir", "d", "--instance_prompt", "p"]
@@ -84,7 +84,7 @@ def test_world_supplies_its_prompt_length_and_resolution():
 
 def test_instance_prompt_the_tokenizer_cuts_is_refused_naming_the_words(tmp_path, capsys):
     from qrlora.cli.train import main
-    from qrlora.world.world import write_instance_images
+    from qrlora.toy.world.world import write_instance_images
 
     data = write_instance_images(tmp_path / "data", "heart", "flat", count=1)
     out = tmp_path / "run"
@@ -95,7 +95,7 @@ def test_instance_prompt_the_tokenizer_cuts_is_refused_naming_the_words(tmp_path
 
 
 def test_lost_words_counts_the_special_tokens():
-    from qrlora.prompts import load_tokenizers, lost_words
+    from qrlora.core.prompts import load_tokenizers, lost_words
 
     tokenizers = load_tokenizers(str(WORLD))
     clip, t5 = tokenizers["tokenizer"], tokenizers["tokenizer_3"]
@@ -138,7 +138,7 @@ def test_export_refuses_a_folder_as_output_up_front(tmp_path, capsys):
 
 # ---- RGBA images ---------------------------------------------------------------------------------------------
 def test_transparent_pixels_become_white(tmp_path):
-    from qrlora.data import load_image
+    from qrlora.training.data import load_image
 
     rgba = np.zeros((8, 8, 4), np.uint8)  # transparent black background
     rgba[2:6, 2:6] = (200, 10, 10, 255)  # an opaque red square
@@ -161,8 +161,8 @@ def test_transparent_pixels_become_white(tmp_path):
 def test_model_card_snippets_use_the_runs_settings(tiny_sd3, tmp_path):
     import diffusers
 
-    from qrlora.checkpoint import load_adapter
-    from qrlora.model_card import render_model_card, run_render_settings
+    from qrlora.files.checkpoint import load_adapter
+    from qrlora.files.model_card import render_model_card, run_render_settings
 
     adapter = load_adapter(make_adapter(tiny_sd3, "sd3", tmp_path / "a.safetensors"))
     settings = run_render_settings(diffusers.StableDiffusion3Pipeline, mixed_precision="no", device="cpu",
@@ -184,7 +184,7 @@ def test_training_wrapper_uses_the_published_accumulation():
 
 
 def test_similarity_comparison_prints_its_final_path(tiny_sd3, tmp_path, capsys):
-    from qrlora.analysis.similarity import run_compare
+    from qrlora.evaluation.analysis.similarity import run_compare
 
     files = [make_adapter(tiny_sd3, "sd3", tmp_path / f"{m}{s}.safetensors", method=m, seed=s)
              for m in ("triu_deltaR", "lora") for s in (0, 1)]
@@ -203,7 +203,7 @@ NOISE = ("Repo card metadata block", "requires torchvision", "torch_dtype", "sho
 def test_a_run_says_each_thing_once(tmp_path):
     """A short world run whose validation prompt CLIP cuts: none of the third-party noise, the cut said once; with
     ``CI=1`` too, where transformers sends its records to the root logger as well."""
-    from qrlora.world.world import write_instance_images
+    from qrlora.toy.world.world import write_instance_images
 
     data = write_instance_images(tmp_path / "data", "heart", "flat", count=4)
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",

@@ -2,7 +2,7 @@
 
 Each run trains on one image with validation on, as the wrappers run it (validation after the first epoch,
 i.e. after step 1 for one image: the moment the old shared scheduler corrupted the noise table). The score is
-the fixed-noise evaluation loss (``qrlora.fitprobe``) on that image, read back from the saved adapter file
+the fixed-noise evaluation loss (``qrlora.toy.fitprobe``) on that image, read back from the saved adapter file
 and, for static methods, also through the exported standard LoRA in diffusers' own ``load_lora_weights``.
 
 Threshold: adapted / base <= 0.95. Measured on the tiny pipelines with these settings, every method reached
@@ -19,9 +19,9 @@ import pytest
 import torch
 
 from conftest import run_script
-from qrlora.checkpoint import ADAPTER_FILENAME
-from qrlora.fitprobe import FitProbe
-from qrlora.methods import METHODS, get_method
+from qrlora.files.checkpoint import ADAPTER_FILENAME
+from qrlora.toy.fitprobe import FitProbe
+from qrlora.core.methods import METHODS, get_method
 
 pytestmark = pytest.mark.slow  # minutes of training or rendering: left out of `pytest -m "not slow"`
 

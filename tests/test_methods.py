@@ -3,22 +3,22 @@ import pytest
 import torch
 from torch import nn
 
-from qrlora.checkpoint import (
-    adapter_from_model,
-    adapter_metadata,
-    base_fingerprint,
-    load_adapter,
-    load_residual,
-    residuals_from_adapter,
-    save_adapter,
-    save_residual,
-)
+from qrlora.files.checkpoint import (
+                                     adapter_from_model,
+                                     adapter_metadata,
+                                     base_fingerprint,
+                                     load_adapter,
+                                     load_residual,
+                                     residuals_from_adapter,
+                                     save_adapter,
+                                     save_residual,
+                                     )
 from qrlora.errors import UserError
-from qrlora.export import export_lora
-from qrlora.inject import find_target_modules, inject_adapters
-from qrlora.layers import AdapterLinear, adapter_layers, apply_constraints_, cast_base_model_
-from qrlora.merge import Merger
-from qrlora.methods import METHODS, AdapterConfig, Method
+from qrlora.files.export import export_lora
+from qrlora.core.inject import find_target_modules, inject_adapters
+from qrlora.core.layers import AdapterLinear, adapter_layers, apply_constraints_, cast_base_model_
+from qrlora.merging.merger import Merger
+from qrlora.core.methods import METHODS, AdapterConfig, Method
 
 
 class RowScale(Method):
@@ -217,7 +217,7 @@ def test_merge_equals_live_adapters_mixed_methods(tmp_path):
     adapters = [load_adapter(f) for f in files]
     weights = [0.7, 1.0, -0.3, 0.5, 1.2]
     live = Toy()
-    from qrlora.inject import attach_adapter
+    from qrlora.core.inject import attach_adapter
 
     for i, (a, w) in enumerate(zip(adapters, weights)):
         attach_adapter(live, a.config, a.layers, adapter_name=f"a{i}", weight=w)
@@ -340,7 +340,7 @@ def test_rank_and_moe_errors():
 
 
 def test_atomic_save_leaves_no_partial_file(tmp_path, monkeypatch):
-    import qrlora.checkpoint as ckpt
+    import qrlora.files.checkpoint as ckpt
 
     path = tmp_path / "out.safetensors"
     path.write_bytes(b"previous")

@@ -2,7 +2,7 @@
 
 Each reference below is restated from ``examples/dreambooth/train_dreambooth_lora_{sd3,flux,sdxl}.py`` with
 diffusers' own helpers (``get_sigmas`` lookup, ``FluxPipeline._pack_latents``, ``DDPMScheduler.add_noise``),
-independently of ``qrlora.objective``; both sides draw from generators with the same seed in the reference's
+independently of ``qrlora.core.objective``; both sides draw from generators with the same seed in the reference's
 order (noise, then timesteps), and call the real tiny denoisers.
 """
 from __future__ import annotations
@@ -17,7 +17,7 @@ from diffusers.training_utils import compute_density_for_timestep_sampling, comp
 
 from qrlora.backbones import BACKBONES
 from qrlora.errors import UserError
-from qrlora.objective import WEIGHTING_SCHEMES, NoiseSchedule, Objective
+from qrlora.core.objective import WEIGHTING_SCHEMES, NoiseSchedule, Objective
 
 SEED = 7
 

@@ -5,10 +5,10 @@ import time
 import pytest
 from conftest import REPO
 
-from qrlora import hub
-from qrlora.checkpoint import ADAPTER_FILENAME, load_adapter, read_safetensors
+from qrlora.files import hub
+from qrlora.files.checkpoint import ADAPTER_FILENAME, load_adapter, read_safetensors
 from qrlora.errors import UserError
-from qrlora.export import lora_factors
+from qrlora.files.export import lora_factors
 
 
 def train(model, out, *extra):
@@ -76,7 +76,7 @@ def test_run_writes_kohya_file_model_card_and_pushes(tiny_flux, tmp_path, upload
 
 
 def test_model_card_licence_of_known_base_models():
-    from qrlora.model_card import base_model_license
+    from qrlora.files.model_card import base_model_license
 
     assert base_model_license("stabilityai/stable-diffusion-xl-base-1.0") == {"license": "openrail++"}
     assert base_model_license("black-forest-labs/FLUX.1-dev")["license_name"] == "flux-1-dev-non-commercial-license"

@@ -14,9 +14,9 @@ from safetensors import safe_open
 
 from conftest import error_lines, make_adapter, run_script
 from qrlora.backbones import BACKBONES
-from qrlora.checkpoint import ADAPTER_FILENAME, load_adapter
-from qrlora.inject import find_target_modules
-from qrlora.methods import get_method
+from qrlora.files.checkpoint import ADAPTER_FILENAME, load_adapter
+from qrlora.core.inject import find_target_modules
+from qrlora.core.methods import get_method
 
 FAST = ["--validation_inference_steps", "1", "--num_validation_images", "1", "--mixed_precision", "no"]
 BLOCK = "up_blocks.0.attentions.0"

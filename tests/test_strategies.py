@@ -10,11 +10,11 @@ import torch
 from PIL import Image
 
 from conftest import error_lines, make_adapter
-from qrlora.checkpoint import load_adapter
-from qrlora.export import lora_export_tensors
+from qrlora.files.checkpoint import load_adapter
+from qrlora.files.export import lora_export_tensors
 from qrlora.cli.merge import grid_main, merge_main
-from qrlora.klora import balance_factor, selects_content, time_scale, topk_sum
-from qrlora.merge import Merger
+from qrlora.merging.klora import balance_factor, selects_content, time_scale, topk_sum
+from qrlora.merging.merger import Merger
 
 STEPS = 4
 RENDER = ["--height", "64", "--width", "64", "--num_inference_steps", str(STEPS), "--dtype", "float32", "--device", "cpu"]

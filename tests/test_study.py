@@ -11,12 +11,12 @@ import pytest
 import torch
 from peft.utils.merge_utils import dare_linear, ties
 
-from qrlora.checkpoint import AdapterFile
-from qrlora.decompose import layer_seed
-from qrlora.methods import METHODS, AdapterConfig
-from qrlora.strategies import STRATEGIES
-from qrlora.world.study import (CONDITIONS, StudyPlan, aggregate, layer_mechanism, pooled_rate,
-                                subspace_overlap, token_mechanism, wilson_interval, word_positions)
+from qrlora.files.checkpoint import AdapterFile
+from qrlora.core.decompose import layer_seed
+from qrlora.core.methods import METHODS, AdapterConfig
+from qrlora.merging.strategies import STRATEGIES
+from qrlora.toy.world.study import (CONDITIONS, StudyPlan, aggregate, layer_mechanism, pooled_rate,
+                                    subspace_overlap, token_mechanism, wilson_interval, word_positions)
 
 
 # ---- statistics -------------------------------------------------------------------------------------------
@@ -151,8 +151,8 @@ def test_ties_and_dare_equal_peft_by_hand(name):
 @pytest.mark.slow
 def test_every_declared_condition_runs_one_step_on_the_world(tmp_path):
     from qrlora.cli.world_study import train_pair
-    from qrlora.checkpoint import load_adapter
-    from qrlora.world.world import SHIPPED_WORLD, load_world
+    from qrlora.files.checkpoint import load_adapter
+    from qrlora.toy.world.world import SHIPPED_WORLD, load_world
 
     world = load_world(SHIPPED_WORLD)
     for c, seed in StudyPlan(list(CONDITIONS.values()), {n: [0] for n in CONDITIONS}).pairs():
@@ -169,7 +169,7 @@ def test_every_declared_condition_runs_one_step_on_the_world(tmp_path):
 def test_study_resumes_without_redoing_finished_work(tmp_path, monkeypatch):
     from qrlora.cli import world as world_cli
     from qrlora.cli import world_study
-    from qrlora.world.world import SHIPPED_WORLD
+    from qrlora.toy.world.world import SHIPPED_WORLD
 
     out = tmp_path / "study"
     run = dict(jobs=1, samples=1, command="test", grid=(1.0,), steps=1)
@@ -192,7 +192,7 @@ def test_study_resumes_without_redoing_finished_work(tmp_path, monkeypatch):
     def no_merging(*args, **kwargs):
         raise AssertionError("a finished cell was merged again")
 
-    monkeypatch.setattr("qrlora.inference.MergedPipeline", no_merging)
+    monkeypatch.setattr("qrlora.merging.inference.MergedPipeline", no_merging)
     world_study.run_study(str(SHIPPED_WORLD), out, names, [0], **run)  # everything finished: read back
 
     with pytest.raises(Exception, match="other settings"):
@@ -232,7 +232,7 @@ def test_lora_frozen_b_trains_a_only_from_zero():
 
 def test_trainer_flags_choose_the_basis_and_the_file_keeps_it(tiny_sd3, tmp_path):
     from conftest import REPO
-    from qrlora.checkpoint import load_adapter, read_safetensors
+    from qrlora.files.checkpoint import load_adapter, read_safetensors
     from qrlora.cli.train import main
 
     def train(out, *extra):
@@ -252,7 +252,7 @@ def test_trainer_flags_choose_the_basis_and_the_file_keeps_it(tiny_sd3, tmp_path
 
 def test_readme_study_tables_are_the_committed_reports():
     from conftest import REPO
-    from qrlora.world.study import README_END, README_START, readme_block
+    from qrlora.toy.world.study import README_END, README_START, readme_block
 
     readme = (REPO / "README.md").read_text()
     assert readme.count(README_START) == 1 and readme.count(README_END) == 1
@@ -264,9 +264,9 @@ def test_readme_study_tables_are_the_committed_reports():
 def test_verdict_reads_each_cell_and_draws_both_grids(tmp_path):
     from PIL import Image
 
-    from qrlora.world import data
-    from qrlora.world.verdict import read_grid, verdict_figure, verdict_line
-    from qrlora.world.world import SHIPPED_WORLD, load_world
+    from qrlora.toy.world import data
+    from qrlora.toy.world.verdict import read_grid, verdict_figure, verdict_line
+    from qrlora.toy.world.world import SHIPPED_WORLD, load_world
 
     world = load_world(SHIPPED_WORLD)
     grids = {}

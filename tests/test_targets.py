@@ -7,9 +7,9 @@ import torch
 from qrlora.backbones import BACKBONES
 from qrlora.backbones.base import discarded_linears
 from qrlora.errors import UserError
-from qrlora.inject import find_target_modules, inject_adapters
-from qrlora.layers import adapter_layers
-from qrlora.methods import AdapterConfig
+from qrlora.core.inject import find_target_modules, inject_adapters
+from qrlora.core.layers import adapter_layers
+from qrlora.core.methods import AdapterConfig
 
 
 @pytest.fixture

@@ -1,4 +1,4 @@
-"""Tests for qrlora.tiny: offline tiny pipelines load, draw, are seeded, and guard their folder."""
+"""Tests for qrlora.toy.tiny: offline tiny pipelines load, draw, are seeded, and guard their folder."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 from diffusers import FluxPipeline, StableDiffusion3Pipeline, StableDiffusionXLPipeline
-from qrlora import tiny
+from qrlora.toy import tiny
 from qrlora.cli.tiny import main as tiny_main
 
 PIPELINES = {

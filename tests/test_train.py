@@ -11,8 +11,8 @@ from PIL import Image
 from safetensors import safe_open
 
 from conftest import REPO, error_lines, run_script
-from qrlora.checkpoint import ADAPTER_FILENAME, load_adapter
-from qrlora.methods import get_method
+from qrlora.files.checkpoint import ADAPTER_FILENAME, load_adapter
+from qrlora.core.methods import get_method
 
 FAST = ["--validation_inference_steps", "1", "--num_validation_images", "1"]
 SD3_WRAPPERS = {
@@ -79,7 +79,7 @@ def test_flux_wrappers_end_to_end(tiny_flux, tmp_path, script):
     adapter = check_adapter_file(out / ADAPTER_FILENAME, tiny_flux, method, 4, "flux")
     assert any(p.startswith("single_transformer_blocks.") for p in adapter.layers)  # single blocks adapted too
     if method == "qr":
-        from qrlora.export import lora_export_tensors
+        from qrlora.files.export import lora_export_tensors
 
         exported = lora_export_tensors(adapter)
         assert all(v.shape[0] == 8 for k, v in exported.items() if k.endswith("lora_A.weight"))  # rank 2r
@@ -99,7 +99,7 @@ def test_every_method_trains_on_flux(tiny_flux, tmp_path, method):
 
 def test_flux_memory_options(tiny_flux, tmp_path):
     """bf16 base, bf16 autocast, gradient checkpointing and cached latents together; the base really is bf16."""
-    from qrlora import train
+    from qrlora.training import trainer as train
     from qrlora.cli.train import main
 
     seen = {}
@@ -233,7 +233,7 @@ def test_prior_preservation_generates_missing_class_images(tiny_sd3, tmp_path):
 
 
 def test_unreadable_files_are_skipped_with_one_warning(tmp_path):
-    from qrlora.data import list_images
+    from qrlora.training.data import list_images
 
     shutil.copy(REPO / "assets/cnt/cat/cat_0.jpg", tmp_path / "good.jpg")
     (tmp_path / "broken.png").write_bytes(b"nope")

@@ -18,11 +18,11 @@ from PIL import Image
 
 from conftest import REPO, run_script
 from qrlora.backbones import BACKBONES
-from qrlora.checkpoint import load_adapter
-from qrlora.data import DreamBoothDataset, collate
-from qrlora.inject import inject_adapters
-from qrlora.layers import AdapterState, adapter_layers
-from qrlora.methods import METHODS, AdapterConfig, get_method
+from qrlora.files.checkpoint import load_adapter
+from qrlora.training.data import DreamBoothDataset, collate
+from qrlora.core.inject import inject_adapters
+from qrlora.core.layers import AdapterState, adapter_layers
+from qrlora.core.methods import METHODS, AdapterConfig, get_method
 
 
 def run_trainer(model, out, *extra, steps=4, images=REPO / "assets/cnt/cat"):
@@ -213,7 +213,7 @@ def test_sdxl_wrappers_default_to_1024_px():
 
 
 def test_prodigy_gets_the_recommended_flags_and_a_low_lr_warning(monkeypatch, caplog):
-    from qrlora import train
+    from qrlora.training import trainer as train
     from qrlora.cli.train import parse_args
 
     seen = {}
@@ -229,7 +229,7 @@ def test_prodigy_gets_the_recommended_flags_and_a_low_lr_warning(monkeypatch, ca
 
 
 def test_vae_and_base_dtypes(tiny_sd3, tmp_path, monkeypatch):
-    from qrlora import train
+    from qrlora.training import trainer as train
     from qrlora.backbones.base import Backbone
 
     seen = {}
@@ -257,8 +257,8 @@ def test_vae_and_base_dtypes(tiny_sd3, tmp_path, monkeypatch):
 def test_cached_latents_are_a_distribution_sampled_every_step(tiny_sd3):
     from diffusers import AutoencoderKL
 
-    from qrlora.objective import step_generator
-    from qrlora.train import batch_latents
+    from qrlora.core.objective import step_generator
+    from qrlora.training.trainer import batch_latents
 
     vae = AutoencoderKL.from_pretrained(tiny_sd3, subfolder="vae")
     data = DreamBoothDataset(REPO / "assets/cnt/cat", resolution=64, seed=0)

@@ -21,7 +21,7 @@ from conftest import REPO, error_lines
 from safetensors.torch import save_file
 
 from qrlora.cli.runs import main
-from qrlora.runs import find_runs, newest_pair
+from qrlora.files.runs import find_runs, newest_pair
 
 pytestmark = pytest.mark.slow  # minutes of training or rendering: left out of `pytest -m "not slow"`
 

@@ -1,7 +1,7 @@
 """The shipped CPU world (assets/world): learning and disentanglement as classifier numbers.
 
-Every learning test trains through the real trainer (``qrlora.train.main`` in-process, as the experiment does),
-samples through the real ``StableDiffusion3Pipeline`` with the real merge code (``qrlora.inference.MergedPipeline``,
+Every learning test trains through the real trainer (``qrlora.cli.train.main`` in-process, as the experiment does),
+samples through the real ``StableDiffusion3Pipeline`` with the real merge code (``qrlora.merging.inference.MergedPipeline``,
 direct strategy), seeds 0..N-1, and reads the world's classifier. A test passes only if the adapter moved the rate
 of the new attribute well above what the base model gives for the same prompt and seeds: an adapter that learned
 nothing leaves the base model bit-identical (zero-initialised coefficients), so it scores exactly the base rate,
@@ -19,10 +19,10 @@ import numpy as np
 import pytest
 
 from conftest import error_lines, run_script
-from qrlora.cli.world import render_args, train_adapter
-from qrlora.world import data
-from qrlora.world.experiment import Sampler
-from qrlora.world.world import CONTENT_STYLE, SHIPPED_WORLD, STYLE_SHAPE, load_world
+from qrlora.cli.world_runs import render_args, train_adapter
+from qrlora.toy.world import data
+from qrlora.toy.world.experiment import Sampler
+from qrlora.toy.world.world import CONTENT_STYLE, SHIPPED_WORLD, STYLE_SHAPE, load_world
 
 pytestmark = pytest.mark.slow  # minutes of training or rendering: left out of `pytest -m "not slow"`
 
@@ -54,8 +54,8 @@ _SAMPLERS: dict = {}
 def samplers(world, tmp_path_factory):
     """Per method, lazily: the content and style adapters (seed 0) trained once, merged by the real merge route
     (a ``MergedPipeline``, direct strategy) whose weights each measurement sets."""
-    from qrlora.checkpoint import load_adapter
-    from qrlora.inference import MergedPipeline
+    from qrlora.files.checkpoint import load_adapter
+    from qrlora.merging.inference import MergedPipeline
 
     def get(method):
         if method not in _SAMPLERS:
@@ -87,7 +87,7 @@ def test_the_shipped_world_meets_the_issue_bars(world):
 
 def test_the_larger_world_meets_the_bars_and_keeps_the_flux_rank_ratio():
     """assets/world_w256 (width 256, 6 blocks, half-precision weights): the study's scale check (README)."""
-    from qrlora.world.world import SHIPPED_WORLD, load_world
+    from qrlora.toy.world.world import SHIPPED_WORLD, load_world
 
     large = load_world(SHIPPED_WORLD.parent / "world_w256")
     record = large.record

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from ..errors import UserError
-from ..objective import Cond, NoiseSchedule, Objective, loss_per_sample
+from ..core.objective import Cond, NoiseSchedule, Objective, loss_per_sample
 
 
 @dataclass(frozen=True)
@@ -196,7 +196,7 @@ class Backbone:
         return replace(self.default_objective, **{k: v for k, v in overrides.items() if v is not None})
 
     def noise_schedule(self, scheduler) -> NoiseSchedule:
-        """The frozen training noise table of the pipeline's scheduler (see ``qrlora.objective``)."""
+        """The frozen training noise table of the pipeline's scheduler (see ``qrlora.core.objective``)."""
         return NoiseSchedule.from_scheduler(scheduler)
 
     def predict(self, denoiser: nn.Module, noisy: torch.Tensor, timesteps: torch.Tensor, cond: Cond,
@@ -206,7 +206,7 @@ class Backbone:
 
     def training_loss(self, denoiser: nn.Module, latents: torch.Tensor, cond: Cond, schedule: NoiseSchedule,
                       objective: Objective, generator: torch.Generator | None = None) -> torch.Tensor:
-        """The one training step's loss per sample (B,): ``qrlora.objective.loss_per_sample`` on this family."""
+        """The one training step's loss per sample (B,): ``qrlora.core.objective.loss_per_sample`` on this family."""
         return loss_per_sample(self.predictor(denoiser, objective), latents, cond, schedule, objective, generator)
 
     def predictor(self, denoiser: nn.Module, objective: Objective):

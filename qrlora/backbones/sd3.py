@@ -1,7 +1,7 @@
 """Stable Diffusion 3 (MMDiT): ``SD3Transformer2DModel``, two CLIP encoders + T5, flow matching."""
 from __future__ import annotations
 
-from ..objective import Objective
+from ..core.objective import Objective
 from .base import FlowMatchingBackbone, OriginalModule
 
 

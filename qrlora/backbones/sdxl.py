@@ -2,7 +2,7 @@
 
 The objective is the one SDXL was trained with (Podell et al., 2023) and diffusers'
 ``train_dreambooth_lora_sdxl.py`` uses: DDPM noise at a uniform integer ``t``, target epsilon or v as the
-scheduler config says, optionally min-SNR weighted (``qrlora.objective``). EDM-parametrised checkpoints
+scheduler config says, optionally min-SNR weighted (``qrlora.core.objective``). EDM-parametrised checkpoints
 (Playground v2.5: an ``EDM*`` scheduler) are refused: their noise is not DDPM's, and reading their config as DDPM
 would silently train with linear betas.
 """
@@ -14,7 +14,7 @@ import torch
 from diffusers import DDPMScheduler
 
 from ..errors import UserError
-from ..objective import Objective
+from ..core.objective import Objective
 from .base import Backbone
 
 

@@ -14,10 +14,8 @@ One module per command, named after the library module whose work it drives:
 * :mod:`.arguments`: the flag groups several commands share (rendering, merge strategies, ZipLoRA, evaluation).
 
 Library modules hold no argparse and never import this package: a command parses its flags here and calls the
-library with the parsed namespace, so the imports run one way (``qrlora.cli`` -> library) and form no cycle.
+library, so the imports run one way (``qrlora.cli`` -> library) and form no cycle (``tests/test_structure.py``).
 
-``python -m qrlora.X`` keeps working: the library module ``qrlora/X.py`` starts with a guard that, when the module
-runs as ``__main__``, hands over to ``qrlora.cli.X`` *before the module defines anything*. The CLI then imports
-``qrlora.X`` once, as itself; a ``__main__`` block at the end of the module would instead execute the whole library
-a second time as ``__main__`` (two copies of every class and registry, the bug ``qrlora.merge`` once had).
+``python -m qrlora.X`` keeps working through a shim module ``qrlora/X.py`` that holds no library code: under
+``if __name__ == "__main__"`` it hands over to ``qrlora.cli.X``, so nothing is imported twice (once as ``__main__``).
 """

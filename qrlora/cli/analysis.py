@@ -1,15 +1,15 @@
 """The analysis scripts' CLIs (``test/visualize_qrlora_similarity.py``, ``test/analyze_sd3_ica_similarity.py``,
 ``test/analyze_moe_experts.py``, ``test/compare_expert_usage.py``): their flags and the calls into
-``qrlora.analysis``. Each script is one ``*_main`` here; the two similarity scripts pass their own description,
+``qrlora.evaluation.analysis``. Each script is one ``*_main`` here; the two similarity scripts pass their own description,
 labels and output folder (the ICA one also restricts the method)."""
 from __future__ import annotations
 
 import argparse
 from typing import Sequence
 
-from .. import analysis
-from ..analysis.metrics import DEFAULT_BINS, METRICS
-from ..devices import DTYPES, resolve_device
+from ..evaluation import analysis
+from ..evaluation.analysis.metrics import DEFAULT_BINS, METRICS
+from ..core.devices import DTYPES, resolve_device
 from ..errors import UserError, cli_entry
 from .arguments import ArgumentParser
 

@@ -6,12 +6,12 @@ import argparse
 import math
 import re
 
-from ..devices import DTYPES
+from ..core.devices import DTYPES
 from ..errors import UserError
-from ..evaluate import DEFAULT_CLIP, DEFAULT_CONCEPT_TOKENS, DEFAULT_DINO
-from ..klora import KLORA_ALPHA, KLORA_BETA, KLORA_K
-from ..strategies import STRATEGIES
-from ..ziplora import ZIPLORA_LAMBDA, ZIPLORA_LR, ZIPLORA_STEPS
+from ..evaluation.evaluate import DEFAULT_CLIP, DEFAULT_CONCEPT_TOKENS, DEFAULT_DINO
+from ..merging.klora import KLORA_ALPHA, KLORA_BETA, KLORA_K
+from ..merging.strategies import STRATEGIES
+from ..merging.ziplora import ZIPLORA_LAMBDA, ZIPLORA_LR, ZIPLORA_STEPS
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -131,7 +131,7 @@ def add_strategy_options(p: argparse.ArgumentParser) -> None:
 
 
 def add_ziplora_arguments(p: argparse.ArgumentParser) -> None:
-    """ZipLoRA's flags (shared by ``qrlora.ziplora`` and the merge CLIs' ``--merge_strategy ziplora``)."""
+    """ZipLoRA's flags (shared by ``qrlora.merging.ziplora`` and the merge CLIs' ``--merge_strategy ziplora``)."""
     g = p.add_argument_group("ZipLoRA (--merge_strategy ziplora)")
     g.add_argument("--ziplora_steps", type=int, default=ZIPLORA_STEPS, help="gradient updates (paper: 100)")
     g.add_argument("--ziplora_lr", type=float, default=ZIPLORA_LR, help="Adam learning rate of the coefficients")
@@ -141,7 +141,7 @@ def add_ziplora_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def add_evaluation_arguments(p: argparse.ArgumentParser) -> None:
-    """Flags shared by ``qrlora.evaluate`` and ``qrlora.compare``."""
+    """Flags shared by ``qrlora.evaluation.evaluate`` and ``qrlora.evaluation.compare``."""
     g = p.add_argument_group("evaluation")
     g.add_argument("--clip_model", default=DEFAULT_CLIP, help="hub id or local folder of a CLIP model (CLIP-T, CLIP-I)")
     g.add_argument("--dino_model", default=DEFAULT_DINO, help="hub id or local folder of a DINO / DINOv2 model")

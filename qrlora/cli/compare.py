@@ -1,11 +1,11 @@
-"""``python -m qrlora.compare`` / ``qrlora-compare``: render every merge strategy, score, tabulate (``qrlora.compare``)."""
+"""``python -m qrlora.compare`` / ``qrlora-compare``: render every merge strategy, score, tabulate (``qrlora.evaluation.compare``)."""
 from __future__ import annotations
 
 from pathlib import Path
 
-from ..compare import compare
+from ..evaluation.compare import compare
 from ..errors import cli_entry
-from ..strategies import STRATEGIES
+from ..merging.strategies import STRATEGIES
 from .arguments import ArgumentParser, add_evaluation_arguments, add_render_arguments, add_strategy_options, number_list
 
 

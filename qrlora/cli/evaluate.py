@@ -1,10 +1,10 @@
-"""``python -m qrlora.evaluate`` / ``qrlora-evaluate``: score generated images (``qrlora.evaluate``)."""
+"""``python -m qrlora.evaluate`` / ``qrlora-evaluate``: score generated images (``qrlora.evaluation.evaluate``)."""
 from __future__ import annotations
 
 from pathlib import Path
 
 from ..errors import cli_entry
-from ..evaluate import evaluate
+from ..evaluation.evaluate import evaluate
 from .arguments import ArgumentParser, add_evaluation_arguments
 
 

@@ -1,10 +1,10 @@
-"""``python -m qrlora.export`` / ``qrlora-export``: a standard LoRA file from a QR-LoRA adapter (``qrlora.export``)."""
+"""``python -m qrlora.export`` / ``qrlora-export``: a standard LoRA file from a QR-LoRA adapter (``qrlora.files.export``)."""
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
 
-from .. import export
+from ..files import export
 from ..backbones import BACKBONES
 from ..errors import cli_entry
 from .arguments import ArgumentParser

@@ -1,13 +1,13 @@
 """Merge CLIs: ``python -m qrlora.merge`` / ``qrlora-merge`` (``merge_main``: any adapters, one weight each) and the
 published weight-grid scripts / ``qrlora-grid`` (``grid_main``: a style and a content adapter over a weight grid).
-The work is ``qrlora.inference.merge_adapters`` and ``qrlora.inference.render_grid``."""
+The work is ``qrlora.merging.inference.merge_adapters`` and ``qrlora.merging.inference.render_grid``."""
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
 
 from ..errors import cli_entry
-from ..inference import merge_adapters, render_grid
+from ..merging.inference import merge_adapters, render_grid
 from .arguments import ArgumentParser, add_render_arguments, add_strategy_arguments, number_list
 
 

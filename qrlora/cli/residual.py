@@ -1,15 +1,15 @@
 """Residual-file CLIs: from the base model (``save_SD3_residual.py``, ``save_flux_residual.py``, ``qrlora-residual``)
 and from an adapter file's stored bases (``extract_residual_from_checkpoint.py``, ``qrlora-extract-residual``).
-The work is ``qrlora.residual.save_base_residual`` and ``qrlora.residual.extract_residual``."""
+The work is ``qrlora.files.residual.save_base_residual`` and ``qrlora.files.residual.extract_residual``."""
 from __future__ import annotations
 
 from pathlib import Path
 
 from ..backbones import BACKBONES
-from ..devices import DTYPES, default_device
+from ..core.devices import DTYPES, default_device
 from ..errors import cli_entry
-from ..methods import METHODS
-from ..residual import extract_residual, save_base_residual
+from ..core.methods import METHODS
+from ..files.residual import extract_residual, save_base_residual
 from .arguments import ArgumentParser
 
 

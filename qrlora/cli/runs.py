@@ -1,9 +1,9 @@
-"""``python -m qrlora.runs`` / ``qrlora-runs``: find the training runs the wrappers wrote (``qrlora.runs``)."""
+"""``python -m qrlora.runs`` / ``qrlora-runs``: find the training runs the wrappers wrote (``qrlora.files.runs``)."""
 from __future__ import annotations
 
 import argparse
 
-from .. import runs
+from ..files import runs
 from ..errors import cli_entry
 from .arguments import ArgumentParser
 

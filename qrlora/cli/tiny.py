@@ -5,7 +5,7 @@ import pathlib
 import time
 
 from ..errors import cli_entry
-from ..tiny import BACKBONES, build_tiny_pipeline, holds_pipeline
+from ..toy.tiny import BACKBONES, build_tiny_pipeline, holds_pipeline
 from .arguments import ArgumentParser
 
 

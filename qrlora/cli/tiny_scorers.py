@@ -1,10 +1,10 @@
-"""``python -m qrlora.tiny_scorers``: tiny random CLIP and DINO models for offline tests (``qrlora.tiny_scorers``)."""
+"""``python -m qrlora.tiny_scorers``: tiny random CLIP and DINO models for offline tests (``qrlora.toy.tiny_scorers``)."""
 from __future__ import annotations
 
 
 import torch
 
-from .. import tiny_scorers
+from ..toy import tiny_scorers
 from ..errors import cli_entry
 from .arguments import ArgumentParser
 

@@ -1,5 +1,5 @@
 """``python -m qrlora.train`` / ``accelerate launch -m qrlora.train`` / ``qrlora-train``: the trainer's flags, the
-checks on their values (before anything loads), and the call into ``qrlora.train.train``."""
+checks on their values (before anything loads), and the call into ``qrlora.training.trainer.train``."""
 from __future__ import annotations
 
 import argparse
@@ -9,12 +9,12 @@ import shlex
 import sys
 from pathlib import Path
 
-from .. import train as trainer
+from ..training import trainer
 from ..backbones import BACKBONES
 from ..errors import cli_entry
-from ..methods import METHODS
-from ..objective import WEIGHTING_SCHEMES
-from ..world.world import WORLD_FILE, load_world
+from ..core.methods import METHODS
+from ..core.objective import WEIGHTING_SCHEMES
+from ..toy.world.world import WORLD_FILE, load_world
 from .arguments import ArgumentParser
 
 

@@ -2,24 +2,24 @@
 (README.md, "The CPU world").
 
 The experiment drives the real trainer and merge commands (their flags, parsed here), so its orchestration lives in
-the CLI layer; what it measures (``Sampler``, the tables and plot) is library code in ``qrlora.world.experiment``."""
+the CLI layer; what it measures (``Sampler``, the tables and plot) is library code in ``qrlora.toy.world.experiment``."""
 from __future__ import annotations
 
-import argparse
 import json
 import shlex
 import sys
 import time
 from pathlib import Path
 
-from ..checkpoint import load_adapter
+from ..files.checkpoint import load_adapter
 from ..errors import UserError, cli_entry
-from ..methods import get_method
-from ..strategies import STRATEGIES
-from ..world import data
-from ..world.experiment import GUIDANCE, LR_FACTOR, SAMPLE_STEPS, Sampler, dw_similarity, markdown, plot
-from ..world.world import CONTENT_STYLE, STYLE_SHAPE, World, write_instance_images
-from .arguments import ArgumentParser, add_render_arguments, add_strategy_arguments, number_list, positive
+from ..core.methods import get_method
+from ..merging.strategies import STRATEGIES
+from ..toy.world import data
+from ..toy.world.experiment import GUIDANCE, LR_FACTOR, SAMPLE_STEPS, Sampler, dw_similarity, markdown, plot
+from ..toy.world.world import World, write_instance_images
+from .arguments import ArgumentParser, number_list, positive
+from .world_runs import render_args, train_adapter
 
 EXPERIMENT_STEPS = 100  # trainer steps per adapter (a sweep on the shipped world: README "The CPU world")
 EXPERIMENT_LR = 1e-2
@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> None:
     st.add_argument("--output", required=True, help="study folder (created; run the same command again to resume)")
     st.add_argument("--world", default=None, help="built world folder (default: the shipped assets/world)")
     st.add_argument("--conditions", default="all",
-                    help="comma list of condition names (qrlora.world.study.CONDITIONS), or 'all' (default)")
+                    help="comma list of condition names (qrlora.toy.world.study.CONDITIONS), or 'all' (default)")
     st.add_argument("--seeds", default=None,
                     help="comma list of seeds for every condition (default: 0..4 for headline rows, 0..2 otherwise)")
     st.add_argument("--jobs", type=positive(int), default=2, help="processes in parallel, one thread each (default 2)")
@@ -89,7 +89,7 @@ def main(argv: list[str] | None = None) -> None:
     command = "python -m qrlora.world " + shlex.join(sys.argv[1:] if argv is None else argv)
 
     if args.command == "build":
-        from ..world.build import build_world
+        from ..toy.world.build import build_world
 
         if args.width <= 0 or args.width % 32:
             raise UserError(f"--width must be a positive multiple of 32, got {args.width}")
@@ -120,7 +120,7 @@ def _score(args) -> None:
     """Print ``file: shape, style`` for every image of the folder matching ``--glob`` (sorted by name)."""
     from PIL import Image
 
-    from ..world.world import SHIPPED_WORLD, load_world
+    from ..toy.world.world import SHIPPED_WORLD, load_world
 
     files = sorted(Path(args.folder).glob(args.glob)) if Path(args.folder).is_dir() else []
     if not files:
@@ -133,9 +133,9 @@ def _score(args) -> None:
 
 def _verdict(args) -> None:
     """Read each grid with the classifier, draw the side-by-side figure, print the verdict lines."""
-    from ..world.study import study_summary
-    from ..world.verdict import read_grid, verdict_figure, verdict_line
-    from ..world.world import SHIPPED_WORLD, load_world
+    from ..toy.world.study import study_summary
+    from ..toy.world.verdict import read_grid, verdict_figure, verdict_line
+    from ..toy.world.world import SHIPPED_WORLD, load_world
 
     grids = {}
     for item in args.grid:
@@ -158,9 +158,9 @@ def _verdict(args) -> None:
 
 def _study(args, command: str) -> None:
     """Check every flag, then run (or resume) the study and print its table."""
-    from ..world.experiment import check_choices
-    from ..world.study import CONDITIONS, markdown as study_markdown
-    from ..world.world import SHIPPED_WORLD
+    from ..toy.world.experiment import check_choices
+    from ..toy.world.study import CONDITIONS, markdown as study_markdown
+    from ..toy.world.world import SHIPPED_WORLD
     from .world_study import run_study
 
     names = list(CONDITIONS) if args.conditions == "all" else check_choices("--conditions", args.conditions.split(","), list(CONDITIONS))
@@ -178,8 +178,8 @@ def _study(args, command: str) -> None:
 
 def _experiment(args, command: str) -> None:
     """Check every flag, then run ``run_experiment`` and print the table."""
-    from ..world.experiment import METHOD_NAMES, check_choices
-    from ..world.world import SHIPPED_WORLD, load_world
+    from ..toy.world.experiment import METHOD_NAMES, check_choices
+    from ..toy.world.world import SHIPPED_WORLD, load_world
 
     methods = METHOD_NAMES if args.methods == "all" else check_choices("--methods", args.methods.split(","), METHOD_NAMES)
     merges = list(STRATEGIES) if args.merges == "all" else check_choices("--merges", args.merges.split(","), list(STRATEGIES))
@@ -199,50 +199,12 @@ def _experiment(args, command: str) -> None:
     return results
 
 
-def train_adapter(world: World, method: str, role: str, output_dir: Path, *, steps: int, lr: float, rank: int = 4,
-                  seed: int = 0, experts: int = 2, extra: list[str] = ()) -> Path:
-    """Train the ``role`` ("content" or "style") adapter of ``method`` through ``qrlora.train``; return its file.
-
-    The 4 instance images are rendered into ``output_dir/images`` (seeded by ``seed``); the run folder is
-    ``output_dir/run``. ``extra`` trainer flags come last and override the defaults here (batch size, ...).
-    """
-    from accelerate.state import AcceleratorState
-
-    from .train import main as train_main
-
-    shape, style = (world.new_shape, CONTENT_STYLE) if role == "content" else (STYLE_SHAPE, world.new_style)
-    images = write_instance_images(output_dir / "images", shape, style, count=4, seed=seed)
-    try:
-        return train_main([
-            "--pretrained_model_name_or_path", str(world.path), "--instance_data_dir", str(images),
-            "--instance_prompt", data.caption(shape, style), "--output_dir", str(output_dir / "run"),
-            "--lora_init_method", method, "--rank", str(rank), "--moe_num_experts", str(experts),
-            "--max_train_steps", str(steps), "--learning_rate", str(lr * LR_FACTOR.get(method, 1.0)),
-            "--train_batch_size", "4", "--cache_latents", "--seed", str(seed),
-            "--checkpointing_steps", str(steps + 1), *world.trainer_flags(), *extra,
-        ])
-    finally:
-        AcceleratorState._reset_state()  # accelerate keeps one global state per process
-
-
-def render_args(world: World, seed: int = 0) -> argparse.Namespace:
-    """The rendering / strategy flags ``MergedPipeline`` reads, as the merge CLI would parse them for this world."""
-    p = ArgumentParser()
-    add_render_arguments(p)
-    add_strategy_arguments(p)
-    return p.parse_args([
-        "--num_inference_steps", str(SAMPLE_STEPS), "--guidance_scale", str(GUIDANCE), "--seed", str(seed),
-        "--height", str(world.resolution), "--width", str(world.resolution),
-        "--max_sequence_length", str(world.max_sequence_length), "--device", "cpu", "--dtype", "fp32",
-    ])
-
-
 def run_experiment(world: World, output: Path, *, methods: list[str], merges: list[str], grid: list[float],
                    samples: int, steps: int, lr: float, rank: int, seed: int, command: str) -> dict:
     """Train, merge, sample and score every method x strategy; write results.json / .md / .png into ``output``."""
     from tqdm.auto import tqdm
 
-    from ..inference import MergedPipeline
+    from ..merging.inference import MergedPipeline
 
     start = time.perf_counter()
     args = render_args(world, seed)

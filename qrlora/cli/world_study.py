@@ -1,7 +1,7 @@
 """``python -m qrlora.world study``: the disentanglement study's run (README "Does QR-LoRA disentangle?").
 
-Per (condition, seed) of ``qrlora.world.study.CONDITIONS``: train the content and the style adapter through the real
-trainer (``qrlora.cli.world.train_adapter``; conditions that differ only in the merge share one trained pair), merge
+Per (condition, seed) of ``qrlora.toy.world.study.CONDITIONS``: train the content and the style adapter through the real
+trainer (``qrlora.cli.world_runs.train_adapter``; conditions that differ only in the merge share one trained pair), merge
 them through the real ``MergedPipeline`` with the condition's strategy on the weight grid, score every cell with the
 world's classifier, measure the mechanism, and write ``cell.json`` last (atomically). A study that stops is
 resumed by running the same command: finished pairs and cells are read back, never redone.
@@ -26,10 +26,11 @@ from pathlib import Path
 import torch
 
 from ..errors import UserError
-from ..world import data
-from ..world.study import (CONDITIONS, STYLE_SEED_OFFSET, WEIGHT_GRID, StudyPlan, aggregate, markdown,
-                           pair_folder_name, plot, token_mechanism, weight_mechanism, word_positions)
-from ..world.world import CONTENT_STYLE, STYLE_SHAPE, load_world
+from ..toy.world import data
+from ..toy.world.study import (CONDITIONS, STYLE_SEED_OFFSET, WEIGHT_GRID, StudyPlan, aggregate, markdown,
+                               pair_folder_name, plot, token_mechanism, weight_mechanism, word_positions)
+from ..toy.world.world import CONTENT_STYLE, STYLE_SHAPE, load_world
+from .world_runs import render_args, train_adapter
 
 STUDY_FILE = "study.json"
 REPORT_NAME = "world_study"
@@ -51,8 +52,6 @@ def train_pair(world_path: str, name: str, seed: int, output: str, steps: int | 
     """Train (or read back) the content and style adapters of ``CONDITIONS[name]`` at ``seed``; their files.
 
     ``steps`` overrides the condition's trainer steps (the tests run every condition for one step)."""
-    from .world import train_adapter
-
     condition = CONDITIONS[name]
     folder = Path(output) / "pairs" / pair_folder_name(condition, seed)
     done = folder / "pair.json"
@@ -84,11 +83,9 @@ def run_cell(world_path: str, name: str, seed: int, output: str, samples: int, g
              steps: int | None = None) -> dict:
     """One (condition, seed): merge the pair on the ``grid`` (every (content, style) pair of its weights), score
     it, measure the mechanism; write ``cells/<name>/seedN.json``."""
-    from ..checkpoint import load_adapter
-    from ..inference import MergedPipeline
-    from ..world.experiment import Sampler
-    from .world import render_args
-
+    from ..files.checkpoint import load_adapter
+    from ..merging.inference import MergedPipeline
+    from ..toy.world.experiment import Sampler
     path = Path(output) / "cells" / name / f"seed{seed}.json"
     if path.exists():
         return json.loads(path.read_text())

@@ -4,8 +4,10 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ..errors import cli_entry
-from ..ziplora import learn_and_save
+from ..errors import UserError, cli_entry
+from ..files.checkpoint import load_adapter, save_adapter
+from ..merging.inference import MergedPipeline, pipeline_call_kwargs
+from ..merging.ziplora import learn_from_args, zipped_adapter
 from .arguments import ArgumentParser, add_render_arguments, add_ziplora_arguments
 
 
@@ -18,6 +20,20 @@ def build_parser() -> argparse.ArgumentParser:
     add_ziplora_arguments(p)
     add_render_arguments(p)
     return p
+
+
+def learn_and_save(args) -> Path:
+    """The command's work: learn the coefficients for a content and a style adapter (``learn_from_args``) and write
+    one adapter file."""
+    output = Path(args.output)
+    if output.exists() and not args.overwrite:
+        raise UserError(f"--output: {output} exists; pass --overwrite or choose a new name")
+    content, style = load_adapter(args.content_lora_path), load_adapter(args.style_lora_path)
+    merged = MergedPipeline(args.model_path, [content, style], None, args, strategy=None)
+    result, provenance = learn_from_args(merged.pipe, merged.denoiser, content, style, args, pipeline_call_kwargs(args))
+    save_adapter(output, zipped_adapter(content, style, result, provenance))
+    print(f"wrote {output}")
+    return output
 
 
 @cli_entry

@@ -1,0 +1,50 @@
+"""The world's adapters and renders through the real commands: ``train_adapter`` runs the trainer's CLI on a
+world, ``render_args`` holds the rendering flags ``MergedPipeline`` reads. Shared by ``python -m qrlora.world
+experiment`` (:mod:`.world`) and ``study`` (:mod:`.world_study`)."""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from ..toy.world import data
+from ..toy.world.experiment import GUIDANCE, LR_FACTOR, SAMPLE_STEPS
+from ..toy.world.world import CONTENT_STYLE, STYLE_SHAPE, World, write_instance_images
+from .arguments import ArgumentParser, add_render_arguments, add_strategy_arguments
+
+
+def train_adapter(world: World, method: str, role: str, output_dir: Path, *, steps: int, lr: float, rank: int = 4,
+                  seed: int = 0, experts: int = 2, extra: list[str] = ()) -> Path:
+    """Train the ``role`` ("content" or "style") adapter of ``method`` through ``qrlora.training.trainer``; return its file.
+
+    The 4 instance images are rendered into ``output_dir/images`` (seeded by ``seed``); the run folder is
+    ``output_dir/run``. ``extra`` trainer flags come last and override the defaults here (batch size, ...).
+    """
+    from accelerate.state import AcceleratorState
+
+    from .train import main as train_main
+
+    shape, style = (world.new_shape, CONTENT_STYLE) if role == "content" else (STYLE_SHAPE, world.new_style)
+    images = write_instance_images(output_dir / "images", shape, style, count=4, seed=seed)
+    try:
+        return train_main([
+            "--pretrained_model_name_or_path", str(world.path), "--instance_data_dir", str(images),
+            "--instance_prompt", data.caption(shape, style), "--output_dir", str(output_dir / "run"),
+            "--lora_init_method", method, "--rank", str(rank), "--moe_num_experts", str(experts),
+            "--max_train_steps", str(steps), "--learning_rate", str(lr * LR_FACTOR.get(method, 1.0)),
+            "--train_batch_size", "4", "--cache_latents", "--seed", str(seed),
+            "--checkpointing_steps", str(steps + 1), *world.trainer_flags(), *extra,
+        ])
+    finally:
+        AcceleratorState._reset_state()  # accelerate keeps one global state per process
+
+
+def render_args(world: World, seed: int = 0) -> argparse.Namespace:
+    """The rendering / strategy flags ``MergedPipeline`` reads, as the merge CLI would parse them for this world."""
+    p = ArgumentParser()
+    add_render_arguments(p)
+    add_strategy_arguments(p)
+    return p.parse_args([
+        "--num_inference_steps", str(SAMPLE_STEPS), "--guidance_scale", str(GUIDANCE), "--seed", str(seed),
+        "--height", str(world.resolution), "--width", str(world.resolution),
+        "--max_sequence_length", str(world.max_sequence_length), "--device", "cpu", "--dtype", "fp32",
+    ])

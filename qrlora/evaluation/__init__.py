@@ -1,0 +1,3 @@
+"""Measuring adapters and images: CLIP / DINO scores (``evaluate``), the strategy comparison (``compare``) and
+the disentanglement analyses (``analysis``).
+"""

@@ -1,0 +1,46 @@
+"""How the trainer was launched: refuse launches that would train wrongly, before anything is written.
+
+A launcher that starts several processes without a process group accelerate can join (``torchrun`` on a CPU
+machine, or a stray ``WORLD_SIZE`` in the environment) leaves every process believing it is process 0 of 1:
+each would train alone and write the same run folder. That is stopped with one line saying how to launch.
+"""
+from __future__ import annotations
+
+import os
+
+from ..errors import UserError
+
+HOW_TO_LAUNCH = ("launch with `accelerate launch --num_processes N -m qrlora.train ...` (add --cpu on a machine "
+                 "without GPUs), or a wrapper with GPU ids (`bash flux_dir/train_QR.sh 0,1 RANK`)")
+
+
+def _truthy(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes")
+
+
+def check_launch() -> None:
+    """Refuse a multi-process launch that accelerate would run as independent single processes, and FSDP.
+
+    Raises:
+        UserError: ``WORLD_SIZE`` > 1 but no process group can form (no ``MASTER_ADDR``), or accelerate sees
+            one process; or an FSDP launch (``ACCELERATE_USE_FSDP``), which this trainer does not support yet.
+    """
+    if _truthy("ACCELERATE_USE_FSDP"):
+        raise UserError("FSDP launches are not supported yet: accelerate's FSDP checkpoints would hold the whole base "
+                        "model, and on the CPU accelerate runs FSDP as plain data parallel; launch data-parallel "
+                        "(`accelerate launch --num_processes N`) and fit one GPU with --blocks_to_swap / --base_precision")
+    try:
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+    except ValueError:
+        world = 1
+    if world <= 1:
+        return
+    rank = os.environ.get("RANK", os.environ.get("LOCAL_RANK", "?"))
+    where = f"this process is rank {rank} of WORLD_SIZE={world}"
+    if not os.environ.get("MASTER_ADDR"):
+        raise UserError(f"{where} but no MASTER_ADDR is set, so no process group can form; {HOW_TO_LAUNCH}")
+    from accelerate import PartialState
+
+    if PartialState().num_processes == 1:
+        raise UserError(f"{where} but accelerate runs it as a single process (every process would train alone "
+                        f"and write the same run folder); {HOW_TO_LAUNCH}")

@@ -1,0 +1,380 @@
+"""The one DreamBooth trainer: any backbone (SD3, FLUX, SDXL) x any method of the registry, driven by accelerate.
+
+    accelerate launch -m qrlora.train --pretrained_model_name_or_path MODEL --instance_data_dir DIR \
+        --instance_prompt "a photo of sks dog" --rank 64 --lora_init_method triu_deltaR --output_dir OUT
+
+The backbone comes from the pipeline's ``model_index.json`` (``--backbone`` checks it). Flag names follow
+diffusers' DreamBooth LoRA scripts where they exist.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator, PartialState
+from accelerate.utils import ProjectConfiguration, set_seed
+from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+from diffusers.optimization import get_scheduler
+from tqdm.auto import tqdm
+
+from ..backbones import detect_backbone
+from .blockswap import attach_block_swap, check_blocks_to_swap
+from .cache import DiskCache
+from ..files.checkpoint import ADAPTER_FILENAME, adapter_from_model, adapter_metadata, base_fingerprint, load_adapter, save_adapter
+from .data import DreamBoothDataset, collate
+from ..core.devices import DTYPES, MIXED_PRECISION_DTYPES
+from .encoders import Encoders
+from ..errors import UserError
+from ..files.export import export_lora, kohya_path
+from ..files.hub import push_run_folder
+from ..core.inject import inject_adapters, trainable_parameters
+from .launch import check_launch
+from ..core.layers import adapter_layers, apply_constraints_, cast_base_model_
+from ..core.methods import METHODS, AdapterConfig
+from ..files.model_card import run_render_settings, write_model_card
+from ..core.objective import step_generator
+from .prior import generate_class_images
+from ..core.prompts import check_prompt_lengths
+from ..core.quantize import LIBRARIES, check_available, quantize_base_
+from ..files.run_folder import (RunLock, check_finite, check_resume_matches, complete_checkpoints, keep_launcher, remove_partials,
+                                resolve_resume, write_checkpoint)
+from .tracking import log_validation_images
+
+logger = logging.getLogger("qrlora.train")
+
+
+def epoch_batches(n: int, batch_size: int, seed: int, epoch: int, rank: int, world: int) -> list[list[int]]:
+    """This process's batches of one epoch: a permutation seeded by (seed, epoch), dealt across processes.
+
+    Depends only on its arguments, so a resumed run sees exactly the batches the uninterrupted run would.
+    """
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch)).tolist()
+    per_step = batch_size * world
+    steps = math.ceil(n / per_step)
+    order = (order * math.ceil(steps * per_step / n))[: steps * per_step]
+    return [order[(s * world + rank) * batch_size:(s * world + rank + 1) * batch_size] for s in range(steps)]
+
+
+def build_optimizer(args, params):
+    """AdamW (optionally bitsandbytes 8-bit) or Prodigy; a clear error when the package is missing."""
+    kwargs = dict(lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2), weight_decay=args.adam_weight_decay, eps=args.adam_epsilon)
+    if args.optimizer == "prodigy":
+        try:
+            import prodigyopt
+        except ImportError:
+            raise UserError("--optimizer prodigy needs the prodigyopt package: pip install prodigyopt") from None
+        if args.learning_rate <= 0.1:
+            logger.warning("--learning_rate %g with --optimizer prodigy: Prodigy adapts the step size itself and "
+                           "expects a learning rate around 1.0", args.learning_rate)
+        return prodigyopt.Prodigy(params, beta3=args.prodigy_beta3, decouple=args.prodigy_decouple,
+                                  use_bias_correction=args.prodigy_use_bias_correction,
+                                  safeguard_warmup=args.prodigy_safeguard_warmup, **kwargs)
+    if args.use_8bit_adam:
+        try:
+            import bitsandbytes as bnb
+        except ImportError:
+            raise UserError("--use_8bit_adam needs the bitsandbytes package: pip install bitsandbytes") from None
+        return bnb.optim.AdamW8bit(params, **kwargs)
+    return torch.optim.AdamW(params, **kwargs)
+
+
+def base_dtype(args) -> torch.dtype | None:
+    """dtype to load the frozen base denoiser in: as stored unless ``--base_precision`` asks for less memory.
+
+    The bases are decomposed from the weights as loaded, so a bf16 base gives (slightly) different Q and R than
+    the stored fp32 weights; adapters meant to share Q and R must use the same setting. fp8 / nf4 load in bf16,
+    decompose, then quantize the base (``qrlora.core.quantize``).
+    """
+    if args.base_precision in LIBRARIES:
+        check_available(args.base_precision)
+        return torch.bfloat16
+    return DTYPES.get(args.base_precision)  # None: as stored
+
+
+def update_groups(batches: list[list[int]], accumulation: int) -> list[list[list[int]]]:
+    """An epoch's micro-batches grouped into optimizer updates of ``accumulation`` micro-batches each.
+
+    The last group of an epoch may be shorter (as with diffusers' prepared dataloader, which syncs at the end
+    of every epoch): so an epoch is always ``ceil(batches / accumulation)`` updates, whatever divides what.
+    """
+    return [batches[i:i + accumulation] for i in range(0, len(batches), accumulation)]
+
+
+def batch_latents(backbone, vae, batch: dict, generator: torch.Generator, dtype: torch.dtype) -> torch.Tensor:
+    """Normalised latents (B, C, h, w) of a batch: a fresh sample of each image's latent distribution.
+
+    ``vae``: the VAE, or ``qrlora.training.encoders.Encoders`` (its device, dtype, config and encode, VAE loaded lazily).
+    """
+    if "latent_params" in batch:  # --cache_latents: the distribution was computed once, the sample is per step
+        dist = DiagonalGaussianDistribution(batch["latent_params"].to(vae.device, vae.dtype))
+    else:
+        with torch.no_grad():
+            dist = vae.encode(batch["pixels"].to(vae.device, vae.dtype)).latent_dist
+    return backbone.normalize_latents(vae.config, dist.sample(generator)).to(dtype)
+
+
+def train(args, command: str) -> Path:
+    """Train one adapter as the parsed flags (``qrlora.cli.train``) say; ``command`` is the command line the model
+    card records. Returns the final adapter file."""
+    # ---- 1. Check every input before loading anything heavy ------------------------------------------
+    check_launch()  # several processes that accelerate would each run alone: stop before any of them writes
+    backbone = detect_backbone(args.pretrained_model_name_or_path, args.backbone)
+    max_sequence_length = args.max_sequence_length or backbone.default_max_sequence_length
+    scheduler = backbone.load_scheduler(args.pretrained_model_name_or_path)
+    objective = backbone.objective(
+        scheduler, weighting_scheme=args.weighting_scheme, logit_mean=args.logit_mean, logit_std=args.logit_std,
+        mode_scale=args.mode_scale, guidance_scale=args.guidance_scale, snr_gamma=args.snr_gamma,
+        precondition_outputs=None if args.precondition_outputs is None else bool(args.precondition_outputs))
+    # A frozen copy of the training noise table: validation pipelines call set_timesteps on their scheduler.
+    schedule = backbone.noise_schedule(scheduler)
+    targets = args.lora_layers.split(",") if args.lora_layers else list(backbone.default_targets)
+    blocks = args.lora_blocks.split(",") if args.lora_blocks else None
+    config = AdapterConfig(method=args.lora_init_method, rank=args.rank, alpha=args.lora_alpha, use_zero_init=args.use_zero_init,
+                           delta_scale=args.delta_scale, num_experts=args.moe_num_experts, seed=args.seed,
+                           basis=args.qr_basis, basis_offset=args.qr_basis_offset, basis_seed=args.qr_basis_seed)
+    output_dir = Path(args.output_dir)
+    base_dtype(args)  # fail now, not after loading, when fp8 / nf4 cannot work here
+    check_blocks_to_swap(args.blocks_to_swap, backbone.count_transformer_blocks(args.pretrained_model_name_or_path),
+                         backbone.name, quantized=args.base_precision in LIBRARIES)
+    if args.output_kohya_format and not METHODS[args.lora_init_method].static:
+        raise UserError(f"--output_kohya_format: {args.lora_init_method} adapters are token-dependent and have no LoRA form")
+    dataset = DreamBoothDataset(args.instance_data_dir, resolution=args.resolution, center_crop=args.center_crop,
+                                random_flip=args.random_flip, repeats=args.repeats, seed=args.seed)
+    metadata = adapter_metadata(config, component=backbone.denoiser_name, backbone=backbone.name,
+                                base_model=args.pretrained_model_name_or_path, targets=targets,
+                                extra={"lora_blocks": json.dumps(blocks or []), "instance_prompt": args.instance_prompt})
+    check_prompt_lengths(args.pretrained_model_name_or_path, max_sequence_length, args.instance_prompt,
+                         {"--class_prompt": args.class_prompt, "--validation_prompt": args.validation_prompt})
+    # One run per folder: the main process holds the folder's lock for the whole run (the kernel drops it on exit).
+    run_lock = RunLock(output_dir).acquire() if PartialState().is_main_process else None
+    resume_from = resolve_resume(args.resume_from_checkpoint, output_dir)
+    if resume_from is not None:
+        check_resume_matches(resume_from, metadata)
+    if run_lock is not None and remove_partials(output_dir):
+        logger.warning("removed the temporary files of an interrupted save in %s", output_dir)
+    if run_lock is not None:
+        keep_launcher(output_dir)
+
+    # ---- 2. Accelerator: devices, processes, mixed precision, trackers ------------------------------
+    # Accumulation is done here (step 8), not by accelerate: without a prepared dataloader accelerate never
+    # sees an epoch end, and a non-dividing epoch would lose updates.
+    accelerator = Accelerator(
+        mixed_precision=args.mixed_precision, log_with=None if args.report_to == "none" else args.report_to,
+        project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / args.logging_dir)),
+    )
+    logging.basicConfig(format="%(levelname)s %(name)s: %(message)s", level=logging.INFO if accelerator.is_main_process else logging.WARNING)
+    set_seed(args.seed, device_specific=True)  # third-party code only: training draws use step_generator
+    weight_dtype = MIXED_PRECISION_DTYPES[accelerator.mixed_precision]
+    # The frozen base trains in the dtype asked for (--base_precision), else in the mixed-precision dtype.
+    model_dtype = base_dtype(args) or weight_dtype
+    device = accelerator.device
+    if accelerator.is_main_process:
+        output_dir.mkdir(parents=True, exist_ok=True)
+
+    # ---- 3. Prior preservation: class images, generated with the base pipeline where missing -------
+    if args.with_prior_preservation:
+        if accelerator.is_main_process:
+            generate_class_images(backbone, args, device, weight_dtype)
+        accelerator.wait_for_everyone()
+        dataset = DreamBoothDataset(args.instance_data_dir, resolution=args.resolution, center_crop=args.center_crop,
+                                    random_flip=args.random_flip, repeats=args.repeats, seed=args.seed,
+                                    class_dir=args.class_data_dir, num_class_images=args.num_class_images)
+
+    # ---- 4. Encode every prompt once and free the text encoders (--cache_dir: from disk, nothing loaded) --
+    encoders = Encoders(backbone, args.pretrained_model_name_or_path, vae_path=args.pretrained_vae_model_name_or_path,
+                        device=device, text_dtype=weight_dtype, vae_dtype=torch.float32 if backbone.vae_in_float32 else weight_dtype,
+                        max_sequence_length=max_sequence_length,
+                        cache=DiskCache(args.cache_dir, write=accelerator.is_main_process) if args.cache_dir else None)
+    prompts = [args.instance_prompt] + ([args.class_prompt] if args.with_prior_preservation else [])
+    cond_table = cast_floating(encoders.prompts(prompts), model_dtype)
+    validation_cond = (encoders.prompts([args.validation_prompt]), encoders.negative()) if args.validation_prompt else None
+    encoders.free_text()
+    if args.cache_latents or args.cache_dir:
+        dataset.cache(encoders.latent_params)
+
+    # ---- 5. Adapters: decompose in float32 from the weights as loaded, then cast the base -----------
+    denoiser = backbone.load_denoiser(args.pretrained_model_name_or_path, base_dtype(args))
+    report = inject_adapters(denoiser, config, targets, blocks=blocks, progress=accelerator.is_main_process)
+    logger.info(str(report))
+    cast_base_model_(denoiser, model_dtype)
+    # Fingerprinted before any weight is swapped out or quantized: it names the base model as loaded.
+    metadata["base_fingerprint"] = base_fingerprint({p: layer.base_layer.weight for p, layer in adapter_layers(denoiser)})
+    attach_block_swap(backbone, denoiser, args.blocks_to_swap, device)  # before .to(device): swapped weights stay on the host
+    denoiser.to(device)
+    if args.base_precision in LIBRARIES:
+        quantize_base_(denoiser, args.base_precision)
+    if args.gradient_checkpointing:
+        denoiser.enable_gradient_checkpointing()
+    if resume_from is not None:
+        check_resume_matches(resume_from, metadata)  # again: the base fingerprint exists only once the model is loaded
+
+    # ---- 6. Optimizer and schedule: exactly max_steps updates, ceil(batches / accumulation) per epoch --
+    world = accelerator.num_processes
+    batches_per_epoch = len(epoch_batches(len(dataset), args.train_batch_size, args.seed, 0, 0, world))
+    updates_per_epoch = math.ceil(batches_per_epoch / args.gradient_accumulation_steps)
+    max_steps = args.max_train_steps or args.num_train_epochs * updates_per_epoch
+    num_epochs = math.ceil(max_steps / updates_per_epoch)
+    if args.scale_lr:
+        args.learning_rate *= args.gradient_accumulation_steps * args.train_batch_size * world
+    params = trainable_parameters(denoiser)  # the adapters' parameters, collected once (not on every step)
+    optimizer = build_optimizer(args, params)
+    # A prepared scheduler steps once per process on each update, hence the factors of ``world``.
+    lr_scheduler = get_scheduler(args.lr_scheduler, optimizer=optimizer, num_warmup_steps=args.lr_warmup_steps * world,
+                                 num_training_steps=max_steps * world, num_cycles=args.lr_num_cycles, power=args.lr_power)
+    denoiser, optimizer, lr_scheduler = accelerator.prepare(denoiser, optimizer, lr_scheduler)
+    model = accelerator.unwrap_model(denoiser)
+
+    # ---- 7. Checkpoints hold the adapter file (not the base weights) plus accelerate's state -------
+    def save_hook(models, weights, folder):
+        if accelerator.is_main_process:
+            save_adapter(Path(folder) / ADAPTER_FILENAME, adapter_from_model(model, config, metadata, component=backbone.denoiser_name))
+        while weights:
+            weights.pop()
+
+    def load_hook(models, folder):
+        saved = load_adapter(Path(folder) / ADAPTER_FILENAME)
+        with torch.no_grad():
+            for path, layer in adapter_layers(model):
+                for name, value in layer.adapters["default"].tensors().items():
+                    value.copy_(saved.layers[path][name])
+        models.clear()
+
+    accelerator.register_save_state_pre_hook(save_hook)
+    accelerator.register_load_state_pre_hook(load_hook)
+    global_step = 0
+    if resume_from is not None:
+        accelerator.load_state(str(resume_from))
+        global_step = int(resume_from.name.split("-")[-1])
+        logger.info("resumed from %s", resume_from)
+    if accelerator.is_main_process and args.report_to != "none":
+        accelerator.init_trackers("qrlora", config={k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))})
+
+    def save_checkpoint(step: int) -> None:
+        check_finite(params, f"checkpoint-{step}", output_dir)
+        write_checkpoint(output_dir, step, lambda folder: accelerator.save_state(str(folder)), is_main=accelerator.is_main_process,
+                         barrier=accelerator.wait_for_everyone, keep=args.checkpoints_total_limit)
+
+    # ---- 8. Train: one optimizer update per group of micro-batches ----------------------------------
+    progress = tqdm(total=max_steps, initial=global_step, desc="steps", disable=not accelerator.is_local_main_process)
+    denoiser.train()
+    first_epoch, skip = divmod(global_step, updates_per_epoch)
+    for epoch in range(first_epoch, num_epochs):
+        batches = epoch_batches(len(dataset), args.train_batch_size, args.seed, epoch, accelerator.process_index, world)
+        for group in update_groups(batches, args.gradient_accumulation_steps)[skip:]:
+            losses = []
+            for micro, indices in enumerate(group):
+                # Every draw of this micro-batch (timesteps, noise, latent sample) comes from its own generator.
+                generator = step_generator(args.seed, global_step, micro, accelerator.process_index, device)
+                batch = collate([dataset[i] for i in indices])
+                last = micro == len(group) - 1
+                with contextlib.nullcontext() if last or world == 1 else accelerator.no_sync(denoiser):
+                    latents = batch_latents(backbone, encoders, batch, generator, model_dtype)
+                    cond = backbone.batch_cond(cond_table, batch)
+                    per_sample = backbone.training_loss(denoiser, latents, cond, schedule, objective, generator)
+                    if args.with_prior_preservation:
+                        instance, prior = per_sample.chunk(2)
+                        loss = instance.mean() + args.prior_loss_weight * prior.mean()
+                    else:
+                        loss = per_sample.mean()
+                    accelerator.backward(loss / len(group))  # the update's gradient is the mean over its micro-batches
+                losses.append(loss.detach())
+            update_loss = torch.stack(losses).mean()
+            reduced = accelerator.reduce(update_loss, "mean") if world > 1 else update_loss
+            if not torch.isfinite(reduced):
+                kept = complete_checkpoints(output_dir)
+                raise UserError(f"loss is {reduced.item()} at step {global_step + 1}; training stopped, "
+                                f"last good checkpoint: {kept[-1] if kept else 'none (no checkpoint saved yet)'}")
+            if args.max_grad_norm > 0:
+                accelerator.clip_grad_norm_(params, args.max_grad_norm)
+            optimizer.step()
+            lr_scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            apply_constraints_(model)  # triu_deltaR: dR stays exactly upper-triangular
+            global_step += 1
+            progress.update(1)
+            logs = {"loss": reduced.item(), "lr": lr_scheduler.get_last_lr()[0]}
+            progress.set_postfix(**logs)
+            accelerator.log(logs, step=global_step)
+            if global_step % args.checkpointing_steps == 0 and global_step < max_steps:
+                save_checkpoint(global_step)
+            if global_step >= max_steps:
+                break
+        skip = 0
+        if validation_cond and accelerator.is_main_process and epoch % args.validation_epochs == 0 and global_step < max_steps:
+            run_validation(backbone, args, model, encoders, scheduler, validation_cond, global_step, accelerator, weight_dtype)
+
+    # ---- 9. Final adapter file (main process only), last validation ---------------------------------
+    accelerator.wait_for_everyone()
+    final = output_dir / ADAPTER_FILENAME
+    if accelerator.is_main_process:
+        check_finite(params, "the final save", output_dir)
+        adapter = adapter_from_model(model, config, metadata, component=backbone.denoiser_name)
+        save_adapter(final, adapter)
+        logger.info("saved %s", final)
+        images = []
+        if validation_cond:
+            images = run_validation(backbone, args, model, encoders, scheduler, validation_cond, global_step, accelerator, weight_dtype)
+        publish_run(args, backbone, adapter, final, images, command, accelerator.device.type)
+    accelerator.end_training()
+    if run_lock is not None:
+        run_lock.release()
+    return final
+
+
+def cast_floating(table: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """Floating tensors of a conditioning table in the denoiser's dtype (an all-bf16 base takes bf16 inputs)."""
+    return {k: v.to(dtype) if v.is_floating_point() else v for k, v in table.items()}
+
+
+def run_validation(backbone, args, model, encoders, scheduler, cond, step, accelerator, dtype) -> list[Path]:
+    """Images of the validation prompt with the adapted denoiser, saved under ``output_dir/validation``.
+
+    Validation owns everything it mutates: a fresh scheduler built from the config (pipelines call
+    ``set_timesteps`` on theirs), its own seeded generator, and a forked global RNG; training state is untouched.
+    """
+    was_training = model.training
+    model.eval()
+    own_scheduler = type(scheduler).from_config(scheduler.config)
+    pipe = backbone.inference_pipeline(args.pretrained_model_name_or_path, model, dtype=dtype, with_text=False,
+                                       vae=encoders.vae(), scheduler=own_scheduler).to(accelerator.device)
+    pipe.set_progress_bar_config(disable=True)
+    generator = torch.Generator(device="cpu").manual_seed(args.seed)
+    folder = Path(args.output_dir) / "validation"
+    folder.mkdir(parents=True, exist_ok=True)
+    saved = []
+    devices = [accelerator.device] if accelerator.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices), torch.no_grad(), accelerator.autocast():
+        for i in range(args.num_validation_images):
+            image = pipe(**backbone.pipeline_prompt_kwargs(*cond), height=args.resolution, width=args.resolution,
+                         num_inference_steps=args.validation_inference_steps, generator=generator).images[0]
+            saved.append(folder / f"step{step:06d}_{i}.png")
+            image.save(saved[-1])
+    log_validation_images(accelerator.trackers, saved, step, args.validation_prompt)
+    del pipe
+    model.train(was_training)
+    return saved
+
+
+def publish_run(args, backbone, adapter, final: Path, images: list[Path], command: str, device: str) -> None:
+    """After the final save: the kohya file (``--output_kohya_format``), the model card, the hub upload."""
+    output_dir = final.parent
+    kohya = None
+    if args.output_kohya_format:
+        kohya = export_lora(adapter, kohya_path(final), "kohya", backbone.name)
+        logger.info("saved %s", kohya)
+    card = write_model_card(output_dir, adapter, adapter_name=final.name, pipeline_class=backbone.pipeline_class,
+                            command=command, validation_prompt=args.validation_prompt,
+                            validation_images=[p.relative_to(output_dir).as_posix() for p in images],
+                            kohya_name=kohya.name if kohya else None,
+                            settings=run_render_settings(backbone.pipeline_cls(), mixed_precision=args.mixed_precision, device=device,
+                                                         resolution=args.resolution,
+                                                         max_sequence_length=args.max_sequence_length or backbone.default_max_sequence_length))
+    logger.info("saved %s", card)
+    if args.push_to_hub:
+        url = push_run_folder(output_dir, args.hub_model_id or output_dir.resolve().name, args.hub_token)
+        logger.info("pushed %s to %s", output_dir, url)
+

@@ -1,0 +1,105 @@
+"""One way down (docs/ARCHITECTURE.md section 3): no import cycle inside ``qrlora/``, module-level or deferred (an
+import inside a function counts: it only hides the cycle until that function runs), and the published ``python -m qrlora.X`` names holding no library code. Fast: parses source only."""
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+PACKAGE = REPO / "qrlora"
+# The published `python -m qrlora.X` names (README, wrappers): shims over qrlora.cli.X.
+SHIMS = ("train", "evaluate", "export", "compare", "merge", "ziplora", "runs", "tiny", "tiny_scorers", "world")
+
+
+def _modules() -> dict[str, Path]:
+    """``{dotted name: file}`` of every module and package of ``qrlora``."""
+    found = {}
+    for path in PACKAGE.rglob("*.py"):
+        parts = list(path.relative_to(REPO).with_suffix("").parts)
+        if parts[-1] == "__init__":
+            parts = parts[:-1]
+        found[".".join(parts)] = path
+    return found
+
+
+def import_graph() -> dict[str, set[str]]:
+    """``{module: the qrlora modules it imports}``, every import statement counted (in functions too).
+
+    ``from P import name`` depends on ``P.name`` when that is a module, else on ``P`` itself; relative imports are
+    resolved from the importing module's package."""
+    modules = _modules()
+    graph = {}
+    for name, path in modules.items():
+        package = name.split(".") if path.name == "__init__.py" else name.split(".")[:-1]
+        targets = set()
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Import):
+                candidates = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:
+                    parent = package[: len(package) - (node.level - 1)]
+                    base = ".".join(parent + ([node.module] if node.module else []))
+                candidates = [f"{base}.{a.name}" if f"{base}.{a.name}" in modules else base for a in node.names]
+            else:
+                continue
+            for target in candidates:
+                while target and target not in modules:  # `import qrlora.x.attr` -> the module qrlora.x
+                    target = target.rpartition(".")[0]
+                if target and target != name:
+                    targets.add(target)
+        graph[name] = targets
+    return graph
+
+
+def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The strongly connected components with more than one module (Tarjan), each sorted."""
+    index, low, stack, on_stack, found = {}, {}, [], set(), []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on_stack.add(v)
+        for w in graph[v]:
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on_stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            component = []
+            while True:
+                w = stack.pop()
+                on_stack.discard(w)
+                component.append(w)
+                if w == v:
+                    break
+            if len(component) > 1:
+                found.append(sorted(component))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return found
+
+
+def test_the_cycle_finder_finds_a_cycle():
+    # The negative control: a graph with one two-module cycle and one chain.
+    assert cycles({"a": {"b"}, "b": {"a"}, "c": {"a"}}) == [["a", "b"]]
+    assert cycles({"a": {"b"}, "b": set()}) == []
+
+
+def test_the_package_has_no_import_cycle():
+    graph = import_graph()
+    assert "qrlora.core.methods" in graph and graph["qrlora.core.methods"]  # the graph was read
+    assert cycles(graph) == []
+
+
+def test_published_module_names_are_shims_without_library_code():
+    for name in SHIMS:
+        tree = ast.parse((PACKAGE / f"{name}.py").read_text())
+        body = [node for node in tree.body if not (isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant))]
+        assert len(body) == 1 and isinstance(body[0], ast.If), f"qrlora/{name}.py holds more than the hand-over"
+        assert ast.unparse(body[0].test) == "__name__ == '__main__'", f"qrlora/{name}.py: the hand-over is guarded"
+        imported = [n.module for n in ast.walk(body[0]) if isinstance(n, ast.ImportFrom)]
+        assert imported == [f"qrlora.cli.{name}"], f"qrlora/{name}.py hands over to qrlora.cli.{name}"
