@@ -587,7 +587,7 @@ def holds_pipeline(path: pathlib.Path, backbone: str, seed: int) -> bool:
     found = _describe_existing(path)
     if found is None:
         raise TinyPipelineError(
-            f"{path} is not empty and holds no complete qrlora.toy.tiny pipeline; refusing to touch it"
+            f"{path} is not empty and holds no complete qrlora.tiny pipeline; refusing to touch it"
         )
     if found[0] != backbone:
         raise TinyPipelineError(f"{path} holds a tiny {found[0]} pipeline, not {backbone}; refusing to touch it")
@@ -625,7 +625,7 @@ def build_tiny_pipeline(backbone: str, output_dir: str | os.PathLike, seed: int 
         pipe = _MAKERS[backbone](seed)
         with no_progress_bars():
             pipe.save_pretrained(tmp, safe_serialization=True)
-        marker = {"builder": "qrlora.toy.tiny", "version": _MARKER_VERSION, "backbone": backbone, "seed": seed}
+        marker = {"builder": "qrlora.tiny", "version": _MARKER_VERSION, "backbone": backbone, "seed": seed}
         (tmp / MARKER_FILE).write_text(json.dumps(marker, indent=2) + "\n")
         if path.is_dir() and not any(path.iterdir()):
             path.rmdir()  # an empty target folder may be replaced
