@@ -23,20 +23,9 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 RESULTS_DIR = REPO_ROOT / "bench" / "results"
 
 # --------------------------------------------------------------------------------------------------------
-# Published configs (the config.json of each model's `transformer/` folder; no download needed)
+# Published configs: the denoisers' are the backbone registry's (``Backbone.published_config``, one owner); the
+# FLUX VAE's (vae/config.json) only the GPU bench uses
 # --------------------------------------------------------------------------------------------------------
-FLUX_DEV_CONFIG = dict(  # black-forest-labs/FLUX.1-dev, transformer/config.json
-    patch_size=1,
-    in_channels=64,
-    num_layers=19,
-    num_single_layers=38,
-    attention_head_dim=128,
-    num_attention_heads=24,
-    joint_attention_dim=4096,
-    pooled_projection_dim=768,
-    guidance_embeds=True,
-    axes_dims_rope=(16, 56, 56),
-)
 FLUX_VAE_CONFIG = dict(  # black-forest-labs/FLUX.1-dev, vae/config.json
     in_channels=3,
     out_channels=3,
@@ -52,19 +41,12 @@ FLUX_VAE_CONFIG = dict(  # black-forest-labs/FLUX.1-dev, vae/config.json
     use_quant_conv=False,
     use_post_quant_conv=False,
 )
-SD3_MEDIUM_CONFIG = dict(  # stabilityai/stable-diffusion-3-medium-diffusers, transformer/config.json
-    sample_size=128,
-    patch_size=2,
-    in_channels=16,
-    num_layers=24,
-    attention_head_dim=64,
-    num_attention_heads=24,
-    joint_attention_dim=4096,
-    caption_projection_dim=1536,
-    pooled_projection_dim=2048,
-    out_channels=16,
-    pos_embed_max_size=192,
-)
+def published_config(kind: str) -> dict:
+    """The published full-size denoiser config of ``kind`` (a copy of the backbone registry's)."""
+    from qrlora.backbones import BACKBONES
+
+    return dict(BACKBONES[kind].published_config)
+
 
 def default_targets(kind: str) -> list[str]:
     """The targets the ``kind`` wrappers train: the backbone registry's own default set (one owner)."""
@@ -76,16 +58,15 @@ def default_targets(kind: str) -> list[str]:
 # FLUX's set: attention of both streams + both feed-forwards; suffix-matched like PEFT, so in FLUX's single
 # blocks only attn.to_q/k/v match.
 DEFAULT_TARGETS = default_targets("flux")
+FLUX_DEV_CONFIG = published_config("flux")
+SD3_MEDIUM_CONFIG = published_config("sd3")
 
 
 def build_on_meta(kind: str, **overrides):
     """The FLUX.1-dev (``kind='flux'``) or SD3-medium (``'sd3'``) transformer with no storage (meta device)."""
-    import torch
-    from diffusers import FluxTransformer2DModel, SD3Transformer2DModel
+    from qrlora.backbones import BACKBONES
 
-    cls, cfg = (FluxTransformer2DModel, FLUX_DEV_CONFIG) if kind == "flux" else (SD3Transformer2DModel, SD3_MEDIUM_CONFIG)
-    with torch.device("meta"):
-        return cls(**{**cfg, **overrides})
+    return BACKBONES[kind].meta_denoiser(**overrides)
 
 
 def count_target_shapes(kind: str, targets: Sequence[str] | None = None) -> dict[tuple[int, int], int]:

@@ -10,7 +10,6 @@ import re
 import pytest
 import torch
 from conftest import DENOISER, make_adapter
-from full_size_configs import meta_denoiser
 
 from qrlora.backbones import BACKBONES
 from qrlora.files.checkpoint import AdapterFile, load_adapter, read_safetensors
@@ -168,7 +167,7 @@ def expected_kohya_modules(backbone, paths) -> dict[str, int]:
 
 @pytest.mark.parametrize("backbone", ["flux", "sd3", "sdxl"])
 def test_kohya_key_sets_at_full_size(tmp_path, backbone):
-    model = meta_denoiser(backbone)
+    model = BACKBONES[backbone].meta_denoiser()
     adapter = synthetic_adapter(model, backbone)
     assert len(adapter.layers) == {"flux": 342, "sd3": 190, "sdxl": 560}[backbone]  # SD3: the last add_q_proj is discarded
     out = export_lora(adapter, tmp_path / "kohya.safetensors", "kohya")
@@ -225,3 +224,16 @@ def test_export_errors(tiny, tmp_path, capsys):
         err = capsys.readouterr().err.strip().splitlines()
         assert exit_info.value.code == 2 and len(err) == 1 and err[0].startswith("error:") and message in err[0]
     assert existing.read_bytes() == b"user file" and not (tmp_path / "x.safetensors").exists()
+
+
+def test_the_backbone_of_a_file_is_inferred_in_one_place():
+    """``backbone_of_layers``: the recorded family wins; files without metadata (the published code's) are read from
+    their layers: single blocks are FLUX, joint blocks alone SD3, a UNet SDXL; nothing fits an unknown component."""
+    from qrlora.backbones import backbone_of_layers
+
+    joint = ["transformer_blocks.0.attn.to_q"]
+    assert backbone_of_layers("transformer", joint).name == "sd3"
+    assert backbone_of_layers("transformer", [*joint, "single_transformer_blocks.3.attn.to_k"]).name == "flux"
+    assert backbone_of_layers("transformer", joint, recorded="flux").name == "flux"
+    assert backbone_of_layers("unet", ["down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q"]).name == "sdxl"
+    assert backbone_of_layers("prior", joint) is None

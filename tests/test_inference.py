@@ -145,7 +145,7 @@ def test_bad_merge_input(case, tiny_sd3, tiny_flux, sd3_pair, tmp_path):
     (out / "grid.png").write_bytes(b"keep me")
     style, content = str(sd3_pair[0]), str(sd3_pair[1])
     model, extra = str(tiny_sd3), []
-    expect = {"bad_weights": "--style_weights", "missing_file": "no such file", "moe_residual": "MoE",
+    expect = {"bad_weights": "--style_weights", "missing_file": "no such file", "moe_residual": "residual form folds weight changes; a moe adapter is token-dependent",
               "unshared_basis": "delta form", "other_base_model": "different base models", "wrong_backbone": "flux adapter"}[case]
     if case == "bad_weights":
         extra = ["--style_weights", "0,half"]
@@ -182,7 +182,7 @@ def test_bad_merge_input(case, tiny_sd3, tiny_flux, sd3_pair, tmp_path):
 def test_export_refuses_moe_and_overwrites(tiny_sd3, sd3_pair, tmp_path):
     moe = make_adapter(tiny_sd3, "sd3", tmp_path / "m.safetensors", method="moe")
     proc = run_script([sys.executable, "-m", "qrlora.export", str(moe), str(tmp_path / "x.safetensors")], check=False)
-    assert proc.returncode == 2 and "no standard LoRA form" in proc.stderr and not (tmp_path / "x.safetensors").exists()
+    assert proc.returncode == 2 and "a standard LoRA file is a weight change" in proc.stderr and not (tmp_path / "x.safetensors").exists()
     (tmp_path / "keep.safetensors").write_bytes(b"user")
     proc = run_script([sys.executable, "-m", "qrlora.export", str(sd3_pair[0]), str(tmp_path / "keep.safetensors")], check=False)
     assert proc.returncode == 2 and "already exists" in proc.stderr and (tmp_path / "keep.safetensors").read_bytes() == b"user"

@@ -34,9 +34,6 @@ SETTINGS = {  # backbone: (steps, learning rate, extra flags)
     "flux": (200, 2e-2, ["--max_sequence_length", "16"]),
     "sdxl": (300, 3e-2, ["--mixed_precision", "no"]),
 }
-# ICA's coefficients dS (out x r) act through the mixing matrix: dW = s dS A^T with |A| ~ S_r / sqrt(out), while
-# Adam moves every dS entry by about lr per step; on the tiny models that makes its effective step ~10x smaller.
-LR_FACTOR = {"ica": 10.0}
 _PROBES: dict[str, FitProbe] = {}
 
 
@@ -60,7 +57,7 @@ def train_one_image(model_dir, backbone, method, out, learning_rate=None, steps=
             "--pretrained_model_name_or_path", str(model_dir), "--instance_data_dir", IMAGE_DIR,
             "--instance_prompt", PROMPT, "--output_dir", str(out), "--rank", str(rank), "--lora_init_method", method,
             "--moe_num_experts", "2", "--resolution", str(RESOLUTION), "--max_train_steps", str(steps or default_steps),
-            "--learning_rate", str(default_lr * LR_FACTOR.get(method, 1.0) if learning_rate is None else learning_rate),
+            "--learning_rate", str(default_lr * get_method(method).lr_factor if learning_rate is None else learning_rate),
             "--validation_prompt", "a cat in <s> style", "--validation_epochs", "250",
             "--num_validation_images", "1", "--validation_inference_steps", "2", *extra,
         ])

@@ -269,7 +269,7 @@ def test_moe_live_merge(tmp_path):
     assert not torch.allclose(out, Toy()(x))
     with pytest.raises(UserError, match="token-dependent"):
         adapters[0].delta_weights()
-    with pytest.raises(UserError, match="no standard LoRA form"):
+    with pytest.raises(UserError, match="a standard LoRA file is a weight change; a moe adapter is token-dependent"):
         export_lora(adapters[0], tmp_path / "x.safetensors")
 
 
@@ -366,3 +366,30 @@ def test_bf16_base_keeps_float32_adapter_and_runs_in_input_dtype():
     assert all(t.dtype == torch.float32 for t in layer.adapters["default"].tensors().values())
     out = model(torch.randn(2, 32, dtype=torch.bfloat16))
     assert out.dtype == torch.bfloat16 and isinstance(layer, AdapterLinear)
+
+
+@pytest.mark.parametrize("source,expected", [
+    (None, "--lora_alpha must be a positive number, got -1.0"),
+    ("a.safetensors", "a.safetensors: alpha must be a positive number, got -1.0"),
+])
+def test_one_rule_for_rank_and_alpha_naming_the_flag_or_the_file(source, expected):
+    """The range rules live in AdapterConfig alone; a bad value read from a file names the file, not a flag."""
+    build = AdapterConfig if source is None else (lambda **kw: AdapterConfig.from_file(source, **kw))
+    with pytest.raises(UserError) as err:
+        build(method="lora", rank=4, alpha=-1.0)
+    assert str(err.value) == expected
+    with pytest.raises(UserError, match="rank must be a positive integer" if source else "--rank must be"):
+        build(method="lora", rank=0)
+
+
+def test_a_file_with_a_negative_alpha_names_the_file(tmp_path):
+    from safetensors.torch import save_file
+
+    from qrlora.files.checkpoint import load_adapter
+
+    path = tmp_path / "kohya.safetensors"
+    save_file({"transformer.a.lora_A.weight": torch.zeros(2, 8), "transformer.a.lora_B.weight": torch.zeros(8, 2),
+               "transformer.a.alpha": torch.tensor(-2.0)}, str(path))
+    with pytest.raises(UserError) as err:
+        load_adapter(path)
+    assert str(err.value).startswith(f"{path}: alpha must be a positive number") and "--lora_alpha" not in str(err.value)

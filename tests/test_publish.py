@@ -97,8 +97,9 @@ def test_push_failure_is_one_line(tmp_path, monkeypatch):
 def test_kohya_flag_refuses_moe_before_loading(tiny_sd3, tmp_path, capsys):
     with pytest.raises(SystemExit):
         train(tiny_sd3, tmp_path / "run", "--lora_init_method", "moe", "--moe_num_experts", "2", "--output_kohya_format")
-    assert capsys.readouterr().err.strip() == ("error: --output_kohya_format: moe adapters are token-dependent and "
-                                               "have no LoRA form")
+    assert capsys.readouterr().err.strip() == (
+        "error: --output_kohya_format: a kohya LoRA file is a weight change; a moe adapter is token-dependent and has "
+        "no weight change (leave out --output_kohya_format and merge the run live)")
     assert not (tmp_path / "run").exists()
 
 

@@ -103,3 +103,10 @@ def test_published_module_names_are_shims_without_library_code():
         assert ast.unparse(body[0].test) == "__name__ == '__main__'", f"qrlora/{name}.py: the hand-over is guarded"
         imported = [n.module for n in ast.walk(body[0]) if isinstance(n, ast.ImportFrom)]
         assert imported == [f"qrlora.cli.{name}"], f"qrlora/{name}.py hands over to qrlora.cli.{name}"
+
+
+def test_the_token_dependent_refusal_has_one_owner():
+    """Every "no weight change" refusal goes through ``Method.require_weight_change``: its words are written once."""
+    writers = sorted(str(path.relative_to(REPO)) for path in PACKAGE.rglob("*.py")
+                     if "is token-dependent and has" in path.read_text())
+    assert writers == ["qrlora/core/methods.py"]

@@ -112,6 +112,7 @@ class Backbone:
     # (denoiser attribute, config key of its length) of each list of transformer blocks, in execution order
     # (``--blocks_to_swap``); empty: the family has no list of uniform blocks to swap.
     block_lists: tuple[tuple[str, str], ...] = ()
+    published_config: dict[str, Any] = {}  # the full-size denoiser's config.json (set by each family)
 
     # ---- loading ------------------------------------------------------------------------------------
     def pipeline_cls(self):
@@ -154,6 +155,12 @@ class Backbone:
     def transformer_blocks(self, denoiser: nn.Module) -> list[nn.Module]:
         """The denoiser's transformer blocks in the order its forward runs them (``block_lists`` concatenated)."""
         return [block for name, _ in self.block_lists for block in getattr(denoiser, name)]
+
+    def meta_denoiser(self, **overrides) -> nn.Module:
+        """The full-size published denoiser (``published_config``, ``overrides`` on top) on the meta device: the
+        real module tree and shapes, no storage, no download."""
+        with torch.device("meta"):
+            return getattr(diffusers, self.denoiser_class).from_config({**self.published_config, **overrides})
 
     def count_transformer_blocks(self, model_path: str) -> int:
         """How many blocks ``transformer_blocks`` will return, from the denoiser's config alone (nothing loaded)."""

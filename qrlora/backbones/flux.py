@@ -32,6 +32,13 @@ class Flux(FlowMatchingBackbone):
     pipeline_class = "FluxPipeline"
     denoiser_class = "FluxTransformer2DModel"
     default_model = "black-forest-labs/FLUX.1-dev"
+    # The published denoiser's config.json (default_model's denoiser folder): full-size checks and benches build
+    # it on the meta device (Backbone.meta_denoiser), no download.
+    published_config = {
+        "attention_head_dim": 128, "axes_dims_rope": [16, 56, 56], "guidance_embeds": True, "in_channels": 64,
+        "joint_attention_dim": 4096, "num_attention_heads": 24, "num_layers": 19, "num_single_layers": 38,
+        "patch_size": 1, "pooled_projection_dim": 768,
+    }
     default_resolution = 512  # the wrappers' default (a test checks scripts/launch_train.sh against it)
     # As published for FLUX: attention and feed-forward of both streams; names match in double and single blocks.
     default_targets = (

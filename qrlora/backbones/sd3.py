@@ -10,6 +10,13 @@ class SD3(FlowMatchingBackbone):
     pipeline_class = "StableDiffusion3Pipeline"
     denoiser_class = "SD3Transformer2DModel"
     default_model = "stabilityai/stable-diffusion-3-medium-diffusers"
+    # The published denoiser's config.json (default_model's denoiser folder): full-size checks and benches build
+    # it on the meta device (Backbone.meta_denoiser), no download.
+    published_config = {
+        "attention_head_dim": 64, "caption_projection_dim": 1536, "in_channels": 16, "joint_attention_dim": 4096,
+        "num_attention_heads": 24, "num_layers": 24, "out_channels": 16, "patch_size": 2, "pooled_projection_dim": 2048,
+        "pos_embed_max_size": 192, "sample_size": 128,
+    }
     default_resolution = 512  # the wrappers' default (a test checks scripts/launch_train.sh against it)
     # The eight attention projections of every joint block (image and context streams), as published.
     default_targets = (

@@ -16,7 +16,8 @@ from ..errors import UserError, cli_entry
 from ..core.methods import get_method
 from ..merging.strategies import STRATEGIES
 from ..toy.world import data
-from ..toy.world.experiment import GUIDANCE, LR_FACTOR, SAMPLE_STEPS, Sampler, dw_similarity, markdown, plot
+from ..toy.world.experiment import LR_FACTOR, Sampler, dw_similarity, markdown, plot
+from ..toy.world.world import SAMPLE_GUIDANCE, SAMPLE_STEPS
 from ..toy.world.world import World, write_instance_images
 from .arguments import ArgumentParser, number_list, positive
 from .world_runs import render_args, train_adapter
@@ -211,7 +212,7 @@ def run_experiment(world: World, output: Path, *, methods: list[str], merges: li
     results = {"command": command, "world": str(world.path), "world_build": world.record.get("command"),
                "settings": {"methods": methods, "merges": merges, "grid": grid, "samples": samples, "steps": steps,
                             "learning_rate": lr, "rank": rank, "seed": seed, "sample_steps": SAMPLE_STEPS,
-                            "guidance_scale": GUIDANCE, "lr_factor": LR_FACTOR},
+                            "guidance_scale": SAMPLE_GUIDANCE, "lr_factor": LR_FACTOR},
                "prompt": data.caption(world.new_shape, world.new_style), "methods": {}}
     cells = [(c, s) for c in grid for s in grid]
     for method in tqdm(methods, desc="methods"):

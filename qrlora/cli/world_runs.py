@@ -7,8 +7,8 @@ import argparse
 from pathlib import Path
 
 from ..toy.world import data
-from ..toy.world.experiment import GUIDANCE, LR_FACTOR, SAMPLE_STEPS
-from ..toy.world.world import CONTENT_STYLE, STYLE_SHAPE, World, write_instance_images
+from ..toy.world.experiment import LR_FACTOR
+from ..toy.world.world import CONTENT_STYLE, SAMPLE_GUIDANCE, SAMPLE_STEPS, STYLE_SHAPE, World, write_instance_images
 from .arguments import ArgumentParser, add_render_arguments, add_strategy_arguments
 
 
@@ -44,7 +44,7 @@ def render_args(world: World, seed: int = 0) -> argparse.Namespace:
     add_render_arguments(p)
     add_strategy_arguments(p)
     return p.parse_args([
-        "--num_inference_steps", str(SAMPLE_STEPS), "--guidance_scale", str(GUIDANCE), "--seed", str(seed),
+        "--num_inference_steps", str(SAMPLE_STEPS), "--guidance_scale", str(SAMPLE_GUIDANCE), "--seed", str(seed),
         "--height", str(world.resolution), "--width", str(world.resolution),
         "--max_sequence_length", str(world.max_sequence_length), "--device", "cpu", "--dtype", "fp32",
     ])

@@ -7,6 +7,7 @@ the middle of the file keys of docs/ARCHITECTURE.md section 2 (``q`` -> ``P.lora
 """
 from __future__ import annotations
 
+import contextvars
 import math
 from dataclasses import dataclass, replace
 from typing import Mapping
@@ -18,6 +19,8 @@ from ..errors import UserError
 
 Tensors = Mapping[str, torch.Tensor]
 BASES = ("top", "random")
+# Where the AdapterConfig being built comes from: None for flags (errors name the flag), else a file (errors name it).
+_CONFIG_SOURCE: contextvars.ContextVar[str | None] = contextvars.ContextVar("adapter_config_source", default=None)
 
 
 @dataclass(frozen=True)
@@ -38,25 +41,43 @@ class AdapterConfig:
     basis_offset: int = 0
     basis_seed: int = 0
 
+    @classmethod
+    def from_file(cls, source, **fields) -> "AdapterConfig":
+        """The config a file describes: the same rules as for flags, but an error names ``source`` (the file) and
+        the field, not the flag a user never passed."""
+        token = _CONFIG_SOURCE.set(str(source))
+        try:
+            return cls(**fields)
+        finally:
+            _CONFIG_SOURCE.reset(token)
+
+    @staticmethod
+    def _named(flag: str, field_name: str) -> str:
+        source = _CONFIG_SOURCE.get()
+        return f"{source}: {field_name}" if source else flag
+
     def __post_init__(self):
-        """Validate as PEFT's ``LoraConfig`` does: a config that exists is one the methods can use."""
+        """Validate as PEFT's ``LoraConfig`` does: a config that exists is one the methods can use. The one place
+        the rank, alpha, expert and basis rules live (flags and files alike)."""
         method = get_method(self.method)
+        n = self._named
         if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 1:
-            raise UserError(f"--rank must be a positive integer, got {self.rank!r}")
+            raise UserError(f"{n('--rank', 'rank')} must be a positive integer, got {self.rank!r}")
         if self.alpha is not None and not (math.isfinite(self.alpha) and self.alpha > 0):
-            raise UserError(f"--lora_alpha must be a positive number, got {self.alpha!r}")
+            raise UserError(f"{n('--lora_alpha', 'alpha')} must be a positive number, got {self.alpha!r}")
         if method.uses_experts:
             if self.num_experts < 1 or self.rank % self.num_experts:
-                raise UserError(f"--rank {self.rank} must be a multiple of --moe_num_experts {self.num_experts} "
+                raise UserError(f"{n('--rank', 'rank')} {self.rank} must be a multiple of "
+                                f"{n('--moe_num_experts', 'num_experts')} {self.num_experts} "
                                 f"(each expert owns rank / experts directions)")
         if not (math.isfinite(self.delta_scale) and self.delta_scale >= 0):
-            raise UserError(f"--delta_scale must be a non-negative number, got {self.delta_scale!r}")
+            raise UserError(f"{n('--delta_scale', 'delta_scale')} must be a non-negative number, got {self.delta_scale!r}")
         if self.basis not in BASES:
-            raise UserError(f"--qr_basis must be one of {', '.join(BASES)}, got {self.basis!r}")
+            raise UserError(f"{n('--qr_basis', 'basis')} must be one of {', '.join(BASES)}, got {self.basis!r}")
         if isinstance(self.basis_offset, bool) or not isinstance(self.basis_offset, int) or self.basis_offset < 0:
-            raise UserError(f"--qr_basis_offset must be a non-negative integer, got {self.basis_offset!r}")
+            raise UserError(f"{n('--qr_basis_offset', 'basis_offset')} must be a non-negative integer, got {self.basis_offset!r}")
         if (self.basis != "top" or self.basis_offset) and not method.chooses_basis:
-            raise UserError(f"--qr_basis / --qr_basis_offset: {self.method} has no frozen Q basis to choose "
+            raise UserError(f"{n('--qr_basis / --qr_basis_offset', 'basis')}: {self.method} has no frozen Q basis to choose "
                             f"(methods that have one: {', '.join(m.name for m in METHODS.values() if m.chooses_basis)})")
 
     @property
@@ -88,6 +109,9 @@ class Method:
 
     name: str = ""
     static: bool = True  # dW independent of the input, so it folds into W
+    # The learning-rate multiplier the experiments give this method so that its dW moves at the others' pace (the
+    # world experiment and study, the learning tests). The trainer itself applies the --learning_rate it is given.
+    lr_factor: float = 1.0
     uses_experts: bool = False  # the rank is split across --moe_num_experts experts with a gate
     trainable: tuple[str, ...] = ()
     basis: tuple[str, ...] = ()  # frozen tensors adapters must share to merge in residual form
@@ -117,6 +141,17 @@ class Method:
     def lora_factors(self, t: Tensors, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
         """``(B, A)`` with ``B A = dW``: B (out x k), A (k x in). Static methods only."""
         raise ValueError(f"method '{self.name}' is token-dependent and has no weight-space form")
+
+    def require_weight_change(self, who: str, needs: str, way_out: str = "merge it live with --merge_strategy direct") -> None:
+        """The one refusal of a token-dependent method where a weight change is needed: ``who`` (a file or a flag)
+        is at fault, ``needs`` says what needs ``dW`` ("K-LoRA compares weight changes"), ``way_out`` what to do.
+
+        Raises:
+            UserError: this method is not static (``moe``: its change depends on the token, no ``dW`` exists).
+        """
+        if not self.static:
+            raise UserError(f"{who}: {needs}; a {self.name} adapter is token-dependent and has no weight change "
+                            f"({way_out})")
 
     def delta_weight(self, t: Tensors, scale: float) -> torch.Tensor:
         """``dW`` (out x in), from the adapter tensors alone (no base model needed)."""
@@ -269,6 +304,9 @@ class ICA(Method):
     basis = ("q", "base_r")
     math_names = {"q": "A", "base_r": "S0", "delta_r": "dS"}
     display_name = "QR-LoRA (ica)"
+    # dW = s dS A^T with |A| ~ S_r / sqrt(out), while Adam moves every dS entry by about lr per step: on the tiny
+    # models and the world that makes ICA's effective step ~10x smaller than the other methods'.
+    lr_factor = 10.0
 
     def initialize(self, weight, cfg, layer_name):
         svd = decompose.truncated_svd(weight, cfg.rank)

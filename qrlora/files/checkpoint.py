@@ -23,6 +23,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from ..backbones import BACKBONES, COMPONENTS, Backbone, backbone_of_layers
 from ..errors import UserError
 from ..core.layers import adapter_layers
 from ..core.methods import FILE_KEY_TO_NAME, METHODS, AdapterConfig, _file_key, get_method
@@ -31,7 +32,6 @@ from .outputs import atomic_output
 FORMAT_NAME = "qrlora"
 FORMAT_VERSION = "1"
 ADAPTER_FILENAME = "pytorch_lora_weights.safetensors"
-COMPONENTS = ("transformer", "unet")
 
 
 @dataclass
@@ -56,18 +56,31 @@ class AdapterFile:
     def base_model(self) -> str | None:
         return self.metadata.get("base_model")
 
-    def require_weight_change(self, strategy: str) -> None:
-        """Refuse a token-dependent (MoE) adapter where ``strategy`` (a sentence: "K-LoRA compares weight
-        changes") needs its ``dW``: one line naming the file and the way out."""
-        if not self.method.static:
-            raise UserError(f"{self.path}: {strategy}; a {self.config.method} adapter is token-dependent and has none "
-                            "(use --merge_strategy direct)")
+    def require_weight_change(self, needs: str, way_out: str = "merge it live with --merge_strategy direct",
+                              flag: str | None = None) -> None:
+        """Refuse a token-dependent (MoE) adapter where ``needs`` (a sentence: "K-LoRA compares weight changes")
+        needs its ``dW``: one line naming the file (after ``flag`` when a flag named it) and the way out
+        (``Method.require_weight_change``, the one owner of this refusal)."""
+        self.method.require_weight_change(f"{flag} {self.path}" if flag else str(self.path), needs, way_out)
 
     def delta_weights(self) -> dict[str, torch.Tensor]:
         """``dW`` (out x in, float32) of every layer, from the file alone. Static methods only."""
-        if not self.method.static:
-            raise UserError(f"{self.path}: a {self.config.method} adapter is token-dependent and cannot be folded into weights")
+        self.require_weight_change("folding it into weights needs its weight change")
         return {p: self.method.delta_weight(t, self.config.scale) for p, t in self.layers.items()}
+
+
+def backbone_of(adapter: AdapterFile, name: str | None = None) -> Backbone:
+    """The backbone an adapter was trained on: ``name`` if given, else ``backbones.backbone_of_layers`` (the file's
+    ``backbone`` metadata, else its layers).
+
+    Raises:
+        UserError: neither names a known backbone (files from the published code carry no metadata).
+    """
+    found = BACKBONES.get(name) if name else backbone_of_layers(adapter.component, adapter.layers, adapter.backbone)
+    if found is None:
+        raise UserError(f"{adapter.path}: the file does not say its backbone and its layers fit none; "
+                        f"pass --backbone {'|'.join(BACKBONES)}")
+    return found
 
 
 def atomic_save_safetensors(tensors: Mapping[str, torch.Tensor], path: str | os.PathLike, metadata: Mapping[str, str] | None = None) -> Path:
@@ -163,9 +176,9 @@ def _split_key(key: str) -> tuple[str, str, str]:
 
 
 ALPHA_SUFFIX, ALPHA_NAME = ".alpha", "alpha"
-# The metadata key diffusers' ``save_lora_weights`` writes (``LORA_ADAPTER_METADATA_KEY``): a JSON object with
-# the PEFT LoraConfig of each component, packed with the component prefix (``transformer.lora_alpha``).
-DIFFUSERS_METADATA_KEY = "lora_adapter_metadata"
+# The metadata key diffusers' ``save_lora_weights`` writes and reads (``diffusers.loaders.lora_base``, same name):
+# a JSON object with the PEFT LoraConfig of each component, packed with the component prefix (``transformer.lora_alpha``).
+LORA_ADAPTER_METADATA_KEY = "lora_adapter_metadata"
 _OUT, _IN = -1, -2  # placeholder layer widths for Method.shapes (real widths are positive)
 _alpha_noted: set[str] = set()
 
@@ -210,8 +223,9 @@ def load_adapter(path: str | os.PathLike) -> AdapterFile:
     return adapter
 
 
-def _meta_number(path, meta: Mapping[str, str], key: str, kind, default=None, *, minimum=None):
-    """``meta[key]`` parsed as ``kind`` (int or float), finite and >= ``minimum``; a ``UserError`` naming the key."""
+def _meta_number(path, meta: Mapping[str, str], key: str, kind, default=None):
+    """``meta[key]`` parsed as ``kind`` (int or float) and finite; a ``UserError`` naming the key. Ranges are
+    ``AdapterConfig``'s (``AdapterConfig.from_file``)."""
     raw = meta.get(key)
     if raw is None or raw == "":
         if default is None:
@@ -221,9 +235,8 @@ def _meta_number(path, meta: Mapping[str, str], key: str, kind, default=None, *,
         value = kind(raw)
     except (TypeError, ValueError):
         raise UserError(f"{path}: metadata '{key}' is '{raw}', not {'an integer' if kind is int else 'a number'}") from None
-    if not math.isfinite(value) or (minimum is not None and value < minimum):
-        bound = f" >= {minimum}" if minimum is not None else ""
-        raise UserError(f"{path}: metadata '{key}' is {raw}; it must be a finite number{bound}")
+    if not math.isfinite(value):
+        raise UserError(f"{path}: metadata '{key}' is {raw}; it must be a finite number")
     return value
 
 
@@ -233,21 +246,20 @@ def _config_from_metadata(path, meta: Mapping[str, str]) -> AdapterConfig:
     if method not in METHODS:
         raise UserError(f"{path}: metadata 'method' is {method!r}; expected one of {', '.join(METHODS)}")
     alpha = _meta_number(path, meta, "alpha", float)
-    if alpha == 0:
-        raise UserError(f"{path}: metadata 'alpha' is 0; the adapter would change nothing")
     zero_init = meta.get("use_zero_init", "true")
     if zero_init not in ("true", "false"):
         raise UserError(f"{path}: metadata 'use_zero_init' is '{zero_init}', not true or false")
-    return AdapterConfig(
+    return AdapterConfig.from_file(  # the ranges are AdapterConfig's (one owner); errors name this file
+        path,
         method=method,
-        rank=_meta_number(path, meta, "rank", int, minimum=1),
+        rank=_meta_number(path, meta, "rank", int),
         alpha=alpha,
         use_zero_init=zero_init == "true",
-        delta_scale=_meta_number(path, meta, "delta_scale", float, 0.01, minimum=0),
-        num_experts=_meta_number(path, meta, "num_experts", int, 8, minimum=1),
+        delta_scale=_meta_number(path, meta, "delta_scale", float, 0.01),
+        num_experts=_meta_number(path, meta, "num_experts", int, 8),
         seed=_meta_number(path, meta, "seed", int, 0),
         basis=meta.get("basis", "top"),
-        basis_offset=_meta_number(path, meta, "basis_offset", int, 0, minimum=0),
+        basis_offset=_meta_number(path, meta, "basis_offset", int, 0),
         basis_seed=_meta_number(path, meta, "basis_seed", int, 0),
     )
 
@@ -304,7 +316,8 @@ def _infer_legacy_config(path, layers, alphas: Mapping[str, torch.Tensor], meta:
         method, experts = "moe", first["gate_weight"].shape[0]
     elif "q0" in first:
         method = "qr"
-    return AdapterConfig(method=method, rank=rank, alpha=_legacy_alpha(path, alphas, meta, component, rank), num_experts=experts)
+    return AdapterConfig.from_file(path, method=method, rank=rank, alpha=_legacy_alpha(path, alphas, meta, component, rank),
+                                   num_experts=experts)
 
 
 def _legacy_alpha(path, alphas: Mapping[str, torch.Tensor], meta: Mapping[str, str], component: str, rank: int) -> float:
@@ -319,22 +332,22 @@ def _legacy_alpha(path, alphas: Mapping[str, torch.Tensor], meta: Mapping[str, s
         if len(values) != 1 or any(v.numel() != 1 for v in alphas.values()):
             raise UserError(f"{path}: its .alpha keys differ or are not scalars; one alpha per file is supported")
         alpha, source = values.pop(), "its .alpha keys"
-    elif DIFFUSERS_METADATA_KEY in meta:
+    elif LORA_ADAPTER_METADATA_KEY in meta:
         try:
-            peft_config = json.loads(meta[DIFFUSERS_METADATA_KEY])
+            peft_config = json.loads(meta[LORA_ADAPTER_METADATA_KEY])
             alpha = peft_config.get(f"{component}.lora_alpha", peft_config.get("lora_alpha"))
             file_rank = peft_config.get(f"{component}.r", peft_config.get("r", rank))
         except (ValueError, AttributeError):
-            raise UserError(f"{path}: metadata '{DIFFUSERS_METADATA_KEY}' is not a JSON object") from None
+            raise UserError(f"{path}: metadata '{LORA_ADAPTER_METADATA_KEY}' is not a JSON object") from None
         if file_rank != rank:
-            raise UserError(f"{path}: metadata '{DIFFUSERS_METADATA_KEY}' says r = {file_rank}, the tensors have rank {rank}")
+            raise UserError(f"{path}: metadata '{LORA_ADAPTER_METADATA_KEY}' says r = {file_rank}, the tensors have rank {rank}")
         if alpha is None:
             return _alpha_is_rank(path, rank)
-        source = f"metadata '{DIFFUSERS_METADATA_KEY}'"
+        source = f"metadata '{LORA_ADAPTER_METADATA_KEY}'"
     else:
         return _alpha_is_rank(path, rank)
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha) or alpha == 0:
-        raise UserError(f"{path}: alpha from {source} is {alpha!r}; it must be a finite non-zero number")
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)):
+        raise UserError(f"{path}: alpha from {source} is {alpha!r}, not a number")  # its range: AdapterConfig
     return float(alpha)
 
 

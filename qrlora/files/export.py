@@ -24,13 +24,12 @@ import torch
 from diffusers.utils import convert_state_dict_to_kohya
 from safetensors import safe_open
 
-from ..backbones import BACKBONES
 from ..backbones.base import Backbone, OriginalModule
-from .checkpoint import FORMAT_NAME, AdapterFile, atomic_save_safetensors, load_adapter
+from .checkpoint import (FORMAT_NAME, LORA_ADAPTER_METADATA_KEY, AdapterFile, atomic_save_safetensors, backbone_of,
+                         load_adapter)
 from ..errors import UserError
 
 FORMATS = ("diffusers", "kohya")
-LORA_ADAPTER_METADATA_KEY = "lora_adapter_metadata"  # diffusers.loaders.lora_base.LORA_ADAPTER_METADATA_KEY
 
 
 def lora_factors(adapter: AdapterFile) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
@@ -39,11 +38,7 @@ def lora_factors(adapter: AdapterFile) -> dict[str, tuple[torch.Tensor, torch.Te
     Raises:
         UserError: a token-dependent method (``moe``), which has no weight-space form.
     """
-    if not adapter.method.static:
-        raise UserError(
-            f"{adapter.path}: {adapter.config.method} adapters are token-dependent and have no standard LoRA form; "
-            "merge them live with `python -m qrlora.merge`"
-        )
+    adapter.require_weight_change("a standard LoRA file is a weight change", "merge it live with `python -m qrlora.merge`")
     return {p: adapter.method.lora_factors(named, adapter.config.scale) for p, named in adapter.layers.items()}
 
 
@@ -84,18 +79,6 @@ def diffusers_lora_metadata(adapter: AdapterFile, tensors: dict[str, torch.Tenso
         "backbone": adapter.backbone or "",
         "base_model": adapter.base_model or "",
     }
-
-
-def backbone_of(adapter: AdapterFile, name: str | None = None) -> Backbone:
-    """The backbone an adapter was trained on: ``name`` if given, else the file's ``backbone`` metadata.
-
-    Raises:
-        UserError: neither names a known backbone (files from the published code carry no metadata).
-    """
-    name = name or adapter.backbone
-    if name not in BACKBONES:
-        raise UserError(f"{adapter.path}: the file does not say its backbone; pass --backbone {'|'.join(BACKBONES)}")
-    return BACKBONES[name]
 
 
 def _fuse(original: str, parts: dict[int, tuple[torch.Tensor, torch.Tensor]], relative_rows: tuple[int, ...]):

@@ -13,7 +13,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..backbones import detect_backbone
-from .checkpoint import AdapterFile, adapter_metadata, load_adapter, residuals_from_adapter, save_residual
+from .checkpoint import AdapterFile, adapter_metadata, backbone_of, load_adapter, residuals_from_adapter, save_residual
 from ..core.devices import DTYPES, resolve_device
 from ..errors import UserError
 from ..core.inject import validated_targets
@@ -28,8 +28,8 @@ def residual_filename(backbone: str) -> str:
 def base_residuals(denoiser, config: AdapterConfig, targets, blocks=None) -> dict[str, torch.Tensor]:
     """``W - s * basis`` for every targeted Linear, the basis initialised exactly as training would."""
     method = get_method(config.method)
-    if not method.static:
-        raise UserError(f"--lora_init_method {config.method}: residual files are for static methods")
+    method.require_weight_change(f"--lora_init_method {config.method}", "a residual file is W minus a static basis",
+                                 "merge it live, in the delta form")
     out = {}
     for path in tqdm(validated_targets(denoiser, config, targets, blocks), desc="residuals", unit="layer"):
         weight = denoiser.get_submodule(path).weight.detach()
@@ -60,21 +60,11 @@ def residual_bytes(adapter: AdapterFile) -> int:
     return sum(4 * B.shape[0] * A.shape[1] for B, A in factors)
 
 
-def infer_backbone(adapter: AdapterFile) -> str:
-    """Backbone of an adapter file: from metadata, else from its keys (published files carry none)."""
-    if adapter.backbone:
-        return adapter.backbone
-    if adapter.component == "unet":
-        return "sdxl"
-    return "flux" if any(p.startswith("single_transformer_blocks.") for p in adapter.layers) else "sd3"
-
-
 def extract_residual(args) -> Path:
     """The residual from the bases stored in an adapter file (flags: ``qrlora.cli.residual``)."""
     adapter = load_adapter(args.lora_path)
-    if not adapter.method.static:
-        raise UserError(f"{args.lora_path}: {adapter.config.method} adapters have no residual form (merge them live)")
-    backbone = detect_backbone(args.model_path, infer_backbone(adapter))
+    adapter.require_weight_change("a residual file is W minus a static basis", "merge it live, in the delta form")
+    backbone = detect_backbone(args.model_path, backbone_of(adapter).name)
     out = Path(args.output_dir) / residual_filename(backbone.name)
     check_writable(out.parent, "--output_dir", residual_bytes(adapter))
     refuse_existing([out], args.overwrite)

@@ -19,7 +19,8 @@ from PIL import Image, ImageDraw, ImageFont
 from tqdm.auto import tqdm
 
 from ..backbones import detect_backbone
-from ..files.checkpoint import COMPONENTS, AdapterFile, load_adapter, load_residual
+from ..backbones import COMPONENTS
+from ..files.checkpoint import AdapterFile, load_adapter, load_residual
 from ..core.devices import resolve_device, resolve_dtype
 from ..errors import UserError
 from ..evaluation.evaluate import MANIFEST, ImageRecord, write_manifest
@@ -192,9 +193,8 @@ def merge_adapters(args) -> Path | None:
 
     def check_outputs():
         if args.save_merged:
-            live = [a.path for a in adapters if not a.method.static]
-            if live:
-                raise UserError(f"--save_merged: {live[0]} is an MoE adapter; it cannot be folded into weights (render it live)")
+            for adapter in adapters:
+                adapter.require_weight_change("--save_merged folds it into the weights", "render it live instead")
             if not STRATEGIES[args.merge_strategy].folds_weights:
                 raise UserError(f"--save_merged: --merge_strategy {args.merge_strategy} switches adapters per step; "
                                 "it has no single merged weight")

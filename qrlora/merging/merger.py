@@ -87,9 +87,8 @@ def check_mergeable(adapters: Sequence[AdapterFile], residual: Mapping[str, torc
         raise UserError("no adapters to merge")
     check_compatible(adapters)
     if residual is not None:
-        live = [a for a in adapters if not a.method.static]
-        if live:
-            raise UserError(f"{live[0].path}: MoE adapters merge live; residual form is for static adapters")
+        for adapter in adapters:
+            adapter.require_weight_change("the residual form folds weight changes", "leave out --residual_path")
         check_shared_basis(adapters)
 
 

@@ -135,7 +135,6 @@ def check_strategy(name: str, adapters: Sequence[AdapterFile], residual_path: st
     if residual_path and not strategy.residual_form:
         raise UserError(f"--residual_path: the residual form is a direct merge; --merge_strategy {name} uses the delta form")
     if strategy.pair_only:
-        live = [a.path for a in adapters if not a.method.static]
-        if live:
-            raise UserError(f"--merge_strategy {name}: {live[0]} is token-dependent (MoE) and has no weight change to "
-                            "compare or scale; use --merge_strategy direct")
+        for adapter in adapters:
+            adapter.require_weight_change(f"--merge_strategy {name} compares or scales weight changes",
+                                          "use --merge_strategy direct")

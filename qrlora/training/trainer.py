@@ -140,8 +140,9 @@ def train(args, command: str) -> Path:
     base_dtype(args)  # fail now, not after loading, when fp8 / nf4 cannot work here
     check_blocks_to_swap(args.blocks_to_swap, backbone.count_transformer_blocks(args.pretrained_model_name_or_path),
                          backbone.name, quantized=args.base_precision in LIBRARIES)
-    if args.output_kohya_format and not METHODS[args.lora_init_method].static:
-        raise UserError(f"--output_kohya_format: {args.lora_init_method} adapters are token-dependent and have no LoRA form")
+    if args.output_kohya_format:
+        METHODS[args.lora_init_method].require_weight_change("--output_kohya_format", "a kohya LoRA file is a weight change",
+                                                             "leave out --output_kohya_format and merge the run live")
     dataset = DreamBoothDataset(args.instance_data_dir, resolution=args.resolution, center_crop=args.center_crop,
                                 random_flip=args.random_flip, repeats=args.repeats, seed=args.seed)
     metadata = adapter_metadata(config, component=backbone.denoiser_name, backbone=backbone.name,

@@ -238,8 +238,7 @@ def run_compare(qr_paths: Sequence[str], baseline_paths: Sequence[str], output_d
                                (baseline_paths, ("--baseline1_path", "--baseline2_path"))):
         a1, a2, layers = load_pair(p1, p2, flag1=f1, flag2=f2)
         for flag, a in ((f1, a1), (f2, a2)):
-            if not a.method.static:
-                raise UserError(f"{flag} {a.path}: a {a.config.method} adapter is token-dependent and has no dW to compare")
+            a.require_weight_change("the comparison compares weight changes", "compare static adapters", flag=flag)
         per_layer = pair_similarity(a1, a2, layers, bins=bins, device=device, progress=progress, metrics=metrics,
                                     types=[(DELTA_WEIGHT, None)])[DELTA_WEIGHT]
         method = a1.config.method if a1.config.method == a2.config.method else f"{a1.config.method}/{a2.config.method}"

@@ -48,16 +48,14 @@ from ..tiny import (
 from . import data
 from .optim import warmup_cosine
 from .classifier import CLASSIFIER_FILE, load_classifier, predict, save_classifier, train_classifier
-from .world import FLUX_RANK, FLUX_WIDTH, WORLD_FILE, flux_ratio_rank, sample_images
+from .world import FLUX_RANK, FLUX_WIDTH, SAMPLE_GUIDANCE, SAMPLE_STEPS, WORLD_FILE, flux_ratio_rank, sample_images
 
 CLIP_LENGTH = 10  # CLIP tokenizers' model_max_length: "<bos> a triangle in gradient style <eos>" is 7 tokens
 MAX_SEQUENCE_LENGTH = 8  # the T5 prompt length the denoiser is trained with: pass --max_sequence_length 8 to tools
 LATENT_CHANNELS = 8
 CLIP_WIDTH = 32  # the tiny CLIP encoders' width (qrlora.toy.tiny); pooled = both concatenated
 TEXT_WIDTH = 2 * CLIP_WIDTH  # T5 width = joint attention width: SD3 pads the CLIP states up to it
-SAMPLE_STEPS = 20
 VAE_BATCH = 32
-SAMPLE_GUIDANCE = 4.0
 def make_vae(seed: int):
     """3-block AutoencoderKL (vae_scale_factor 4): image (B, 3, 32, 32) <-> latent (B, 8, 8, 8); SD3-style, no quant convs.
 

@@ -31,13 +31,10 @@ from ...files.checkpoint import load_adapter
 from ...errors import UserError
 from ...core.methods import METHODS
 from . import data
-from .world import CONTENT_STYLE, STYLE_SHAPE, World, sample_images
+from .world import CONTENT_STYLE, SAMPLE_GUIDANCE, SAMPLE_STEPS, STYLE_SHAPE, World, sample_images
 
-SAMPLE_STEPS = 20
-GUIDANCE = 4.0
-# ICA's coefficients dS (out x r) act through the mixing matrix A (|A| ~ S_r / sqrt(out)): Adam's per-entry step of
-# about lr moves dW ~10x less than the other methods' (the same factor tests/test_learning.py uses).
-LR_FACTOR = {"ica": 10.0}
+# The methods' learning-rate multipliers (one owner: ``Method.lr_factor``; ICA's is 10), recorded in every report.
+LR_FACTOR = {name: m.lr_factor for name, m in METHODS.items() if m.lr_factor != 1.0}
 
 
 def dw_similarity(content_path: Path, style_path: Path) -> float | None:
@@ -69,7 +66,7 @@ class Sampler:
         extra = self.merged.strategy.apply(list(weights), SAMPLE_STEPS)
         return sample_images(self.merged.pipe, [prompts[i % len(prompts)] for i in range(self.samples)],
                              list(range(self.samples)), self.world.max_sequence_length, steps=SAMPLE_STEPS,
-                             guidance=GUIDANCE, **extra)
+                             guidance=SAMPLE_GUIDANCE, **extra)
 
     def cell(self, weights: tuple[float, float]) -> dict:
         """Content / style / both rates of the merged prompt ``a {new shape} in {new style} style``."""

@@ -19,6 +19,10 @@ CONTENT_STYLE = "flat"  # the content adapter's images: the held-out shape in th
 STYLE_SHAPE = "circle"  # the style adapter's images: this seen shape in the held-out style
 
 
+# How every world is sampled: when it is built (its own check) and measured (experiment, study, demo).
+SAMPLE_STEPS = 20
+SAMPLE_GUIDANCE = 4.0
+
 # FLUX.1-dev's published adapters: rank 64 on width 3072. A world's "flux-ratio" rank keeps r / width the same,
 # so a study can ask whether the rank-to-width ratio (not the absolute rank) decides how adapters merge.
 FLUX_RANK, FLUX_WIDTH = 64, 3072
@@ -93,8 +97,8 @@ def load_world(path: str | Path = SHIPPED_WORLD, flag: str = "--world") -> World
     return World(path, record, load_classifier(path / CLASSIFIER_FILE))
 
 
-def sample_images(pipe, prompts: list[str], seeds: list[int], max_sequence_length: int, *, steps: int = 20,
-                  guidance: float = 4.0, batch: int = 64, progress: bool = False, **call_kwargs) -> np.ndarray:
+def sample_images(pipe, prompts: list[str], seeds: list[int], max_sequence_length: int, *, steps: int = SAMPLE_STEPS,
+                  guidance: float = SAMPLE_GUIDANCE, batch: int = 64, progress: bool = False, **call_kwargs) -> np.ndarray:
     """Images (N, H, W, 3) uint8 for prompt i from seed i, through the real pipeline call, ``batch`` at a time.
 
     ``call_kwargs`` go to the pipeline call (a merge strategy's step callback, for one).
