@@ -60,6 +60,15 @@ def run_script(args: list[str], env: dict | None = None, check: bool = True) -> 
     return proc
 
 
+def free_port() -> int:
+    """A TCP port nobody listens on now: multi-process launches in parallel test workers must not share one."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def error_lines(stderr: str) -> list[str]:
     return [line for line in stderr.splitlines() if line.startswith("error:")]
 

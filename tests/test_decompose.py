@@ -57,7 +57,7 @@ def test_rank_out_of_range_is_rejected():
 
 _SNIPPET = """
 import torch, hashlib
-from qrlora import decompose
+from qrlora.core import decompose
 gen = torch.Generator().manual_seed(7)
 W = torch.randn(200, 150, generator=gen)
 h = hashlib.sha256()

@@ -67,7 +67,7 @@ def hostile(case, tensors, meta):
 EXPECT = {"nan_coefficient": "delta_r holds NaN or inf", "inf_basis": "q holds NaN or inf", "nan_alpha": "'alpha' is nan",
           "int_tensor": "dtype torch.int32", "q_rank_differs": "q has shape", "one_d": "delta_r is 1-D",
           "wrong_input_width": "delta_r has shape", "zero_size": "empty tensors", "method_missing": "'method' is None",
-          "method_unknown": "'method' is 'dora'", "rank_not_a_number": "'rank' is 'four'", "rank_zero": "'rank' is 0",
+          "method_unknown": "'method' is 'dora'", "rank_not_a_number": "'rank' is 'four'", "rank_zero": "rank must be a positive integer, got 0",
           "foreign_tensor": "holds q0"}
 NAMES_LAYER = {"nan_coefficient", "inf_basis", "int_tensor", "q_rank_differs", "one_d", "wrong_input_width", "zero_size",
                "foreign_tensor"}

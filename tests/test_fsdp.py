@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from conftest import REPO, error_lines, run_script
+from conftest import REPO, error_lines, free_port, run_script
 
 
 def args(model, out):
@@ -34,9 +34,11 @@ def test_refused_in_process(tiny_sd3, tmp_path, monkeypatch, capsys, env, says):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow
 def test_torchrun_on_cpu_is_refused_in_every_process(tiny_sd3, tmp_path):
     """torchrun forms a rendezvous, but accelerate on the CPU leaves each process alone: both must stop."""
-    proc = run_script([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "qrlora.train",
+    proc = run_script([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                       "--master_port", str(free_port()), "-m", "qrlora.train",
                        *args(tiny_sd3, tmp_path / "out")], check=False)
     assert proc.returncode != 0
     lines = error_lines(proc.stderr)

@@ -126,6 +126,7 @@ def test_unknown_block_is_refused(tiny_sdxl, tmp_path):
     assert "--lora_blocks" in errors[0] and "up_blocks.7" in errors[0]
 
 
+@pytest.mark.slow
 def test_merge_wrapper_and_export_match_diffusers(tiny_sdxl, tmp_path):
     """SDXL_dir/inference_merge.sh end to end; the exported LoRA (keys under unet.) loads in diffusers, same image."""
     import numpy as np
