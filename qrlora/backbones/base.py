@@ -155,6 +155,11 @@ class Backbone:
         """The denoiser's transformer blocks in the order its forward runs them (``block_lists`` concatenated)."""
         return [block for name, _ in self.block_lists for block in getattr(denoiser, name)]
 
+    def shard_units(self, denoiser: nn.Module) -> list[nn.Module]:
+        """The modules an FSDP launch shards the frozen base in (``qrlora.sharding``), each gathered whole just
+        before it runs: the transformer blocks; what lies outside them is one more unit, with the root."""
+        return self.transformer_blocks(denoiser)
+
     def count_transformer_blocks(self, model_path: str) -> int:
         """How many blocks ``transformer_blocks`` will return, from the denoiser's config alone (nothing loaded)."""
         if not self.block_lists:
