@@ -26,6 +26,13 @@ process so that every peak memory is its own:
    quantized bases, until ``--memory-budget`` seconds are used. The report (the estimate with ``measured``
    added) goes to ``--memory-output``; ``--memory-output bench/reports/flux_memory.json`` fills the README table.
 
+5. ``fsdp``: the trainer's sharded path (``accelerate launch --config_file configs/accelerate_fsdp.yaml``,
+   ``qrlora.training.sharding``) on a tiny random FLUX pipeline: 4 steps with a checkpoint at step 2 (bf16 mixed precision,
+   gradient checkpointing), then a resume from that checkpoint, which must end on the same adapter bit for bit.
+   Two processes on two or more GPUs (NCCL), one on a single GPU (the same code over a one-process group: it
+   checks the path on CUDA, it saves no memory), two CPU processes over gloo with ``--tiny-cpu``. Its result goes
+   into the same JSON (``fsdp``); ``--no-fsdp`` skips it.
+
 Runs in well under 8 minutes on an H100/H200. Without a CUDA GPU it prints a message and exits 0 (use
 ``bench/gpu_flux.sh``). ``--tiny-cpu`` runs the same code on a tiny FLUX config on the CPU (a logic check only,
 used by the test suite; its numbers mean nothing).
@@ -315,6 +322,66 @@ def run_train(variant: str, device: str, tiny: bool, size: dict) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------------------
+# Part 5: sharded training (FSDP launch of the trainer)
+# ---------------------------------------------------------------------------------------------------------
+FSDP_CONFIG = C.REPO_ROOT / "configs" / "accelerate_fsdp.yaml"
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def run_fsdp(device: str, timeout: float = 300) -> dict:
+    """4 sharded training steps of the trainer on a tiny FLUX pipeline (checkpoint at 2), then a resume from
+    checkpoint-2 to step 4: the sharding line each run logs, seconds, and whether the resume is exact."""
+    import shutil
+    import time
+
+    import torch
+
+    from qrlora.files.checkpoint import ADAPTER_FILENAME, load_adapter
+    from qrlora.toy.tiny import build_tiny_pipeline
+
+    processes = min(2, torch.cuda.device_count()) if device == "cuda" else 2
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        model = build_tiny_pipeline("flux", tmp / "flux")
+
+        def train(out: Path, *extra: str) -> tuple[float, str]:
+            cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(FSDP_CONFIG),
+                   "--num_processes", str(processes), "--main_process_port", str(_free_port()),
+                   "--mixed_precision", "bf16" if device == "cuda" else "no", "-m", "qrlora.train",
+                   "--pretrained_model_name_or_path", str(model), "--instance_data_dir", str(C.REPO_ROOT / "assets/cnt/cat"),
+                   "--instance_prompt", "a photo of a <c> cat", "--resolution", "64", "--max_sequence_length", "16",
+                   "--max_train_steps", "4", "--checkpointing_steps", "2", "--lora_init_method", "triu_deltaR",
+                   "--gradient_checkpointing", "--output_dir", str(out), *extra]
+            start = time.perf_counter()
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=C.REPO_ROOT)
+            seconds = time.perf_counter() - start
+            if proc.returncode != 0:
+                raise RuntimeError(f"{' '.join(cmd[:8])} ... exited {proc.returncode}: {proc.stderr[-1500:]}")
+            lines = [line.split("qrlora.sharding: ", 1)[1] for line in proc.stderr.splitlines() if "qrlora.sharding: FSDP" in line]
+            return seconds, lines[0] if lines else "(no sharding line logged)"
+
+        straight_s, sharding = train(tmp / "straight")
+        resumed = tmp / "resumed"
+        resumed.mkdir()
+        shutil.copytree(tmp / "straight" / "checkpoint-2", resumed / "checkpoint-2")
+        resumed_s, _ = train(resumed, "--resume_from_checkpoint", "latest")
+        a, b = load_adapter(tmp / "straight" / ADAPTER_FILENAME), load_adapter(resumed / ADAPTER_FILENAME)
+        exact = all(torch.equal(t, b.layers[p][n]) for p, named in a.layers.items() for n, t in named.items())
+        learned = any(bool(torch.count_nonzero(named["delta_r"])) for named in a.layers.values())
+    return {"part": "fsdp", "config": str(FSDP_CONFIG.relative_to(C.REPO_ROOT)), "processes": processes,
+            "backend": "nccl" if device == "cuda" else "gloo", "model": "tiny random FLUX pipeline (qrlora.tiny)",
+            "sharding": sharding, "straight_seconds": straight_s, "resumed_seconds": resumed_s,
+            "resume_exact": exact, "learned": learned, "adapter_layers": len(a.layers)}
+
+
+# ---------------------------------------------------------------------------------------------------------
 # Parent
 # ---------------------------------------------------------------------------------------------------------
 def spawn(part: str, device: str, tiny: bool, workdir: Path, timeout: float, estimate: Path | None = None) -> dict:
@@ -372,6 +439,7 @@ def main(argv=None) -> int:
                    help="where part 4 writes the estimate with measured beside it (default "
                         "bench/results/flux_memory_measured.json; bench/reports/flux_memory.json fills the README)")
     p.add_argument("--memory-budget", type=float, default=240.0, help="seconds part 4 may use (default 240)")
+    p.add_argument("--no-fsdp", action="store_true", help="skip part 5 (the trainer's sharded path, FSDP launch)")
     p.add_argument("--part", default=None, help=argparse.SUPPRESS)
     p.add_argument("--device", default=None, help=argparse.SUPPRESS)
     p.add_argument("--json-out", type=Path, default=None, help=argparse.SUPPRESS)
@@ -381,6 +449,8 @@ def main(argv=None) -> int:
     if args.part:  # child
         if args.part.startswith("memory:"):
             result = run_memory(args.part, args.device, args.tiny_cpu, args.memory_estimate)
+        elif args.part == "fsdp":
+            result = run_fsdp(args.device)
         else:
             result = run_init(args.device, args.tiny_cpu, size) if args.part == "init" else \
                 run_train(args.part, args.device, args.tiny_cpu, size)
@@ -426,6 +496,11 @@ def main(argv=None) -> int:
             memory = run_memory_parts(device, args.tiny_cpu, args.memory_estimate, memory_out, args.memory_budget,
                                       Path(tmp), bases, info)
             print(f"[gpu_flux] memory rows: {memory_out}", file=sys.stderr)
+        fsdp = None
+        if args.no_fsdp:
+            skipped["fsdp"] = "--no-fsdp"
+        else:
+            fsdp = spawn("fsdp", device, args.tiny_cpu, Path(tmp), timeout)
     init = results[0]
     train = {r.get("variant", r["part"]): r for r in results[1:]}
     for quant in ("", "+nf4", "+fp8"):
@@ -453,6 +528,7 @@ def main(argv=None) -> int:
         "memory_measured": None if memory is None else {
             "rows_measured": sum(r.get("measured_peak_gib") is not None for r in memory["rows"]),
             **memory["measured_on"]},
+        "fsdp": fsdp,
     }
     C.write_json(output, payload)
     print(render(payload))
@@ -488,9 +564,20 @@ def render(payload: dict) -> str:
               f"{payload['timing']}:", "",
               C.markdown_table(["variant", "step s", "step vs PEFT", "peak GiB", "peak vs PEFT", "trainable params",
                                 "params vs PEFT"], rows)]
+    if payload.get("fsdp"):
+        lines.append("\n" + render_fsdp(payload["fsdp"]))
     for what, why in payload["skipped"].items():
         lines.append(f"\nskipped {what}: {why}")
     return "\n".join(lines)
+
+
+def render_fsdp(fsdp: dict) -> str:
+    """One line for part 5 (the FSDP launch)."""
+    if "error" in fsdp:
+        return f"FSDP launch FAILED: {fsdp['error'].splitlines()[-1][:200]}"
+    return (f"FSDP launch ({fsdp['config']}, {fsdp['backend']}): {fsdp['sharding'].removeprefix('FSDP: ')}; "
+            f"4 steps {fsdp['straight_seconds']:.1f} s, resume from step 2 {'exact' if fsdp['resume_exact'] else 'NOT exact'}, "
+            f"adapter {'learned' if fsdp['learned'] else 'did NOT learn'}")
 
 
 if __name__ == "__main__":

@@ -5,10 +5,12 @@
 # Then every row of the CPU estimate bench/reports/flux_memory.json that fits the GPU (no block swap), measured with
 # torch.cuda.max_memory_allocated and written beside the estimate (--memory-output; give
 # bench/reports/flux_memory.json to fill the README's FLUX memory table; --memory-budget seconds, default 240).
+# Then the trainer's sharded path: an FSDP launch (accelerate launch --config_file configs/accelerate_fsdp.yaml, 2 processes
+# on 2+ GPUs, 1 on one GPU) of 4 steps on a tiny FLUX pipeline and a resume from step 2, which must be exact (--no-fsdp skips it).
 # Random bf16 weights built from the published config: nothing is downloaded. Prints a table, writes bench/results/gpu_flux.json
 # (or the path given with --output). Under 8 minutes on an H100/H200-class GPU.
 #
-#   bash bench/gpu_flux.sh [--output PATH] [--no-quantized] [--no-memory] [--memory-output PATH]
+#   bash bench/gpu_flux.sh [--output PATH] [--no-quantized] [--no-memory] [--memory-output PATH] [--no-fsdp]
 #
 # On a machine without an NVIDIA GPU it says so and exits 0.
 set -euo pipefail

@@ -162,6 +162,11 @@ class Backbone:
         with torch.device("meta"):
             return getattr(diffusers, self.denoiser_class).from_config({**self.published_config, **overrides})
 
+    def shard_units(self, denoiser: nn.Module) -> list[nn.Module]:
+        """The modules an FSDP launch shards the frozen base in (``qrlora.training.sharding``), each gathered whole just
+        before it runs: the transformer blocks; what lies outside them is one more unit, with the root."""
+        return self.transformer_blocks(denoiser)
+
     def count_transformer_blocks(self, model_path: str) -> int:
         """How many blocks ``transformer_blocks`` will return, from the denoiser's config alone (nothing loaded)."""
         if not self.block_lists:

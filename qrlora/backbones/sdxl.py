@@ -56,6 +56,10 @@ class SDXL(Backbone):
     vae_in_float32 = True  # SDXL's original VAE overflows in fp16 (diffusers' scripts keep it in float32)
     text_encoder_names = ("text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2")
 
+    def shard_units(self, denoiser):
+        """The UNet's down, mid and up blocks (it has no list of uniform transformer blocks)."""
+        return [*denoiser.down_blocks, denoiser.mid_block, *denoiser.up_blocks]
+
     # ---- prompts and latents --------------------------------------------------------------------------
     def encode_prompts(self, text_pipeline, prompts, device, max_sequence_length):
         embeds, _, pooled, _ = text_pipeline.encode_prompt(

@@ -3,6 +3,7 @@
 A launcher that starts several processes without a process group accelerate can join (``torchrun`` on a CPU
 machine, or a stray ``WORLD_SIZE`` in the environment) leaves every process believing it is process 0 of 1:
 each would train alone and write the same run folder. That is stopped with one line saying how to launch.
+FSDP launches (``ACCELERATE_USE_FSDP``) are claimed before this check by ``qrlora.training.sharding.fsdp_launch``.
 """
 from __future__ import annotations
 
@@ -14,21 +15,13 @@ HOW_TO_LAUNCH = ("launch with `accelerate launch --num_processes N -m qrlora.tra
                  "without GPUs), or a wrapper with GPU ids (`bash flux_dir/train_QR.sh 0,1 RANK`)")
 
 
-def _truthy(name: str) -> bool:
-    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes")
-
-
 def check_launch() -> None:
-    """Refuse a multi-process launch that accelerate would run as independent single processes, and FSDP.
+    """Refuse a multi-process launch that accelerate would run as independent single processes.
 
     Raises:
         UserError: ``WORLD_SIZE`` > 1 but no process group can form (no ``MASTER_ADDR``), or accelerate sees
-            one process; or an FSDP launch (``ACCELERATE_USE_FSDP``), which this trainer does not support yet.
+            one process.
     """
-    if _truthy("ACCELERATE_USE_FSDP"):
-        raise UserError("FSDP launches are not supported yet: accelerate's FSDP checkpoints would hold the whole base "
-                        "model, and on the CPU accelerate runs FSDP as plain data parallel; launch data-parallel "
-                        "(`accelerate launch --num_processes N`) and fit one GPU with --blocks_to_swap / --base_precision")
     try:
         world = int(os.environ.get("WORLD_SIZE", "1"))
     except ValueError:

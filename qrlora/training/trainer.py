@@ -9,6 +9,7 @@ diffusers' DreamBooth LoRA scripts where they exist.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import math
@@ -42,6 +43,7 @@ from ..core.prompts import check_prompt_lengths
 from ..core.quantize import LIBRARIES, check_available, quantize_base_
 from ..files.run_folder import (RunLock, check_finite, check_resume_matches, complete_checkpoints, keep_launcher, remove_partials,
                                 resolve_resume, write_checkpoint)
+from .sharding import fsdp_launch, prepare_sharded, shard_base
 from .tracking import log_validation_images
 
 logger = logging.getLogger("qrlora.train")
@@ -121,6 +123,7 @@ def train(args, command: str) -> Path:
     """Train one adapter as the parsed flags (``qrlora.cli.train``) say; ``command`` is the command line the model
     card records. Returns the final adapter file."""
     # ---- 1. Check every input before loading anything heavy ------------------------------------------
+    shard_plan = fsdp_launch(args)  # an FSDP launch: checked, then run by accelerate as data parallel (training/sharding.py)
     check_launch()  # several processes that accelerate would each run alone: stop before any of them writes
     backbone = detect_backbone(args.pretrained_model_name_or_path, args.backbone)
     max_sequence_length = args.max_sequence_length or backbone.default_max_sequence_length
@@ -205,7 +208,10 @@ def train(args, command: str) -> Path:
     # Fingerprinted before any weight is swapped out or quantized: it names the base model as loaded.
     metadata["base_fingerprint"] = base_fingerprint({p: layer.base_layer.weight for p, layer in adapter_layers(denoiser)})
     attach_block_swap(backbone, denoiser, args.blocks_to_swap, device)  # before .to(device): swapped weights stay on the host
-    denoiser.to(device)
+    if shard_plan is not None:  # instead of .to(device): each process moves only its shards of the frozen base
+        shard_base(backbone, denoiser, device, shard_plan)
+    else:
+        denoiser.to(device)
     if args.base_precision in LIBRARIES:
         quantize_base_(denoiser, args.base_precision)
     if args.gradient_checkpointing:
@@ -226,7 +232,8 @@ def train(args, command: str) -> Path:
     # A prepared scheduler steps once per process on each update, hence the factors of ``world``.
     lr_scheduler = get_scheduler(args.lr_scheduler, optimizer=optimizer, num_warmup_steps=args.lr_warmup_steps * world,
                                  num_training_steps=max_steps * world, num_cycles=args.lr_num_cycles, power=args.lr_power)
-    denoiser, optimizer, lr_scheduler = accelerator.prepare(denoiser, optimizer, lr_scheduler)
+    prepare = accelerator.prepare if shard_plan is None else functools.partial(prepare_sharded, accelerator)
+    denoiser, optimizer, lr_scheduler = prepare(denoiser, optimizer, lr_scheduler)
     model = accelerator.unwrap_model(denoiser)
 
     # ---- 7. Checkpoints hold the adapter file (not the base weights) plus accelerate's state -------
