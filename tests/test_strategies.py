@@ -155,3 +155,24 @@ def test_strategy_refusals(tiny_sd3, mixed_pair, tmp_path, capsys):
         lines = error_lines(capsys.readouterr().err)
         assert exit_info.value.code == 2 and len(lines) == 1 and expected in lines[0], (expected, lines)
     assert not (tmp_path / "out").exists() and not (tmp_path / "m").exists()
+
+
+def test_render_and_strategy_settings_are_checked_once_naming_the_flag():
+    """The typed settings the merge library takes: built from parsed flags by one function, every field checked."""
+    import argparse
+
+    from qrlora.cli.arguments import settings_from
+    from qrlora.errors import UserError
+    from qrlora.merging.settings import RenderSettings, StrategySettings
+
+    parsed = argparse.Namespace(height=32, width=48, seed=3, prompt="p", merge_density=0.25, unrelated="x")
+    render, settings = settings_from(RenderSettings, parsed), settings_from(StrategySettings, parsed)
+    assert (render.height, render.width, render.seed, render.prompt) == (32, 48, 3, "p")
+    assert settings.merge_density == 0.25 and render.call_kwargs()["height"] == 32
+    for build, expected in ((lambda: RenderSettings(height=30), "--height must be a positive multiple of 16"),
+                            (lambda: RenderSettings(num_inference_steps=0), "--num_inference_steps"),
+                            (lambda: RenderSettings(dtype="int8"), "--dtype"),
+                            (lambda: StrategySettings(merge_density=0.0), "--merge_density"),
+                            (lambda: StrategySettings(klora_k=0), "--klora_k")):
+        with pytest.raises(UserError, match=expected):
+            build()

@@ -14,6 +14,7 @@ from peft.utils.merge_utils import dare_linear, ties
 from qrlora.files.checkpoint import AdapterFile
 from qrlora.core.decompose import layer_seed
 from qrlora.core.methods import METHODS, AdapterConfig
+from qrlora.merging.settings import RenderSettings, StrategySettings
 from qrlora.merging.strategies import STRATEGIES
 from qrlora.toy.world.study import (CONDITIONS, StudyPlan, aggregate, layer_mechanism, pooled_rate,
                                     subspace_overlap, token_mechanism, wilson_interval, word_positions)
@@ -128,8 +129,8 @@ def test_ties_and_dare_equal_peft_by_hand(name):
     original = model.blk.lin.weight.detach().clone()
     dc, ds = torch.randn(12, 3, generator=gen) @ torch.randn(3, 10, generator=gen), torch.randn(12, 10, generator=gen)
     content, style = _adapter(dc), _adapter(ds)
-    args = type("Args", (), {"merge_density": 0.4, "ties_majority_sign": "total", "seed": 0})()
-    strategy = STRATEGIES[name](None, model, [content, style], None, (0, 1), args, {})
+    settings = StrategySettings(merge_density=0.4, ties_majority_sign="total")
+    strategy = STRATEGIES[name](None, model, [content, style], None, (0, 1), settings, RenderSettings())
     strategy.apply([0.7, 1.2], num_steps=1)
     weights = torch.tensor([0.7, 1.2])
     # By hand: PEFT's function on the two dense dW (from the files' factors, as the merge sees them).

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 from conftest import error_lines, run_script
-from qrlora.cli.world_runs import render_args, train_adapter
+from qrlora.cli.world_runs import render_settings, train_adapter
 from qrlora.toy.world import data
 from qrlora.toy.world.experiment import Sampler
 from qrlora.toy.world.world import CONTENT_STYLE, SHIPPED_WORLD, STYLE_SHAPE, load_world
@@ -63,7 +63,7 @@ def samplers(world, tmp_path_factory):
             root = tmp_path_factory.mktemp(f"world_{method}")
             paths = [train_adapter(world, method, role, root / role, steps=steps, lr=lr, seed=0)
                      for role in ("content", "style")]
-            merged = MergedPipeline(str(world.path), [load_adapter(p) for p in paths], None, render_args(world),
+            merged = MergedPipeline(str(world.path), [load_adapter(p) for p in paths], None, render_settings(world),
                                     strategy="direct", roles=(0, 1))
             _SAMPLERS[method] = Sampler(world, merged, SAMPLES)
         return _SAMPLERS[method]

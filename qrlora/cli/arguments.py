@@ -3,8 +3,10 @@ K-LoRA's options, and the scoring models (evaluate, compare). Defaults come from
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import re
+from typing import TypeVar
 
 from ..core.devices import DTYPES
 from ..errors import UserError
@@ -12,6 +14,16 @@ from ..evaluation.evaluate import DEFAULT_CLIP, DEFAULT_CONCEPT_TOKENS, DEFAULT_
 from ..merging.klora import KLORA_ALPHA, KLORA_BETA, KLORA_K
 from ..merging.strategies import STRATEGIES
 from ..merging.ziplora import ZIPLORA_LAMBDA, ZIPLORA_LR, ZIPLORA_STEPS
+
+
+Settings = TypeVar("Settings")
+
+
+def settings_from(cls: type[Settings], parsed: argparse.Namespace) -> Settings:
+    """The typed settings ``cls`` (a frozen dataclass of the library) from the parsed flags of the same names: the
+    one place a namespace becomes what the library takes. Its ``__post_init__`` checks every field, naming the flag."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    return cls(**{name: value for name, value in vars(parsed).items() if name in names})
 
 
 class ArgumentParser(argparse.ArgumentParser):

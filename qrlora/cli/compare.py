@@ -5,8 +5,10 @@ from pathlib import Path
 
 from ..evaluation.compare import compare
 from ..errors import cli_entry
+from ..merging.settings import RenderSettings, StrategySettings
 from ..merging.strategies import STRATEGIES
-from .arguments import ArgumentParser, add_evaluation_arguments, add_render_arguments, add_strategy_options, number_list
+from .arguments import (ArgumentParser, add_evaluation_arguments, add_render_arguments, add_strategy_options, number_list,
+                        settings_from)
 
 
 @cli_entry
@@ -26,4 +28,5 @@ def main(argv=None) -> list[Path]:
     add_evaluation_arguments(p)
     add_render_arguments(p)
     p.set_defaults(output_dir="compare_output")
-    return compare(p.parse_args(argv))
+    args = p.parse_args(argv)
+    return compare(args, settings_from(RenderSettings, args), settings_from(StrategySettings, args))

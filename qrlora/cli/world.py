@@ -20,7 +20,7 @@ from ..toy.world.experiment import LR_FACTOR, Sampler, dw_similarity, markdown, 
 from ..toy.world.world import SAMPLE_GUIDANCE, SAMPLE_STEPS
 from ..toy.world.world import World, write_instance_images
 from .arguments import ArgumentParser, number_list, positive
-from .world_runs import render_args, train_adapter
+from .world_runs import render_settings, train_adapter
 
 EXPERIMENT_STEPS = 100  # trainer steps per adapter (a sweep on the shipped world: README "The CPU world")
 EXPERIMENT_LR = 1e-2
@@ -208,7 +208,7 @@ def run_experiment(world: World, output: Path, *, methods: list[str], merges: li
     from ..merging.inference import MergedPipeline
 
     start = time.perf_counter()
-    args = render_args(world, seed)
+    render = render_settings(world, seed)
     results = {"command": command, "world": str(world.path), "world_build": world.record.get("command"),
                "settings": {"methods": methods, "merges": merges, "grid": grid, "samples": samples, "steps": steps,
                             "learning_rate": lr, "rank": rank, "seed": seed, "sample_steps": SAMPLE_STEPS,
@@ -226,7 +226,7 @@ def run_experiment(world: World, output: Path, *, methods: list[str], merges: li
             if STRATEGIES[name].pair_only and not get_method(method).static:
                 entry["strategies"][name] = {"skipped": f"{method} adapters are token-dependent; {name} needs dW"}
                 continue
-            merged = MergedPipeline(str(world.path), adapters, None, args, strategy=name, roles=(0, 1))
+            merged = MergedPipeline(str(world.path), adapters, None, render, strategy=name, roles=(0, 1))
             sampler = Sampler(world, merged, samples)
             if name == "direct":
                 entry.update(sampler.leakage())

@@ -1,15 +1,14 @@
 """The world's adapters and renders through the real commands: ``train_adapter`` runs the trainer's CLI on a
-world, ``render_args`` holds the rendering flags ``MergedPipeline`` reads. Shared by ``python -m qrlora.world
+world, ``render_settings`` is how ``MergedPipeline`` renders one. Shared by ``python -m qrlora.world
 experiment`` (:mod:`.world`) and ``study`` (:mod:`.world_study`)."""
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
+from ..merging.settings import RenderSettings
 from ..toy.world import data
 from ..toy.world.experiment import LR_FACTOR
 from ..toy.world.world import CONTENT_STYLE, SAMPLE_GUIDANCE, SAMPLE_STEPS, STYLE_SHAPE, World, write_instance_images
-from .arguments import ArgumentParser, add_render_arguments, add_strategy_arguments
 
 
 def train_adapter(world: World, method: str, role: str, output_dir: Path, *, steps: int, lr: float, rank: int = 4,
@@ -38,13 +37,8 @@ def train_adapter(world: World, method: str, role: str, output_dir: Path, *, ste
         AcceleratorState._reset_state()  # accelerate keeps one global state per process
 
 
-def render_args(world: World, seed: int = 0) -> argparse.Namespace:
-    """The rendering / strategy flags ``MergedPipeline`` reads, as the merge CLI would parse them for this world."""
-    p = ArgumentParser()
-    add_render_arguments(p)
-    add_strategy_arguments(p)
-    return p.parse_args([
-        "--num_inference_steps", str(SAMPLE_STEPS), "--guidance_scale", str(SAMPLE_GUIDANCE), "--seed", str(seed),
-        "--height", str(world.resolution), "--width", str(world.resolution),
-        "--max_sequence_length", str(world.max_sequence_length), "--device", "cpu", "--dtype", "fp32",
-    ])
+def render_settings(world: World, seed: int = 0) -> RenderSettings:
+    """How ``MergedPipeline`` renders this world: its size, T5 length, sampling steps and guidance, on the CPU."""
+    return RenderSettings(num_inference_steps=SAMPLE_STEPS, guidance_scale=SAMPLE_GUIDANCE, seed=seed,
+                          height=world.resolution, width=world.resolution,
+                          max_sequence_length=world.max_sequence_length, device="cpu", dtype="fp32")

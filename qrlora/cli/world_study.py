@@ -30,7 +30,7 @@ from ..toy.world import data
 from ..toy.world.study import (CONDITIONS, STYLE_SEED_OFFSET, WEIGHT_GRID, StudyPlan, aggregate, markdown,
                                pair_folder_name, plot, token_mechanism, weight_mechanism, word_positions)
 from ..toy.world.world import CONTENT_STYLE, STYLE_SHAPE, load_world
-from .world_runs import render_args, train_adapter
+from .world_runs import render_settings, train_adapter
 
 STUDY_FILE = "study.json"
 REPORT_NAME = "world_study"
@@ -94,9 +94,9 @@ def run_cell(world_path: str, name: str, seed: int, output: str, samples: int, g
     pair = train_pair(world_path, name, seed, output, steps)
     world = load_world(world_path)
     adapters = [load_adapter(pair["paths"]["content"]), load_adapter(pair["paths"]["style"])]
-    args = render_args(world, 0)
+    render = render_settings(world, 0)
 
-    direct = Sampler(world, MergedPipeline(str(world.path), adapters, None, args, strategy="direct"), samples)
+    direct = Sampler(world, MergedPipeline(str(world.path), adapters, None, render, strategy="direct"), samples)
     own_content = world.rates(direct.images((1.0, 0.0), [data.caption(world.new_shape, CONTENT_STYLE)]),
                               shape=world.new_shape)["shape"]
     own_style = world.rates(direct.images((0.0, 1.0), [data.caption(STYLE_SHAPE, world.new_style)]),
@@ -107,7 +107,7 @@ def run_cell(world_path: str, name: str, seed: int, output: str, samples: int, g
     content_alone = world.rates(direct.images((1.0, 0.0), merged_prompt), shape=world.new_shape)["shape"]
     style_alone = world.rates(direct.images((0.0, 1.0), merged_prompt), style=world.new_style)["style"]
     merged = direct if condition.merge == "direct" else Sampler(
-        world, MergedPipeline(str(world.path), adapters, None, args, strategy=condition.merge), samples)
+        world, MergedPipeline(str(world.path), adapters, None, render, strategy=condition.merge), samples)
     cells = []
     for wc in grid:
         for ws in grid:

@@ -6,9 +6,10 @@ from pathlib import Path
 
 from ..errors import UserError, cli_entry
 from ..files.checkpoint import load_adapter, save_adapter
-from ..merging.inference import MergedPipeline, pipeline_call_kwargs
-from ..merging.ziplora import learn_from_args, zipped_adapter
-from .arguments import ArgumentParser, add_render_arguments, add_ziplora_arguments
+from ..merging.inference import MergedPipeline
+from ..merging.settings import RenderSettings, StrategySettings
+from ..merging.ziplora import learn_with_settings, zipped_adapter
+from .arguments import ArgumentParser, add_render_arguments, add_ziplora_arguments, settings_from
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -23,14 +24,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def learn_and_save(args) -> Path:
-    """The command's work: learn the coefficients for a content and a style adapter (``learn_from_args``) and write
+    """The command's work: learn the coefficients for a content and a style adapter (``learn_with_settings``) and write
     one adapter file."""
     output = Path(args.output)
     if output.exists() and not args.overwrite:
         raise UserError(f"--output: {output} exists; pass --overwrite or choose a new name")
     content, style = load_adapter(args.content_lora_path), load_adapter(args.style_lora_path)
-    merged = MergedPipeline(args.model_path, [content, style], None, args, strategy=None)
-    result, provenance = learn_from_args(merged.pipe, merged.denoiser, content, style, args, pipeline_call_kwargs(args))
+    render, settings = settings_from(RenderSettings, args), settings_from(StrategySettings, args)
+    merged = MergedPipeline(args.model_path, [content, style], None, render, strategy=None)
+    result, provenance = learn_with_settings(merged.pipe, merged.denoiser, content, style, settings, render)
     save_adapter(output, zipped_adapter(content, style, result, provenance))
     print(f"wrote {output}")
     return output

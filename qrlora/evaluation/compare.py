@@ -12,6 +12,7 @@ folder) is checked before the first image renders.
 from __future__ import annotations
 
 import gc
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -21,6 +22,7 @@ from ..files.checkpoint import load_adapter, save_adapter
 from ..errors import UserError
 from .evaluate import ImageRecord, check_output_dir, evaluate_folders, load_model, load_references, write_manifest
 from ..merging.inference import MergedPipeline, adapters_method, parse_weights
+from ..merging.settings import RenderSettings, StrategySettings
 from ..merging.strategies import STRATEGIES, check_strategy
 
 
@@ -47,9 +49,11 @@ def check_scoring_models(args) -> None:
     load_model("--dino_model", args.dino_model, AutoConfig.from_pretrained)
 
 
-def render_strategy(name: str, adapters, args, style_weights, content_weights, seeds, folder: Path) -> None:
-    """Render every (style, content, seed) image of one strategy into ``folder`` with its manifest."""
-    merged = MergedPipeline(args.model_path, adapters, None, args, strategy=name, roles=(1, 0))
+def render_strategy(name: str, adapters, model_path: str, render: RenderSettings, settings: StrategySettings,
+                    style_weights, content_weights, seeds, folder: Path) -> None:
+    """Render every (style, content, seed) image of one strategy into ``folder`` with its manifest. ZipLoRA learns
+    its coefficients from renders with ``render``'s own seed; each image takes its seed from ``seeds``."""
+    merged = MergedPipeline(model_path, adapters, None, render, strategy=name, roles=(1, 0), settings=settings)
     folder.mkdir(parents=True, exist_ok=True)
     learned = merged.strategy.learned_adapter()
     if learned is not None:  # ZipLoRA: keep the learned merge as a normal adapter file
@@ -57,10 +61,9 @@ def render_strategy(name: str, adapters, args, style_weights, content_weights, s
     records = []
     cells = [(s, c, seed) for c in content_weights for s in style_weights for seed in seeds]
     for s, c, seed in tqdm(cells, desc=name):
-        args.seed = seed
         file = f"s{s:.2f}_c{c:.2f}_seed{seed}.png"
-        merged.render([s, c], args).save(folder / file)
-        records.append(ImageRecord(file=file, prompt=args.prompt, strategy=name, method=adapters_method(adapters),
+        merged.render([s, c], replace(render, seed=seed)).save(folder / file)
+        records.append(ImageRecord(file=file, prompt=render.prompt, strategy=name, method=adapters_method(adapters),
                                    style_weight=s, content_weight=c, seed=seed))
     write_manifest(folder, records)
     del merged
@@ -69,9 +72,9 @@ def render_strategy(name: str, adapters, args, style_weights, content_weights, s
         torch.cuda.empty_cache()
 
 
-def compare(args) -> list[Path]:
+def compare(args, render: RenderSettings, settings: StrategySettings) -> list[Path]:
     """``python -m qrlora.compare`` (flags: ``qrlora.cli.compare``): render each merge strategy of a content and a
-    style adapter, then score them."""
+    style adapter with ``render`` and ``settings``, then score them (the scoring flags still come as ``args``)."""
     # 1. Check everything before the first render.
     strategies = parse_strategies(args.strategies)
     style_weights = parse_weights(args.style_weights, "--style_weights")
@@ -90,9 +93,10 @@ def compare(args) -> list[Path]:
         raise UserError(f"--output_dir: {out / taken[0]} is not empty; pass --overwrite or choose a new folder")
 
     # 2. Render each strategy, 3. score all images together.
-    args.seed = seeds[0]  # ZipLoRA samples its recordings with the first seed
+    render = replace(render, seed=seeds[0])  # ZipLoRA samples its recordings with the first seed
     for name in strategies:
-        render_strategy(name, adapters, args, style_weights, content_weights, seeds, out / name)
+        render_strategy(name, adapters, args.model_path, render, settings, style_weights, content_weights, seeds,
+                        out / name)
     written = evaluate_folders([str(out / name) for name in strategies], args, out)
     print((out / "summary.md").read_text(), end="")
     print(f"wrote {', '.join(p.name for p in written)} to {out}")

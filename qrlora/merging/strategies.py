@@ -22,7 +22,7 @@ from ..core.decompose import layer_seed
 from ..errors import UserError
 from .klora import KLoRA
 from .merger import Merger
-from .ziplora import column_scaled_adapter, learn_from_args, zipped_adapter
+from .ziplora import column_scaled_adapter, learn_with_settings, zipped_adapter
 
 
 class DirectMerge:
@@ -32,7 +32,7 @@ class DirectMerge:
     folds_weights = True
     residual_form = True
 
-    def __init__(self, pipe, denoiser, adapters: Sequence[AdapterFile], residual, roles, args, call_kwargs):
+    def __init__(self, pipe, denoiser, adapters: Sequence[AdapterFile], residual, roles, settings, render):
         self.merger = Merger(denoiser, adapters, residual=residual)
 
     def apply(self, weights: Sequence[float], num_steps: int) -> dict:
@@ -50,10 +50,10 @@ class ZipLoRAMerge(DirectMerge):
     pair_only = True
     residual_form = False
 
-    def __init__(self, pipe, denoiser, adapters, residual, roles, args, call_kwargs):
+    def __init__(self, pipe, denoiser, adapters, residual, roles, settings, render):
         content_index, style_index = roles
         content, style = adapters[content_index], adapters[style_index]
-        self.result, self.provenance = learn_from_args(pipe, denoiser, content, style, args, call_kwargs)
+        self.result, self.provenance = learn_with_settings(pipe, denoiser, content, style, settings, render)
         self.pair = (content, style)
         scaled = list(adapters)
         scaled[content_index] = column_scaled_adapter(content, self.result.content)
@@ -72,10 +72,10 @@ class KLoRAMerge:
     residual_form = False
     merger = None
 
-    def __init__(self, pipe, denoiser, adapters, residual, roles, args, call_kwargs):
+    def __init__(self, pipe, denoiser, adapters, residual, roles, settings, render):
         self.roles = roles
-        self.klora = KLoRA(denoiser, adapters[roles[0]], adapters[roles[1]], k=args.klora_k,
-                           alpha=args.klora_alpha, beta=args.klora_beta)
+        self.klora = KLoRA(denoiser, adapters[roles[0]], adapters[roles[1]], k=settings.klora_k,
+                           alpha=settings.klora_alpha, beta=settings.klora_beta)
 
     def apply(self, weights: Sequence[float], num_steps: int) -> dict:
         return self.klora.start(weights[self.roles[0]], weights[self.roles[1]], num_steps)
@@ -89,10 +89,10 @@ class PeftMerge(DirectMerge):
 
     residual_form = False
 
-    def __init__(self, pipe, denoiser, adapters, residual, roles, args, call_kwargs):
-        super().__init__(pipe, denoiser, adapters, None, roles, args, call_kwargs)
-        self.density = float(args.merge_density)
-        self.majority_sign = args.ties_majority_sign
+    def __init__(self, pipe, denoiser, adapters, residual, roles, settings, render):
+        super().__init__(pipe, denoiser, adapters, None, roles, settings, render)
+        self.density = float(settings.merge_density)
+        self.majority_sign = settings.ties_majority_sign
 
     def combine(self, layer: str, deltas: list[torch.Tensor], weights: list[float]) -> torch.Tensor:
         raise NotImplementedError

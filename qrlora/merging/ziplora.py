@@ -237,16 +237,18 @@ def default_prompt(flag: str, given: str | None, adapter: AdapterFile) -> str:
     return prompt
 
 
-def learn_from_args(pipe, denoiser, content: AdapterFile, style: AdapterFile, args, call_kwargs: dict) -> tuple[ZipResult, dict]:
-    """Run ``learn_mergers`` with the CLI flags; returns the result and its provenance for the file metadata."""
-    content_prompt = default_prompt("--content_prompt", args.content_prompt, content)
-    style_prompt = default_prompt("--style_prompt", args.style_prompt, style)
+def learn_with_settings(pipe, denoiser, content: AdapterFile, style: AdapterFile, settings, render) -> tuple[ZipResult, dict]:
+    """Run ``learn_mergers`` with a strategy's settings (``StrategySettings``) and the renders it learns from
+    (``RenderSettings``: steps, size, seed); returns the result and its provenance for the file metadata."""
+    content_prompt = default_prompt("--content_prompt", settings.content_prompt, content)
+    style_prompt = default_prompt("--style_prompt", settings.style_prompt, style)
     result = learn_mergers(pipe, denoiser, content, style, content_prompt=content_prompt, style_prompt=style_prompt,
-                           call_kwargs=call_kwargs, steps=args.ziplora_steps, lr=args.ziplora_lr, lam=args.ziplora_lambda,
-                           seed=args.seed)
-    provenance = {"ziplora_steps": args.ziplora_steps, "ziplora_lr": args.ziplora_lr, "ziplora_lambda": args.ziplora_lambda,
+                           call_kwargs=render.call_kwargs(), steps=settings.ziplora_steps, lr=settings.ziplora_lr,
+                           lam=settings.ziplora_lambda, seed=render.seed)
+    provenance = {"ziplora_steps": settings.ziplora_steps, "ziplora_lr": settings.ziplora_lr,
+                  "ziplora_lambda": settings.ziplora_lambda,
                   "ziplora_content_prompt": content_prompt, "ziplora_style_prompt": style_prompt,
                   "ziplora_objective_start": repr(result.objective_start), "ziplora_objective_end": repr(result.objective_end)}
-    print(f"ZipLoRA objective {result.objective_start:.6g} -> {result.objective_end:.6g} after {args.ziplora_steps} steps")
+    print(f"ZipLoRA objective {result.objective_start:.6g} -> {result.objective_end:.6g} after {settings.ziplora_steps} steps")
     return result, provenance
 
