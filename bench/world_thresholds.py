@@ -25,7 +25,7 @@ import torch
 
 from qrlora.files.checkpoint import load_adapter
 from qrlora.merging.inference import MergedPipeline
-from qrlora.cli.world_runs import render_args, train_adapter
+from qrlora.cli.world_runs import render_settings, train_adapter
 from qrlora.toy.world import data
 from qrlora.toy.world.experiment import Sampler
 from qrlora.toy.world.world import CONTENT_STYLE, SHIPPED_WORLD, STYLE_SHAPE, load_world
@@ -35,7 +35,7 @@ def measure(world, method: str, steps: int, lr: float, seed: int, samples: int, 
     paths = {role: train_adapter(world, method, role, root / f"{method}-{steps}-{lr}-{seed}" / role, steps=steps,
                                  lr=lr, seed=seed) for role in ("content", "style")}
     merged = MergedPipeline(str(world.path), [load_adapter(paths["content"]), load_adapter(paths["style"])], None,
-                            render_args(world), strategy="direct", roles=(0, 1))
+                            render_settings(world), strategy="direct", roles=(0, 1))
     s = Sampler(world, merged, samples)
     own_c, own_s = data.caption(world.new_shape, CONTENT_STYLE), data.caption(STYLE_SHAPE, world.new_style)
     both = data.caption(world.new_shape, world.new_style)
