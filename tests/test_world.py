@@ -153,3 +153,27 @@ def test_bad_input_is_one_line(tmp_path):
         assert proc.returncode == 2 and len(error_lines(proc.stderr)) == 1, (args, proc.stderr)
         assert "Traceback" not in proc.stderr
     assert sorted(p.name for p in busy.iterdir()) == ["keep.txt"]
+
+
+@pytest.mark.slow
+def test_a_world_build_is_byte_identical_on_rebuild(tmp_path):
+    """Seeded build: two builds of a small world give the same bytes in every weight, tokenizer and config file;
+    only the record's command line (its output folder) and wall times differ."""
+    import hashlib
+    import json
+
+    flags = ["--vae_steps", "3", "--denoiser_steps", "3", "--classifier_steps", "3", "--width", "32", "--layers", "1",
+             "--samples_per_pair", "1", "--save_dtype", "float16"]
+    for name in ("a", "b"):
+        run_script([sys.executable, "-m", "qrlora.world", "build", "--output", str(tmp_path / name), *flags])
+
+    def digests(root):
+        return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+                for p in sorted(root.rglob("*")) if p.is_file() and p.name not in ("world.json", "README.md")}
+
+    a, b = digests(tmp_path / "a"), digests(tmp_path / "b")
+    assert len(a) > 10 and a == b
+    records = [json.loads((tmp_path / n / "world.json").read_text()) for n in ("a", "b")]
+    for record in records:
+        del record["command"], record["timings"]
+    assert records[0] == records[1]
