@@ -4,10 +4,30 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from safetensors import safe_open
+
 from ..files import export
+from ..files.checkpoint import load_adapter
 from ..backbones import BACKBONES
-from ..errors import cli_entry
+from ..errors import UserError, cli_entry
 from .arguments import ArgumentParser
+
+
+def export_file(args) -> Path:
+    """The command's work: ``args.input`` to ``args.output`` in ``args.format`` (``qrlora.files.export.export_lora``)."""
+    out = Path(args.output)
+    if out.is_dir():  # checked first: --overwrite replaces a file, never a folder
+        raise UserError(f"{out} is a folder; give the path of the LoRA file to write (e.g. {out / 'lora.safetensors'})")
+    adapter = load_adapter(args.input)
+    if out.exists() and not args.overwrite:
+        raise UserError(f"{out} already exists; pass --overwrite to replace it")
+    if out.resolve() == Path(args.input).resolve():
+        raise UserError(f"{out} is the input file; choose another output path")
+    export.export_lora(adapter, out, args.format, args.backbone)
+    with safe_open(str(out), framework="pt") as f:
+        modules = sum(k.endswith(("lora_A.weight", "lora_down.weight")) for k in f.keys())
+    print(f"wrote {out}: {args.format} layout, {modules} LoRA modules for {len(adapter.layers)} adapted layers")
+    return out
 
 
 @cli_entry
@@ -21,4 +41,4 @@ def main(argv=None) -> Path:
     p.add_argument("--backbone", choices=list(BACKBONES),
                    help="the adapter's model family, for --format kohya on files without metadata")
     p.add_argument("--overwrite", action="store_true")
-    return export.export_file(p.parse_args(argv))
+    return export_file(p.parse_args(argv))

@@ -1,6 +1,6 @@
 """Residual-file CLIs: from the base model (``save_SD3_residual.py``, ``save_flux_residual.py``, ``qrlora-residual``)
 and from an adapter file's stored bases (``extract_residual_from_checkpoint.py``, ``qrlora-extract-residual``).
-The work is ``qrlora.files.residual.save_base_residual`` and ``qrlora.files.residual.extract_residual``."""
+The command bodies are ``save_base_residual`` and ``extract_residual``; the residual math is ``qrlora.files.residual``."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -9,8 +9,52 @@ from ..backbones import BACKBONES
 from ..core.devices import DTYPES, default_device
 from ..errors import cli_entry
 from ..core.methods import METHODS
-from ..files.residual import extract_residual, save_base_residual
+from ..backbones import detect_backbone
+from ..core.devices import resolve_device
+from ..core.methods import AdapterConfig
+from ..errors import UserError
+from ..files.checkpoint import adapter_metadata, backbone_of, load_adapter, residuals_from_adapter, save_residual
+from ..files.outputs import check_writable, refuse_existing
+from ..files.residual import base_residuals, residual_bytes, residual_filename
 from .arguments import ArgumentParser
+
+
+def save_base_residual(args, backbone_name: str | None = None) -> Path:
+    """Residual of every targeted layer of the base model, for a method, rank and seed (the command's work)."""
+    backbone = detect_backbone(args.model_path, backbone_name)
+    out = Path(args.output_dir) / residual_filename(backbone.name)
+    check_writable(out.parent, "--output_dir")  # the size is known only once the model is loaded
+    refuse_existing([out], args.overwrite)
+    config = AdapterConfig(method=args.lora_init_method, rank=args.rank, alpha=args.lora_alpha, seed=args.seed)
+    targets = args.lora_layers.split(",") if args.lora_layers else list(backbone.default_targets)
+    denoiser = backbone.load_denoiser(args.model_path).to(resolve_device(args.device))
+    residuals = base_residuals(denoiser, config, targets, args.lora_blocks.split(",") if args.lora_blocks else None)
+    meta = adapter_metadata(config, component=backbone.denoiser_name, backbone=backbone.name, base_model=args.model_path, targets=targets)
+    save_residual(out, residuals, {**meta, "format": "qrlora-residual"})
+    print(f"wrote {len(residuals)} residual layers to {out}")
+    return out
+
+
+def extract_residual(args) -> Path:
+    """The residual from the bases stored in an adapter file (the command's work)."""
+    adapter = load_adapter(args.lora_path)
+    adapter.require_weight_change("a residual file is W minus a static basis", "merge it live, in the delta form")
+    backbone = detect_backbone(args.model_path, backbone_of(adapter).name)
+    out = Path(args.output_dir) / residual_filename(backbone.name)
+    check_writable(out.parent, "--output_dir", residual_bytes(adapter))
+    refuse_existing([out], args.overwrite)
+    denoiser = backbone.load_denoiser(args.model_path, DTYPES[args.dtype]).to(resolve_device(args.device))
+    weights = {}
+    for path in adapter.layers:
+        try:
+            weights[path] = denoiser.get_submodule(path).weight.detach().float().cpu()
+        except AttributeError:
+            raise UserError(f"{args.lora_path}: layer {path} does not exist in {args.model_path}") from None
+    residuals = residuals_from_adapter(adapter, weights)
+    save_residual(out, residuals, {"format": "qrlora-residual", "source_adapter": str(args.lora_path),
+                                   "base_model": args.model_path, "backbone": backbone.name})
+    print(f"wrote {len(residuals)} residual layers to {out}")
+    return out
 
 
 @cli_entry

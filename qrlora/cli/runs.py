@@ -2,10 +2,41 @@
 from __future__ import annotations
 
 import argparse
+import sys
+from pathlib import Path
 
 from ..files import runs
-from ..errors import cli_entry
+from ..files.checkpoint import read_safetensors
+from ..errors import UserError, cli_entry
 from .arguments import ArgumentParser
+
+
+def print_found(args) -> None:
+    """The command's work: print the shell assignments of what ``args.what`` asks."""
+    if args.what == "model":
+        _, meta = read_safetensors(args.adapter)
+        if not meta.get("base_model"):
+            raise UserError(f"{args.adapter}: the file does not record its base model; {args.hint or 'set MODEL_NAME'}")
+        print(runs._assign("FOUND_MODEL", runs._base_model(meta["base_model"], Path(args.adapter).resolve().parent)))
+        return
+    roots = list(dict.fromkeys(str(Path(r).resolve()) for r in args.roots if Path(r).is_dir()))
+    found = runs._filtered(runs.find_runs(roots), args.backbone, args.methods, args.static)
+    where = runs._where(roots, args.backbone, args.methods, args.static)
+    if args.what == "pair":
+        pair = runs.newest_pair(found)
+        if pair is None:
+            raise UserError(f"no finished style + content pair of the same backbone, method and rank among the {where}; "
+                            f"{args.hint or 'train both first'}")
+        style, content = pair
+        print(f"style run:   {style.describe()}\ncontent run: {content.describe()}", file=sys.stderr)
+        print("\n".join([runs._assign("FOUND_STYLE_LORA", str(style.adapter)), runs._assign("FOUND_CONTENT_LORA", str(content.adapter)),
+                         runs._assign("FOUND_MODEL", style.base_model)]))
+        return
+    if not found:
+        raise UserError(f"no finished run among the {where}; {args.hint or 'train one first'}")
+    latest = max(found, key=lambda r: (r.task == "style", r.mtime))  # style first: the analyses' default prompt is a style
+    print(f"run: {latest.describe()}", file=sys.stderr)
+    print("\n".join([runs._assign("FOUND_LORA", str(latest.adapter)), runs._assign("FOUND_MODEL", latest.base_model)]))
 
 
 @cli_entry
@@ -23,4 +54,4 @@ def main(argv=None) -> None:
     args = p.parse_args(argv)
     if args.what == "model" and not args.adapter:
         p.error("model needs --adapter FILE")
-    runs.print_found(args)
+    print_found(args)

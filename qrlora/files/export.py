@@ -22,11 +22,9 @@ from pathlib import Path
 
 import torch
 from diffusers.utils import convert_state_dict_to_kohya
-from safetensors import safe_open
 
 from ..backbones.base import Backbone, OriginalModule
-from .checkpoint import (FORMAT_NAME, LORA_ADAPTER_METADATA_KEY, AdapterFile, atomic_save_safetensors, backbone_of,
-                         load_adapter)
+from .checkpoint import FORMAT_NAME, LORA_ADAPTER_METADATA_KEY, AdapterFile, atomic_save_safetensors, backbone_of
 from ..errors import UserError
 
 FORMATS = ("diffusers", "kohya")
@@ -155,20 +153,3 @@ def kohya_path(adapter_path: str | os.PathLike) -> Path:
     """Where the trainer's ``--output_kohya_format`` puts the kohya file: beside the adapter, ``_kohya`` added."""
     path = Path(adapter_path)
     return path.with_name(f"{path.stem}_kohya{path.suffix}")
-
-
-def export_file(args) -> Path:
-    """``python -m qrlora.export`` (flags: ``qrlora.cli.export``): ``args.input`` to ``args.output`` in ``args.format``."""
-    out = Path(args.output)
-    if out.is_dir():  # checked first: --overwrite replaces a file, never a folder
-        raise UserError(f"{out} is a folder; give the path of the LoRA file to write (e.g. {out / 'lora.safetensors'})")
-    adapter = load_adapter(args.input)
-    if out.exists() and not args.overwrite:
-        raise UserError(f"{out} already exists; pass --overwrite to replace it")
-    if out.resolve() == Path(args.input).resolve():
-        raise UserError(f"{out} is the input file; choose another output path")
-    export_lora(adapter, out, args.format, args.backbone)
-    with safe_open(str(out), framework="pt") as f:
-        modules = sum(k.endswith(("lora_A.weight", "lora_down.weight")) for k in f.keys())
-    print(f"wrote {out}: {args.format} layout, {modules} LoRA modules for {len(adapter.layers)} adapted layers")
-    return out

@@ -16,15 +16,13 @@ from __future__ import annotations
 
 import re
 import shlex
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Sequence
 
 from safetensors import safe_open
 
-from .checkpoint import ADAPTER_FILENAME, read_safetensors
-from ..errors import UserError
+from .checkpoint import ADAPTER_FILENAME
 from ..core.methods import METHODS
 
 TASKS = {"s": "style", "c": "content"}
@@ -117,31 +115,3 @@ def _where(roots: Sequence[str], backbone: str | None, methods: Sequence[str] | 
 
 def _assign(name: str, value: str) -> str:
     return f"{name}={shlex.quote(value)}"
-
-
-def print_found(args) -> None:
-    """``python -m qrlora.runs`` (flags: ``qrlora.cli.runs``): print the shell assignments of what ``args.what`` asks."""
-    if args.what == "model":
-        _, meta = read_safetensors(args.adapter)
-        if not meta.get("base_model"):
-            raise UserError(f"{args.adapter}: the file does not record its base model; {args.hint or 'set MODEL_NAME'}")
-        print(_assign("FOUND_MODEL", _base_model(meta["base_model"], Path(args.adapter).resolve().parent)))
-        return
-    roots = list(dict.fromkeys(str(Path(r).resolve()) for r in args.roots if Path(r).is_dir()))
-    runs = _filtered(find_runs(roots), args.backbone, args.methods, args.static)
-    where = _where(roots, args.backbone, args.methods, args.static)
-    if args.what == "pair":
-        pair = newest_pair(runs)
-        if pair is None:
-            raise UserError(f"no finished style + content pair of the same backbone, method and rank among the {where}; "
-                            f"{args.hint or 'train both first'}")
-        style, content = pair
-        print(f"style run:   {style.describe()}\ncontent run: {content.describe()}", file=sys.stderr)
-        print("\n".join([_assign("FOUND_STYLE_LORA", str(style.adapter)), _assign("FOUND_CONTENT_LORA", str(content.adapter)),
-                         _assign("FOUND_MODEL", style.base_model)]))
-        return
-    if not runs:
-        raise UserError(f"no finished run among the {where}; {args.hint or 'train one first'}")
-    latest = max(runs, key=lambda r: (r.task == "style", r.mtime))  # style first: the analyses' default prompt is a style
-    print(f"run: {latest.describe()}", file=sys.stderr)
-    print("\n".join([_assign("FOUND_LORA", str(latest.adapter)), _assign("FOUND_MODEL", latest.base_model)]))
