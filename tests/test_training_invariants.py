@@ -289,3 +289,24 @@ def test_wrapper_defaults_come_from_the_backbone_registry(wrapper):
     backbone = BACKBONES[command[command.index("--backbone") + 1]]
     assert command[command.index("--pretrained_model_name_or_path") + 1] == backbone.default_model
     assert int(command[command.index("--resolution") + 1]) == backbone.default_resolution
+
+
+def test_train_settings_are_typed_frozen_and_checked_naming_the_flag():
+    """The trainer takes ``TrainSettings`` (no namespace): every flag a field, a bad value refused naming its flag,
+    and ``--scale_lr`` a computed learning rate, never a rewritten setting."""
+    import dataclasses
+
+    from qrlora.cli.train import build_parser, parse_args
+    from qrlora.errors import UserError
+    from qrlora.training.settings import TrainSettings
+
+    flags = {a.dest for a in build_parser()._actions if a.dest != "help"}
+    assert flags == {f.name for f in dataclasses.fields(TrainSettings)}
+    settings = parse_args(["--pretrained_model_name_or_path", "x", "--instance_data_dir", "x", "--instance_prompt", "x",
+                           "--scale_lr", "--train_batch_size", "2", "--gradient_accumulation_steps", "3"])
+    assert isinstance(settings, TrainSettings) and settings.scaled_learning_rate(2) == pytest.approx(1e-4 * 12)
+    assert settings.learning_rate == 1e-4
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        settings.learning_rate = 1.0
+    with pytest.raises(UserError, match="--gradient_accumulation_steps must be a positive integer"):
+        dataclasses.replace(settings, gradient_accumulation_steps=0)

@@ -3,8 +3,6 @@ checks on their values (before anything loads), and the call into ``qrlora.train
 from __future__ import annotations
 
 import argparse
-import importlib.util
-import math
 import shlex
 import sys
 from pathlib import Path
@@ -15,7 +13,9 @@ from ..errors import cli_entry
 from ..core.methods import METHODS
 from ..core.objective import WEIGHTING_SCHEMES
 from ..toy.world.world import WORLD_FILE, load_world
-from .arguments import ArgumentParser
+from ..errors import UserError
+from ..training.settings import TrainSettings, flag_problem
+from .arguments import ArgumentParser, settings_from
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -112,19 +112,22 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    """Parse and check the trainer's flags (one ``error:`` line for a bad value), then fill model defaults."""
+def parse_args(argv=None) -> TrainSettings:
+    """Parse the trainer's flags, fill the defaults a model folder states about itself, and build the typed
+    settings (a bad value is one ``error:`` line naming its flag)."""
     p = build_parser()
     args = p.parse_args(argv)
     problem = flag_problem(args)
-    if problem:
+    if problem:  # before the model folder is read: a bad flag is named even when the model is missing
         p.error(problem)
     apply_model_defaults(args)
-    return args
+    try:
+        return settings_from(TrainSettings, args)
+    except UserError as err:
+        p.error(str(err))
 
 
 DEFAULT_RESOLUTION = 512
-FLOAT32_MAX = 3.4028234663852886e38  # torch.finfo(torch.float32).max: the optimizer's parameters are float32
 
 
 def apply_model_defaults(args: argparse.Namespace) -> None:
@@ -137,62 +140,8 @@ def apply_model_defaults(args: argparse.Namespace) -> None:
     args.resolution = args.resolution or DEFAULT_RESOLUTION
 
 
-# Flags that must be at least 1 (a 0 divides by zero or trains nothing) and at least 0.
-AT_LEAST_ONE = ("rank", "train_batch_size", "gradient_accumulation_steps", "max_train_steps", "num_train_epochs",
-                "checkpointing_steps", "checkpoints_total_limit", "validation_epochs", "num_validation_images",
-                "validation_inference_steps", "repeats", "moe_num_experts", "max_sequence_length", "lr_num_cycles")
-AT_LEAST_ZERO = ("num_class_images", "lr_warmup_steps", "learning_rate", "delta_scale", "max_grad_norm",
-                 "adam_weight_decay", "adam_epsilon", "prior_loss_weight", "logit_std", "lr_power", "snr_gamma")
-
-
-def flag_problem(args: argparse.Namespace) -> str | None:
-    """The first flag whose value cannot work, as a message for ``parser.error``; None when all are fine.
-
-    Checked before anything is loaded, so a typo never surfaces as a traceback after training started.
-    """
-    for name in AT_LEAST_ONE + AT_LEAST_ZERO:
-        value = getattr(args, name)
-        if value is None:
-            continue
-        if not math.isfinite(value):
-            return f"--{name} must be a finite number, got {value}"
-        if value > FLOAT32_MAX:
-            return f"--{name} {value:g} is above float32's largest value ({FLOAT32_MAX:.4g}), the optimizer's precision"
-        if value < (1 if name in AT_LEAST_ONE else 0):
-            return f"--{name} must be {'a positive integer' if name in AT_LEAST_ONE else 'non-negative'}, got {value}"
-    for name in ("lora_alpha", "logit_mean", "mode_scale", "guidance_scale"):
-        value = getattr(args, name)
-        if value is not None and (not math.isfinite(value) or (name == "lora_alpha" and value == 0)):
-            return f"--{name} must be a finite{' non-zero' if name == 'lora_alpha' else ''} number, got {value}"
-    if args.learning_rate == 0:
-        return "--learning_rate must be positive, got 0"
-    if args.resolution is not None and (args.resolution < 8 or args.resolution % 8):
-        return f"--resolution must be a positive multiple of 8, got {args.resolution}"
-    for name in ("adam_beta1", "adam_beta2"):
-        if not 0 <= getattr(args, name) < 1:
-            return f"--{name} must be in [0, 1), got {getattr(args, name)}"
-    if args.cache_dir and Path(args.cache_dir).exists() and not Path(args.cache_dir).is_dir():
-        return f"--cache_dir: {args.cache_dir} is a file, not a folder"
-    if args.lora_layers is not None and not args.lora_layers.strip(" ,"):
-        return f"--lora_layers {args.lora_layers!r} names no layer; leave the flag out for the backbone's default targets"
-    for flag in ("lora_layers", "lora_blocks"):
-        value = getattr(args, flag)
-        if value is not None and any(not name.strip() for name in value.split(",")):
-            return f"--{flag} {value!r} has an empty entry (an empty suffix would match every layer)"
-    for flag in ("instance_data_dir", "class_data_dir"):
-        if getattr(args, flag) and Path(getattr(args, flag)).is_file():
-            return f"--{flag} {getattr(args, flag)} is a file; give the folder that holds the images"
-    if args.with_prior_preservation and not (args.class_data_dir and args.class_prompt):
-        return "--with_prior_preservation needs --class_data_dir and --class_prompt"
-    if args.report_to in ("tensorboard", "wandb") and importlib.util.find_spec(args.report_to) is None:
-        return f"--report_to {args.report_to} needs the {args.report_to} package: pip install {args.report_to}"
-    if args.report_to == "wandb" and args.hub_token:
-        return "--hub_token cannot be used with --report_to wandb (the token would be logged); run `hf auth login` instead"
-    return None
-
-
 @cli_entry
 def main(argv=None) -> Path:
-    args = parse_args(argv)
+    settings = parse_args(argv)
     command = "python -m qrlora.train " + shlex.join(sys.argv[1:] if argv is None else list(argv))
-    return trainer.train(args, command)
+    return trainer.train(settings, command)

@@ -11,24 +11,24 @@ from tqdm.auto import tqdm
 from .data import IMAGE_EXTENSIONS
 
 
-def generate_class_images(backbone, args, device, dtype) -> int:
-    """Fill ``args.class_data_dir`` up to ``args.num_class_images`` with images of ``args.class_prompt``.
+def generate_class_images(backbone, settings, device, dtype) -> int:
+    """Fill ``settings.class_data_dir`` up to ``settings.num_class_images`` with images of ``settings.class_prompt``.
 
     Returns the number of images generated (0 when the folder already holds enough).
     """
-    folder = Path(args.class_data_dir)
+    folder = Path(settings.class_data_dir)
     folder.mkdir(parents=True, exist_ok=True)
     have = sum(1 for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
-    missing = args.num_class_images - have
+    missing = settings.num_class_images - have
     if missing <= 0:
         return 0
-    denoiser = backbone.load_denoiser(args.pretrained_model_name_or_path, dtype)
-    pipe = backbone.inference_pipeline(args.pretrained_model_name_or_path, denoiser, dtype=dtype).to(device)
+    denoiser = backbone.load_denoiser(settings.pretrained_model_name_or_path, dtype)
+    pipe = backbone.inference_pipeline(settings.pretrained_model_name_or_path, denoiser, dtype=dtype).to(device)
     pipe.set_progress_bar_config(disable=True)
-    generator = torch.Generator(device="cpu").manual_seed(args.seed)
+    generator = torch.Generator(device="cpu").manual_seed(settings.seed)
     for i in tqdm(range(missing), desc="class images"):
-        image = pipe(prompt=args.class_prompt, height=args.resolution, width=args.resolution,
-                     num_inference_steps=args.validation_inference_steps, generator=generator).images[0]
+        image = pipe(prompt=settings.class_prompt, height=settings.resolution, width=settings.resolution,
+                     num_inference_steps=settings.validation_inference_steps, generator=generator).images[0]
         digest = hashlib.sha1(image.tobytes()).hexdigest()[:12]
         image.save(folder / f"{have + i:05d}-{digest}.png")
     del pipe, denoiser

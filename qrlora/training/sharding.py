@@ -94,7 +94,7 @@ def fsdp_settings() -> ShardPlan:
     return ShardPlan(reshard_after_forward=_RESHARD[reshard], wrap_classes=classes)
 
 
-def fsdp_launch(args) -> ShardPlan | None:
+def fsdp_launch(settings) -> ShardPlan | None:
     """Claim an accelerate FSDP launch for ``shard_base``; None when the launch is not one (``ACCELERATE_USE_FSDP``).
 
     Call before anything builds accelerate's state (``PartialState``, ``Accelerator``): this is where the launch
@@ -107,13 +107,13 @@ def fsdp_launch(args) -> ShardPlan | None:
     if _env("ACCELERATE_USE_FSDP").lower() not in ("1", "true", "yes"):
         return None
     plan = fsdp_settings()
-    if getattr(args, "blocks_to_swap", 0):
+    if getattr(settings, "blocks_to_swap", 0):
         raise UserError("--blocks_to_swap cannot be combined with an FSDP launch (the sharded base is gathered one "
                         "block at a time already); drop one of them")
-    if getattr(args, "base_precision", None) in LIBRARIES:
-        raise UserError(f"--base_precision {args.base_precision} cannot be combined with an FSDP launch (quantized "
+    if getattr(settings, "base_precision", None) in LIBRARIES:
+        raise UserError(f"--base_precision {settings.base_precision} cannot be combined with an FSDP launch (quantized "
                         "weights do not shard); use --base_precision bf16")
-    if getattr(args, "validation_prompt", None):
+    if getattr(settings, "validation_prompt", None):
         raise UserError("--validation_prompt cannot be combined with an FSDP launch (validation runs on the main "
                         "process only, a sharded base needs every process); render the saved adapter afterwards "
                         "(python -m qrlora.merge or the model card's snippet)")

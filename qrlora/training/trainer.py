@@ -43,6 +43,7 @@ from ..core.prompts import check_prompt_lengths
 from ..core.quantize import LIBRARIES, check_available, quantize_base_
 from ..files.run_folder import (RunLock, check_finite, check_resume_matches, complete_checkpoints, keep_launcher, remove_partials,
                                 resolve_resume, write_checkpoint)
+from .settings import TrainSettings
 from .sharding import fsdp_launch, prepare_sharded, shard_base
 from .tracking import log_validation_images
 
@@ -61,21 +62,23 @@ def epoch_batches(n: int, batch_size: int, seed: int, epoch: int, rank: int, wor
     return [order[(s * world + rank) * batch_size:(s * world + rank + 1) * batch_size] for s in range(steps)]
 
 
-def build_optimizer(args, params):
-    """AdamW (optionally bitsandbytes 8-bit) or Prodigy; a clear error when the package is missing."""
-    kwargs = dict(lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2), weight_decay=args.adam_weight_decay, eps=args.adam_epsilon)
-    if args.optimizer == "prodigy":
+def build_optimizer(settings: TrainSettings, params, learning_rate: float | None = None):
+    """AdamW (optionally bitsandbytes 8-bit) or Prodigy at ``learning_rate`` (default ``settings.learning_rate``);
+    a clear error when the package is missing."""
+    learning_rate = settings.learning_rate if learning_rate is None else learning_rate
+    kwargs = dict(lr=learning_rate, betas=(settings.adam_beta1, settings.adam_beta2), weight_decay=settings.adam_weight_decay, eps=settings.adam_epsilon)
+    if settings.optimizer == "prodigy":
         try:
             import prodigyopt
         except ImportError:
             raise UserError("--optimizer prodigy needs the prodigyopt package: pip install prodigyopt") from None
-        if args.learning_rate <= 0.1:
+        if learning_rate <= 0.1:
             logger.warning("--learning_rate %g with --optimizer prodigy: Prodigy adapts the step size itself and "
-                           "expects a learning rate around 1.0", args.learning_rate)
-        return prodigyopt.Prodigy(params, beta3=args.prodigy_beta3, decouple=args.prodigy_decouple,
-                                  use_bias_correction=args.prodigy_use_bias_correction,
-                                  safeguard_warmup=args.prodigy_safeguard_warmup, **kwargs)
-    if args.use_8bit_adam:
+                           "expects a learning rate around 1.0", learning_rate)
+        return prodigyopt.Prodigy(params, beta3=settings.prodigy_beta3, decouple=settings.prodigy_decouple,
+                                  use_bias_correction=settings.prodigy_use_bias_correction,
+                                  safeguard_warmup=settings.prodigy_safeguard_warmup, **kwargs)
+    if settings.use_8bit_adam:
         try:
             import bitsandbytes as bnb
         except ImportError:
@@ -84,17 +87,17 @@ def build_optimizer(args, params):
     return torch.optim.AdamW(params, **kwargs)
 
 
-def base_dtype(args) -> torch.dtype | None:
+def base_dtype(settings) -> torch.dtype | None:
     """dtype to load the frozen base denoiser in: as stored unless ``--base_precision`` asks for less memory.
 
     The bases are decomposed from the weights as loaded, so a bf16 base gives (slightly) different Q and R than
     the stored fp32 weights; adapters meant to share Q and R must use the same setting. fp8 / nf4 load in bf16,
     decompose, then quantize the base (``qrlora.core.quantize``).
     """
-    if args.base_precision in LIBRARIES:
-        check_available(args.base_precision)
+    if settings.base_precision in LIBRARIES:
+        check_available(settings.base_precision)
         return torch.bfloat16
-    return DTYPES.get(args.base_precision)  # None: as stored
+    return DTYPES.get(settings.base_precision)  # None: as stored
 
 
 def update_groups(batches: list[list[int]], accumulation: int) -> list[list[list[int]]]:
@@ -119,43 +122,43 @@ def batch_latents(backbone, vae, batch: dict, generator: torch.Generator, dtype:
     return backbone.normalize_latents(vae.config, dist.sample(generator)).to(dtype)
 
 
-def train(args, command: str) -> Path:
+def train(settings: TrainSettings, command: str) -> Path:
     """Train one adapter as the parsed flags (``qrlora.cli.train``) say; ``command`` is the command line the model
     card records. Returns the final adapter file."""
     # ---- 1. Check every input before loading anything heavy ------------------------------------------
-    shard_plan = fsdp_launch(args)  # an FSDP launch: checked, then run by accelerate as data parallel (training/sharding.py)
+    shard_plan = fsdp_launch(settings)  # an FSDP launch: checked, then run by accelerate as data parallel (training/sharding.py)
     check_launch()  # several processes that accelerate would each run alone: stop before any of them writes
-    backbone = detect_backbone(args.pretrained_model_name_or_path, args.backbone)
-    max_sequence_length = args.max_sequence_length or backbone.default_max_sequence_length
-    scheduler = backbone.load_scheduler(args.pretrained_model_name_or_path)
+    backbone = detect_backbone(settings.pretrained_model_name_or_path, settings.backbone)
+    max_sequence_length = settings.max_sequence_length or backbone.default_max_sequence_length
+    scheduler = backbone.load_scheduler(settings.pretrained_model_name_or_path)
     objective = backbone.objective(
-        scheduler, weighting_scheme=args.weighting_scheme, logit_mean=args.logit_mean, logit_std=args.logit_std,
-        mode_scale=args.mode_scale, guidance_scale=args.guidance_scale, snr_gamma=args.snr_gamma,
-        precondition_outputs=None if args.precondition_outputs is None else bool(args.precondition_outputs))
+        scheduler, weighting_scheme=settings.weighting_scheme, logit_mean=settings.logit_mean, logit_std=settings.logit_std,
+        mode_scale=settings.mode_scale, guidance_scale=settings.guidance_scale, snr_gamma=settings.snr_gamma,
+        precondition_outputs=None if settings.precondition_outputs is None else bool(settings.precondition_outputs))
     # A frozen copy of the training noise table: validation pipelines call set_timesteps on their scheduler.
     schedule = backbone.noise_schedule(scheduler)
-    targets = args.lora_layers.split(",") if args.lora_layers else list(backbone.default_targets)
-    blocks = args.lora_blocks.split(",") if args.lora_blocks else None
-    config = AdapterConfig(method=args.lora_init_method, rank=args.rank, alpha=args.lora_alpha, use_zero_init=args.use_zero_init,
-                           delta_scale=args.delta_scale, num_experts=args.moe_num_experts, seed=args.seed,
-                           basis=args.qr_basis, basis_offset=args.qr_basis_offset, basis_seed=args.qr_basis_seed)
-    output_dir = Path(args.output_dir)
-    base_dtype(args)  # fail now, not after loading, when fp8 / nf4 cannot work here
-    check_blocks_to_swap(args.blocks_to_swap, backbone.count_transformer_blocks(args.pretrained_model_name_or_path),
-                         backbone.name, quantized=args.base_precision in LIBRARIES)
-    if args.output_kohya_format:
-        METHODS[args.lora_init_method].require_weight_change("--output_kohya_format", "a kohya LoRA file is a weight change",
+    targets = settings.lora_layers.split(",") if settings.lora_layers else list(backbone.default_targets)
+    blocks = settings.lora_blocks.split(",") if settings.lora_blocks else None
+    config = AdapterConfig(method=settings.lora_init_method, rank=settings.rank, alpha=settings.lora_alpha, use_zero_init=settings.use_zero_init,
+                           delta_scale=settings.delta_scale, num_experts=settings.moe_num_experts, seed=settings.seed,
+                           basis=settings.qr_basis, basis_offset=settings.qr_basis_offset, basis_seed=settings.qr_basis_seed)
+    output_dir = Path(settings.output_dir)
+    base_dtype(settings)  # fail now, not after loading, when fp8 / nf4 cannot work here
+    check_blocks_to_swap(settings.blocks_to_swap, backbone.count_transformer_blocks(settings.pretrained_model_name_or_path),
+                         backbone.name, quantized=settings.base_precision in LIBRARIES)
+    if settings.output_kohya_format:
+        METHODS[settings.lora_init_method].require_weight_change("--output_kohya_format", "a kohya LoRA file is a weight change",
                                                              "leave out --output_kohya_format and merge the run live")
-    dataset = DreamBoothDataset(args.instance_data_dir, resolution=args.resolution, center_crop=args.center_crop,
-                                random_flip=args.random_flip, repeats=args.repeats, seed=args.seed)
+    dataset = DreamBoothDataset(settings.instance_data_dir, resolution=settings.resolution, center_crop=settings.center_crop,
+                                random_flip=settings.random_flip, repeats=settings.repeats, seed=settings.seed)
     metadata = adapter_metadata(config, component=backbone.denoiser_name, backbone=backbone.name,
-                                base_model=args.pretrained_model_name_or_path, targets=targets,
-                                extra={"lora_blocks": json.dumps(blocks or []), "instance_prompt": args.instance_prompt})
-    check_prompt_lengths(args.pretrained_model_name_or_path, max_sequence_length, args.instance_prompt,
-                         {"--class_prompt": args.class_prompt, "--validation_prompt": args.validation_prompt})
+                                base_model=settings.pretrained_model_name_or_path, targets=targets,
+                                extra={"lora_blocks": json.dumps(blocks or []), "instance_prompt": settings.instance_prompt})
+    check_prompt_lengths(settings.pretrained_model_name_or_path, max_sequence_length, settings.instance_prompt,
+                         {"--class_prompt": settings.class_prompt, "--validation_prompt": settings.validation_prompt})
     # One run per folder: the main process holds the folder's lock for the whole run (the kernel drops it on exit).
     run_lock = RunLock(output_dir).acquire() if PartialState().is_main_process else None
-    resume_from = resolve_resume(args.resume_from_checkpoint, output_dir)
+    resume_from = resolve_resume(settings.resume_from_checkpoint, output_dir)
     if resume_from is not None:
         check_resume_matches(resume_from, metadata)
     if run_lock is not None and remove_partials(output_dir):
@@ -167,71 +170,69 @@ def train(args, command: str) -> Path:
     # Accumulation is done here (step 8), not by accelerate: without a prepared dataloader accelerate never
     # sees an epoch end, and a non-dividing epoch would lose updates.
     accelerator = Accelerator(
-        mixed_precision=args.mixed_precision, log_with=None if args.report_to == "none" else args.report_to,
-        project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / args.logging_dir)),
+        mixed_precision=settings.mixed_precision, log_with=None if settings.report_to == "none" else settings.report_to,
+        project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / settings.logging_dir)),
     )
     logging.basicConfig(format="%(levelname)s %(name)s: %(message)s", level=logging.INFO if accelerator.is_main_process else logging.WARNING)
-    set_seed(args.seed, device_specific=True)  # third-party code only: training draws use step_generator
+    set_seed(settings.seed, device_specific=True)  # third-party code only: training draws use step_generator
     weight_dtype = MIXED_PRECISION_DTYPES[accelerator.mixed_precision]
     # The frozen base trains in the dtype asked for (--base_precision), else in the mixed-precision dtype.
-    model_dtype = base_dtype(args) or weight_dtype
+    model_dtype = base_dtype(settings) or weight_dtype
     device = accelerator.device
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
 
     # ---- 3. Prior preservation: class images, generated with the base pipeline where missing -------
-    if args.with_prior_preservation:
+    if settings.with_prior_preservation:
         if accelerator.is_main_process:
-            generate_class_images(backbone, args, device, weight_dtype)
+            generate_class_images(backbone, settings, device, weight_dtype)
         accelerator.wait_for_everyone()
-        dataset = DreamBoothDataset(args.instance_data_dir, resolution=args.resolution, center_crop=args.center_crop,
-                                    random_flip=args.random_flip, repeats=args.repeats, seed=args.seed,
-                                    class_dir=args.class_data_dir, num_class_images=args.num_class_images)
+        dataset = DreamBoothDataset(settings.instance_data_dir, resolution=settings.resolution, center_crop=settings.center_crop,
+                                    random_flip=settings.random_flip, repeats=settings.repeats, seed=settings.seed,
+                                    class_dir=settings.class_data_dir, num_class_images=settings.num_class_images)
 
     # ---- 4. Encode every prompt once and free the text encoders (--cache_dir: from disk, nothing loaded) --
-    encoders = Encoders(backbone, args.pretrained_model_name_or_path, vae_path=args.pretrained_vae_model_name_or_path,
+    encoders = Encoders(backbone, settings.pretrained_model_name_or_path, vae_path=settings.pretrained_vae_model_name_or_path,
                         device=device, text_dtype=weight_dtype, vae_dtype=torch.float32 if backbone.vae_in_float32 else weight_dtype,
                         max_sequence_length=max_sequence_length,
-                        cache=DiskCache(args.cache_dir, write=accelerator.is_main_process) if args.cache_dir else None)
-    prompts = [args.instance_prompt] + ([args.class_prompt] if args.with_prior_preservation else [])
+                        cache=DiskCache(settings.cache_dir, write=accelerator.is_main_process) if settings.cache_dir else None)
+    prompts = [settings.instance_prompt] + ([settings.class_prompt] if settings.with_prior_preservation else [])
     cond_table = cast_floating(encoders.prompts(prompts), model_dtype)
-    validation_cond = (encoders.prompts([args.validation_prompt]), encoders.negative()) if args.validation_prompt else None
+    validation_cond = (encoders.prompts([settings.validation_prompt]), encoders.negative()) if settings.validation_prompt else None
     encoders.free_text()
-    if args.cache_latents or args.cache_dir:
+    if settings.cache_latents or settings.cache_dir:
         dataset.cache(encoders.latent_params)
 
     # ---- 5. Adapters: decompose in float32 from the weights as loaded, then cast the base -----------
-    denoiser = backbone.load_denoiser(args.pretrained_model_name_or_path, base_dtype(args))
+    denoiser = backbone.load_denoiser(settings.pretrained_model_name_or_path, base_dtype(settings))
     report = inject_adapters(denoiser, config, targets, blocks=blocks, progress=accelerator.is_main_process)
     logger.info(str(report))
     cast_base_model_(denoiser, model_dtype)
     # Fingerprinted before any weight is swapped out or quantized: it names the base model as loaded.
     metadata["base_fingerprint"] = base_fingerprint({p: layer.base_layer.weight for p, layer in adapter_layers(denoiser)})
-    attach_block_swap(backbone, denoiser, args.blocks_to_swap, device)  # before .to(device): swapped weights stay on the host
+    attach_block_swap(backbone, denoiser, settings.blocks_to_swap, device)  # before .to(device): swapped weights stay on the host
     if shard_plan is not None:  # instead of .to(device): each process moves only its shards of the frozen base
         shard_base(backbone, denoiser, device, shard_plan)
     else:
         denoiser.to(device)
-    if args.base_precision in LIBRARIES:
-        quantize_base_(denoiser, args.base_precision)
-    if args.gradient_checkpointing:
+    if settings.base_precision in LIBRARIES:
+        quantize_base_(denoiser, settings.base_precision)
+    if settings.gradient_checkpointing:
         denoiser.enable_gradient_checkpointing()
     if resume_from is not None:
         check_resume_matches(resume_from, metadata)  # again: the base fingerprint exists only once the model is loaded
 
     # ---- 6. Optimizer and schedule: exactly max_steps updates, ceil(batches / accumulation) per epoch --
     world = accelerator.num_processes
-    batches_per_epoch = len(epoch_batches(len(dataset), args.train_batch_size, args.seed, 0, 0, world))
-    updates_per_epoch = math.ceil(batches_per_epoch / args.gradient_accumulation_steps)
-    max_steps = args.max_train_steps or args.num_train_epochs * updates_per_epoch
+    batches_per_epoch = len(epoch_batches(len(dataset), settings.train_batch_size, settings.seed, 0, 0, world))
+    updates_per_epoch = math.ceil(batches_per_epoch / settings.gradient_accumulation_steps)
+    max_steps = settings.max_train_steps or settings.num_train_epochs * updates_per_epoch
     num_epochs = math.ceil(max_steps / updates_per_epoch)
-    if args.scale_lr:
-        args.learning_rate *= args.gradient_accumulation_steps * args.train_batch_size * world
     params = trainable_parameters(denoiser)  # the adapters' parameters, collected once (not on every step)
-    optimizer = build_optimizer(args, params)
+    optimizer = build_optimizer(settings, params, settings.scaled_learning_rate(world))
     # A prepared scheduler steps once per process on each update, hence the factors of ``world``.
-    lr_scheduler = get_scheduler(args.lr_scheduler, optimizer=optimizer, num_warmup_steps=args.lr_warmup_steps * world,
-                                 num_training_steps=max_steps * world, num_cycles=args.lr_num_cycles, power=args.lr_power)
+    lr_scheduler = get_scheduler(settings.lr_scheduler, optimizer=optimizer, num_warmup_steps=settings.lr_warmup_steps * world,
+                                 num_training_steps=max_steps * world, num_cycles=settings.lr_num_cycles, power=settings.lr_power)
     prepare = accelerator.prepare if shard_plan is None else functools.partial(prepare_sharded, accelerator)
     denoiser, optimizer, lr_scheduler = prepare(denoiser, optimizer, lr_scheduler)
     model = accelerator.unwrap_model(denoiser)
@@ -258,34 +259,34 @@ def train(args, command: str) -> Path:
         accelerator.load_state(str(resume_from))
         global_step = int(resume_from.name.split("-")[-1])
         logger.info("resumed from %s", resume_from)
-    if accelerator.is_main_process and args.report_to != "none":
-        accelerator.init_trackers("qrlora", config={k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))})
+    if accelerator.is_main_process and settings.report_to != "none":
+        accelerator.init_trackers("qrlora", config={k: v for k, v in vars(settings).items() if isinstance(v, (int, float, str, bool))})
 
     def save_checkpoint(step: int) -> None:
         check_finite(params, f"checkpoint-{step}", output_dir)
         write_checkpoint(output_dir, step, lambda folder: accelerator.save_state(str(folder)), is_main=accelerator.is_main_process,
-                         barrier=accelerator.wait_for_everyone, keep=args.checkpoints_total_limit)
+                         barrier=accelerator.wait_for_everyone, keep=settings.checkpoints_total_limit)
 
     # ---- 8. Train: one optimizer update per group of micro-batches ----------------------------------
     progress = tqdm(total=max_steps, initial=global_step, desc="steps", disable=not accelerator.is_local_main_process)
     denoiser.train()
     first_epoch, skip = divmod(global_step, updates_per_epoch)
     for epoch in range(first_epoch, num_epochs):
-        batches = epoch_batches(len(dataset), args.train_batch_size, args.seed, epoch, accelerator.process_index, world)
-        for group in update_groups(batches, args.gradient_accumulation_steps)[skip:]:
+        batches = epoch_batches(len(dataset), settings.train_batch_size, settings.seed, epoch, accelerator.process_index, world)
+        for group in update_groups(batches, settings.gradient_accumulation_steps)[skip:]:
             losses = []
             for micro, indices in enumerate(group):
                 # Every draw of this micro-batch (timesteps, noise, latent sample) comes from its own generator.
-                generator = step_generator(args.seed, global_step, micro, accelerator.process_index, device)
+                generator = step_generator(settings.seed, global_step, micro, accelerator.process_index, device)
                 batch = collate([dataset[i] for i in indices])
                 last = micro == len(group) - 1
                 with contextlib.nullcontext() if last or world == 1 else accelerator.no_sync(denoiser):
                     latents = batch_latents(backbone, encoders, batch, generator, model_dtype)
                     cond = backbone.batch_cond(cond_table, batch)
                     per_sample = backbone.training_loss(denoiser, latents, cond, schedule, objective, generator)
-                    if args.with_prior_preservation:
+                    if settings.with_prior_preservation:
                         instance, prior = per_sample.chunk(2)
-                        loss = instance.mean() + args.prior_loss_weight * prior.mean()
+                        loss = instance.mean() + settings.prior_loss_weight * prior.mean()
                     else:
                         loss = per_sample.mean()
                     accelerator.backward(loss / len(group))  # the update's gradient is the mean over its micro-batches
@@ -296,8 +297,8 @@ def train(args, command: str) -> Path:
                 kept = complete_checkpoints(output_dir)
                 raise UserError(f"loss is {reduced.item()} at step {global_step + 1}; training stopped, "
                                 f"last good checkpoint: {kept[-1] if kept else 'none (no checkpoint saved yet)'}")
-            if args.max_grad_norm > 0:
-                accelerator.clip_grad_norm_(params, args.max_grad_norm)
+            if settings.max_grad_norm > 0:
+                accelerator.clip_grad_norm_(params, settings.max_grad_norm)
             optimizer.step()
             lr_scheduler.step()
             optimizer.zero_grad(set_to_none=True)
@@ -307,13 +308,13 @@ def train(args, command: str) -> Path:
             logs = {"loss": reduced.item(), "lr": lr_scheduler.get_last_lr()[0]}
             progress.set_postfix(**logs)
             accelerator.log(logs, step=global_step)
-            if global_step % args.checkpointing_steps == 0 and global_step < max_steps:
+            if global_step % settings.checkpointing_steps == 0 and global_step < max_steps:
                 save_checkpoint(global_step)
             if global_step >= max_steps:
                 break
         skip = 0
-        if validation_cond and accelerator.is_main_process and epoch % args.validation_epochs == 0 and global_step < max_steps:
-            run_validation(backbone, args, model, encoders, scheduler, validation_cond, global_step, accelerator, weight_dtype)
+        if validation_cond and accelerator.is_main_process and epoch % settings.validation_epochs == 0 and global_step < max_steps:
+            run_validation(backbone, settings, model, encoders, scheduler, validation_cond, global_step, accelerator, weight_dtype)
 
     # ---- 9. Final adapter file (main process only), last validation ---------------------------------
     accelerator.wait_for_everyone()
@@ -325,8 +326,8 @@ def train(args, command: str) -> Path:
         logger.info("saved %s", final)
         images = []
         if validation_cond:
-            images = run_validation(backbone, args, model, encoders, scheduler, validation_cond, global_step, accelerator, weight_dtype)
-        publish_run(args, backbone, adapter, final, images, command, accelerator.device.type)
+            images = run_validation(backbone, settings, model, encoders, scheduler, validation_cond, global_step, accelerator, weight_dtype)
+        publish_run(settings, backbone, adapter, final, images, command, accelerator.device.type)
     accelerator.end_training()
     if run_lock is not None:
         run_lock.release()
@@ -338,7 +339,7 @@ def cast_floating(table: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[st
     return {k: v.to(dtype) if v.is_floating_point() else v for k, v in table.items()}
 
 
-def run_validation(backbone, args, model, encoders, scheduler, cond, step, accelerator, dtype) -> list[Path]:
+def run_validation(backbone, settings, model, encoders, scheduler, cond, step, accelerator, dtype) -> list[Path]:
     """Images of the validation prompt with the adapted denoiser, saved under ``output_dir/validation``.
 
     Validation owns everything it mutates: a fresh scheduler built from the config (pipelines call
@@ -347,42 +348,42 @@ def run_validation(backbone, args, model, encoders, scheduler, cond, step, accel
     was_training = model.training
     model.eval()
     own_scheduler = type(scheduler).from_config(scheduler.config)
-    pipe = backbone.inference_pipeline(args.pretrained_model_name_or_path, model, dtype=dtype, with_text=False,
+    pipe = backbone.inference_pipeline(settings.pretrained_model_name_or_path, model, dtype=dtype, with_text=False,
                                        vae=encoders.vae(), scheduler=own_scheduler).to(accelerator.device)
     pipe.set_progress_bar_config(disable=True)
-    generator = torch.Generator(device="cpu").manual_seed(args.seed)
-    folder = Path(args.output_dir) / "validation"
+    generator = torch.Generator(device="cpu").manual_seed(settings.seed)
+    folder = Path(settings.output_dir) / "validation"
     folder.mkdir(parents=True, exist_ok=True)
     saved = []
     devices = [accelerator.device] if accelerator.device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices), torch.no_grad(), accelerator.autocast():
-        for i in range(args.num_validation_images):
-            image = pipe(**backbone.pipeline_prompt_kwargs(*cond), height=args.resolution, width=args.resolution,
-                         num_inference_steps=args.validation_inference_steps, generator=generator).images[0]
+        for i in range(settings.num_validation_images):
+            image = pipe(**backbone.pipeline_prompt_kwargs(*cond), height=settings.resolution, width=settings.resolution,
+                         num_inference_steps=settings.validation_inference_steps, generator=generator).images[0]
             saved.append(folder / f"step{step:06d}_{i}.png")
             image.save(saved[-1])
-    log_validation_images(accelerator.trackers, saved, step, args.validation_prompt)
+    log_validation_images(accelerator.trackers, saved, step, settings.validation_prompt)
     del pipe
     model.train(was_training)
     return saved
 
 
-def publish_run(args, backbone, adapter, final: Path, images: list[Path], command: str, device: str) -> None:
+def publish_run(settings, backbone, adapter, final: Path, images: list[Path], command: str, device: str) -> None:
     """After the final save: the kohya file (``--output_kohya_format``), the model card, the hub upload."""
     output_dir = final.parent
     kohya = None
-    if args.output_kohya_format:
+    if settings.output_kohya_format:
         kohya = export_lora(adapter, kohya_path(final), "kohya", backbone.name)
         logger.info("saved %s", kohya)
     card = write_model_card(output_dir, adapter, adapter_name=final.name, pipeline_class=backbone.pipeline_class,
-                            command=command, validation_prompt=args.validation_prompt,
+                            command=command, validation_prompt=settings.validation_prompt,
                             validation_images=[p.relative_to(output_dir).as_posix() for p in images],
                             kohya_name=kohya.name if kohya else None,
-                            settings=run_render_settings(backbone.pipeline_cls(), mixed_precision=args.mixed_precision, device=device,
-                                                         resolution=args.resolution,
-                                                         max_sequence_length=args.max_sequence_length or backbone.default_max_sequence_length))
+                            settings=run_render_settings(backbone.pipeline_cls(), mixed_precision=settings.mixed_precision, device=device,
+                                                         resolution=settings.resolution,
+                                                         max_sequence_length=settings.max_sequence_length or backbone.default_max_sequence_length))
     logger.info("saved %s", card)
-    if args.push_to_hub:
-        url = push_run_folder(output_dir, args.hub_model_id or output_dir.resolve().name, args.hub_token)
+    if settings.push_to_hub:
+        url = push_run_folder(output_dir, settings.hub_model_id or output_dir.resolve().name, settings.hub_token)
         logger.info("pushed %s to %s", output_dir, url)
 
