@@ -1,4 +1,6 @@
-"""``python -m qrlora.train``: train an adapter. A published command name only: the command is ``qrlora.cli.train.main``, the library behind it lives in the subpackages (docs/ARCHITECTURE.md section 3)."""
+"""``python -m qrlora.train``: train an adapter.
+A published command name only: the command is ``qrlora.cli.train.main``,
+the library behind it lives in the subpackages (docs/ARCHITECTURE.md section 3)."""
 if __name__ == "__main__":
     from qrlora.cli.train import main
 

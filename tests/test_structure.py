@@ -1,5 +1,6 @@
 """One way down (docs/ARCHITECTURE.md section 3): no import cycle inside ``qrlora/``, module-level or deferred (an
-import inside a function counts: it only hides the cycle until that function runs), and the published ``python -m qrlora.X`` names holding no library code. Fast: parses source only."""
+import inside a function counts: it only hides the cycle until that function runs); the published
+``python -m qrlora.X`` names hold no library code; one refusal has one owner. Fast: parses source only."""
 from __future__ import annotations
 
 import ast
