@@ -153,7 +153,11 @@ def test_resume_continues_exactly(tiny_sd3, tmp_path):
 
 @pytest.mark.slow
 def test_two_processes_on_cpu(tiny_sd3, tmp_path):
-    """Two data-parallel processes; only the main one validates, and that changes nothing either process trains."""
+    """``accelerate launch --cpu --num_processes 2``: validation on the main process changes nothing the run trains.
+
+    accelerate 1.15 starts one process for this launch on a machine without mpirun, so this is the launcher's path,
+    not two processes; the real two-process data-parallel run over gloo is test_fsdp.py's unsharded comparison
+    (``test_sharded_training_on_two_cpu_processes``: one writer, identical adapters on both ranks)."""
     def launch(out, *extra):
         run_script([sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2", "--num_machines", "1",
                     "--main_process_port", str(free_port()),
