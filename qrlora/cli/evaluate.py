@@ -4,8 +4,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..errors import cli_entry
-from ..evaluation.evaluate import evaluate
-from .arguments import ArgumentParser, add_evaluation_arguments
+from ..evaluation.evaluate import ScoringSettings, check_output_dir, evaluate_folders
+from .arguments import ArgumentParser, add_evaluation_arguments, settings_from
 
 
 @cli_entry
@@ -19,4 +19,9 @@ def main(argv=None) -> list[Path]:
     p.add_argument("--overwrite", action="store_true", help="replace an earlier evaluation in --output_dir")
     p.add_argument("--device", help="default: cuda if available, else cpu")
     add_evaluation_arguments(p)
-    return evaluate(p.parse_args(argv))
+    args = p.parse_args(argv)
+    check_output_dir(args.output_dir, args.overwrite)
+    written = evaluate_folders(args.images, settings_from(ScoringSettings, args), args.output_dir)
+    print((Path(args.output_dir) / "summary.md").read_text(), end="")
+    print(f"wrote {', '.join(p.name for p in written)} to {args.output_dir}")
+    return written

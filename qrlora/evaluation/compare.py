@@ -1,4 +1,5 @@
-"""One command for the paper's comparison: render every merge strategy at the chosen weights, score, tabulate, plot.
+"""The paper's comparison, its parts: render every merge strategy at the chosen weights, score, tabulate, plot (the
+command, ``python -m qrlora.compare``, is ``qrlora.cli.compare``).
 
     python -m qrlora.compare --model_path M --content_lora_path C --style_lora_path S \\
         --content_refs assets/cnt/cat --style_refs assets/sty/swirl_painting --prompt "a photo of a <c> cat in <s> style"
@@ -18,12 +19,12 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from ..files.checkpoint import load_adapter, save_adapter
 from ..errors import UserError
-from .evaluate import ImageRecord, check_output_dir, evaluate_folders, load_model, load_references, write_manifest
-from ..merging.inference import MergedPipeline, adapters_method, parse_weights
+from ..files.checkpoint import save_adapter
+from ..merging.inference import MergedPipeline, adapters_method
 from ..merging.settings import RenderSettings, StrategySettings
-from ..merging.strategies import STRATEGIES, check_strategy
+from ..merging.strategies import STRATEGIES
+from .evaluate import ImageRecord, ScoringSettings, load_model, write_manifest
 
 
 def parse_strategies(text: str) -> list[str]:
@@ -41,12 +42,12 @@ def parse_seeds(text: str) -> list[int]:
         raise UserError(f"--seeds: '{text}' is not a comma-separated list of integers") from None
 
 
-def check_scoring_models(args) -> None:
+def check_scoring_models(scoring: ScoringSettings) -> None:
     """Fail before rendering when a scoring model cannot be found (reads its config only)."""
     from transformers import AutoConfig
 
-    load_model("--clip_model", args.clip_model, AutoConfig.from_pretrained)
-    load_model("--dino_model", args.dino_model, AutoConfig.from_pretrained)
+    load_model("--clip_model", scoring.clip_model, AutoConfig.from_pretrained)
+    load_model("--dino_model", scoring.dino_model, AutoConfig.from_pretrained)
 
 
 def render_strategy(name: str, adapters, model_path: str, render: RenderSettings, settings: StrategySettings,
@@ -70,34 +71,3 @@ def render_strategy(name: str, adapters, model_path: str, render: RenderSettings
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
-
-
-def compare(args, render: RenderSettings, settings: StrategySettings) -> list[Path]:
-    """``python -m qrlora.compare`` (flags: ``qrlora.cli.compare``): render each merge strategy of a content and a
-    style adapter with ``render`` and ``settings``, then score them (the scoring flags still come as ``args``)."""
-    # 1. Check everything before the first render.
-    strategies = parse_strategies(args.strategies)
-    style_weights = parse_weights(args.style_weights, "--style_weights")
-    content_weights = parse_weights(args.content_weights, "--content_weights")
-    seeds = parse_seeds(args.seeds)
-    adapters = [load_adapter(args.style_lora_path), load_adapter(args.content_lora_path)]
-    for name in strategies:
-        check_strategy(name, adapters, None)
-    load_references(args.content_refs, "--content_refs")
-    load_references(args.style_refs, "--style_refs")
-    check_scoring_models(args)
-    out = Path(args.output_dir)
-    check_output_dir(out, args.overwrite)
-    taken = [name for name in strategies if (out / name).exists() and any((out / name).iterdir())]
-    if taken and not args.overwrite:
-        raise UserError(f"--output_dir: {out / taken[0]} is not empty; pass --overwrite or choose a new folder")
-
-    # 2. Render each strategy, 3. score all images together.
-    render = replace(render, seed=seeds[0])  # ZipLoRA samples its recordings with the first seed
-    for name in strategies:
-        render_strategy(name, adapters, args.model_path, render, settings, style_weights, content_weights, seeds,
-                        out / name)
-    written = evaluate_folders([str(out / name) for name in strategies], args, out)
-    print((out / "summary.md").read_text(), end="")
-    print(f"wrote {', '.join(p.name for p in written)} to {out}")
-    return written

@@ -36,6 +36,24 @@ from ..errors import UserError
 DEFAULT_CLIP = "openai/clip-vit-large-patch14"
 DEFAULT_DINO = "facebook/dino-vits16"
 DEFAULT_CONCEPT_TOKENS = "<c>,<s>,sks"
+
+
+@dataclass(frozen=True)
+class ScoringSettings:
+    """What scores the images (the evaluation flags): the CLIP and DINO models, the reference folders, the tokens
+    left out of CLIP-T prompts, the batch and the device (None: cuda if available, else cpu)."""
+
+    style_refs: str | None = None
+    content_refs: str | None = None
+    clip_model: str = DEFAULT_CLIP
+    dino_model: str = DEFAULT_DINO
+    concept_tokens: str = DEFAULT_CONCEPT_TOKENS
+    eval_batch_size: int = 16
+    device: str | None = None
+
+    def __post_init__(self):
+        if isinstance(self.eval_batch_size, bool) or not isinstance(self.eval_batch_size, int) or self.eval_batch_size < 1:
+            raise UserError(f"--eval_batch_size must be a positive integer, got {self.eval_batch_size}")
 MANIFEST = "manifest.json"
 OUTPUT_FILES = ("scores.csv", "summary.json", "summary.md", "tradeoff.png")
 METRICS = ("clip_t", "clip_i_style", "dino_content")
@@ -280,16 +298,16 @@ def load_references(folder: str | None, flag: str) -> list[Image.Image]:
     return list_images(folder, flag) if folder else []
 
 
-def evaluate_folders(folders: Sequence[str], args, output_dir: str | Path) -> list[Path]:
+def evaluate_folders(folders: Sequence[str], scoring: ScoringSettings, output_dir: str | Path) -> list[Path]:
     """Score every image of ``folders`` (each with a manifest) and write the results into ``output_dir``."""
     entries = [entry for folder in folders for entry in read_manifest(folder)]
-    style_refs = load_references(args.style_refs, "--style_refs")
-    content_refs = load_references(args.content_refs, "--content_refs")
-    device = str(resolve_device(args.device))
-    clip = Embedder("clip", args.clip_model, "--clip_model", device, args.eval_batch_size)
-    dino = Embedder("dino", args.dino_model, "--dino_model", device, args.eval_batch_size) if content_refs else None
+    style_refs = load_references(scoring.style_refs, "--style_refs")
+    content_refs = load_references(scoring.content_refs, "--content_refs")
+    device = str(resolve_device(scoring.device))
+    clip = Embedder("clip", scoring.clip_model, "--clip_model", device, scoring.eval_batch_size)
+    dino = Embedder("dino", scoring.dino_model, "--dino_model", device, scoring.eval_batch_size) if content_refs else None
     rows = score_images(entries, clip, dino, style_refs=style_refs, content_refs=content_refs,
-                        concept_tokens=[t.strip() for t in args.concept_tokens.split(",")])
+                        concept_tokens=[t.strip() for t in scoring.concept_tokens.split(",")])
     return write_results(rows, summarize(rows), output_dir)
 
 
@@ -298,13 +316,3 @@ def check_output_dir(output_dir: str | Path, overwrite: bool) -> None:
     existing = [name for name in OUTPUT_FILES if (Path(output_dir) / name).exists()]
     if existing and not overwrite:
         raise UserError(f"--output_dir: {output_dir} already holds {existing[0]}; pass --overwrite or choose a new folder")
-
-
-def evaluate(args) -> list[Path]:
-    """``python -m qrlora.evaluate`` (flags: ``qrlora.cli.evaluate``): score folders of generated images against
-    style and content references."""
-    check_output_dir(args.output_dir, args.overwrite)
-    written = evaluate_folders(args.images, args, args.output_dir)
-    print((Path(args.output_dir) / "summary.md").read_text(), end="")
-    print(f"wrote {', '.join(p.name for p in written)} to {args.output_dir}")
-    return written
