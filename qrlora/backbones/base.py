@@ -112,6 +112,9 @@ class Backbone:
     # (denoiser attribute, config key of its length) of each list of transformer blocks, in execution order
     # (``--blocks_to_swap``); empty: the family has no list of uniform blocks to swap.
     block_lists: tuple[tuple[str, str], ...] = ()
+    # The denoiser's stages in forward order, (top-level container, block kind, tick prefix): the analyses order and
+    # label layers by them (qrlora.evaluation.analysis.ordering).
+    block_stages: tuple[tuple[str, str, str], ...] = ()
     published_config: dict[str, Any] = {}  # the full-size denoiser's config.json (set by each family)
 
     # ---- loading ------------------------------------------------------------------------------------

@@ -48,6 +48,7 @@ class Flux(FlowMatchingBackbone):
     )
     default_max_sequence_length = 512
     block_lists = (("transformer_blocks", "num_layers"), ("single_transformer_blocks", "num_single_layers"))  # double first
+    block_stages = (("transformer_blocks", "joint", "J"), ("single_transformer_blocks", "single", "S"))
     text_encoder_names = ("text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2")
     # BFL's checkpoint names (kohya sd-scripts, ComfyUI, A1111/Forge); q, k, v (and, in single blocks, the MLP
     # input) are one fused Linear there. The same map as diffusers' ``_convert_kohya_flux_lora_to_diffusers``.

@@ -27,6 +27,7 @@ class SD3(FlowMatchingBackbone):
     default_objective = Objective(prediction_type="flow", weighting_scheme="logit_normal", precondition_outputs=True)
     default_max_sequence_length = 77
     block_lists = (("transformer_blocks", "num_layers"),)
+    block_stages = (("transformer_blocks", "joint", "J"),)  # MMDiT blocks
     vae_in_float32 = True
     text_encoder_names = ("text_encoder", "text_encoder_2", "text_encoder_3", "tokenizer", "tokenizer_2", "tokenizer_3")
     # Stability's MMDiT checkpoint names (kohya sd-scripts, ComfyUI); q, k, v are one fused Linear there, in that

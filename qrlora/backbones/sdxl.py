@@ -53,6 +53,7 @@ class SDXL(Backbone):
     )
     default_objective = Objective(prediction_type="epsilon")  # the scheduler config's prediction_type wins
     default_max_sequence_length = 77  # CLIP context; SDXL has no T5
+    block_stages = (("down_blocks", "down", "D"), ("mid_block", "mid", "M"), ("up_blocks", "up", "U"))  # the UNet
     vae_in_float32 = True  # SDXL's original VAE overflows in fp16 (diffusers' scripts keep it in float32)
     text_encoder_names = ("text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2")
 

@@ -6,15 +6,14 @@ import re
 from dataclasses import dataclass
 from typing import Iterable
 
+from ...backbones import BACKBONES
 
-# Top-level container -> (block kind, rank among the model's stages, tick prefix).
-_GROUPS = {
-    "transformer_blocks": ("joint", 0, "J"),  # SD3 MMDiT blocks, FLUX double-stream blocks
-    "single_transformer_blocks": ("single", 1, "S"),  # FLUX single-stream blocks, after the joint ones
-    "down_blocks": ("down", 0, "D"),  # SDXL UNet
-    "mid_block": ("mid", 1, "M"),
-    "up_blocks": ("up", 2, "U"),
-}
+
+# Top-level container -> (block kind, rank among the model's stages, tick prefix), from the backbone registry (each
+# family's ``block_stages``, one owner): SD3's MMDiT and FLUX's double-stream blocks are "joint", FLUX's single-stream
+# blocks come after them, SDXL's UNet runs down < mid < up.
+_GROUPS = {name: (kind, rank, tick) for backbone in BACKBONES.values()
+           for rank, (name, kind, tick) in enumerate(backbone.block_stages)}
 _OTHER = ("other", 9, "")  # output heads (proj_out, norm_out, conv_out) and anything unknown: after the blocks
 # Embedders run before every block.
 _INPUT_MODULES = {"pos_embed", "x_embedder", "context_embedder", "time_text_embed", "conv_in", "time_embedding",
