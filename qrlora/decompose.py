@@ -166,11 +166,11 @@ def _block_krylov(W: torch.Tensor, rank: int, b: int, seed: int, n_iter: int | N
 
     With ``n_iter`` given, exactly that many iterations run; otherwise at least 2, then until the top-r left subspace
     has converged (the move between two iterations, and the move extrapolated from the observed rate, below
-    ``ANGLE_TOLERANCE_DEG``; the rate only improves from one iteration to the next, so the extrapolation errs on the
-    safe side) or until the gap is known to be below ``GAP_DEFINED`` (nothing to converge to; see
+    ``ANGLE_TOLERANCE_DEG``; Krylov convergence is superlinear, its rate improving from one iteration to the next,
+    so the linear extrapolation errs on the safe side) or until the gap is known to be below ``GAP_DEFINED`` (nothing to converge to; see
     ``_gap_is_undefined``). Returns None (the caller then takes the dense SVD) when ``max_iter`` iterations or a
     Krylov space of ``n`` dimensions did not get there, or when the result is numerically suspect: a
-    rank-deficient ``W`` (a Ritz value ``S_r`` below ``1e-6 S_1``) or left vectors that lost orthogonality.
+    rank-deficient ``W`` (a Ritz value ``S_r`` below ``1e-6 S_1``) or a basis that lost orthogonality.
     """
     m, n = W.shape
     blocks = min(max_iter + 1, n // b)  # the Krylov space never exceeds n dimensions
@@ -241,9 +241,10 @@ def _ritz_triplets(KT: torch.Tensor, Z: list[torch.Tensor], E: torch.Tensor, S: 
     """
     right = KT.T @ E.to(KT.dtype)  # (in, r)
     left = sum(Zj @ E[j * Zj.shape[1]:(j + 1) * Zj.shape[1]] for j, Zj in enumerate(Z)) / S[:rank]  # (out, r), f64
+    # The left vectors are orthonormal by construction (E diagonalises Z^T Z); the right ones only as far as K is.
     eye = torch.eye(rank, dtype=torch.float64, device=KT.device)
-    if float((left.T @ left - eye).abs().max()) > 1e-4:
-        return None  # the Krylov basis lost orthogonality (a rank-deficient W): do not trust its Ritz vectors
+    if float((right.double().T @ right.double() - eye).abs().max()) > 1e-4:
+        return None  # the Krylov basis lost orthogonality, and with it the Rayleigh-Ritz step: do not trust it
     return TruncatedSVD(U=left.to(KT.dtype), S=S[:rank].to(KT.dtype), Vh=right.T, gap=gap, iterations=iterations)
 
 
