@@ -91,7 +91,7 @@ def angle_rows(d: dict, cmd: str) -> list[str]:
     two = max(r["methods"]["ours_niter_2"]["angle_deg"] for r in shapes)
     rows = [row(f"largest angle between span(Q) and the exact top-{d['rank']} subspace, worst shape (gap "
                 f"`sigma_r / sigma_(r+1)` {gaps}, below 1.01: not defined by the matrix)",
-                f"ours {ours:.2f} deg, the former 2 fixed iterations {two:.2f} deg", "-", cmd)]
+                f"ours {ours:.2f} deg, ours with 2 fixed iterations {two:.2f} deg", "-", cmd)]
     world = d.get("world")
     if world:
         cells = "; ".join(f"rank {rank}: {v['ours']['worst_angle_deg_where_defined']:.3f} deg (former default "
@@ -233,8 +233,13 @@ def provenance(reports: dict[str, dict]) -> str:
         m = d.get("machine", {})
         start, end = m.get("load_average_at_start"), d.get("load_average_at_end")
         where = f"{m.get('date', '?')}, {m.get('cpu', '?')}, {m.get('logical_cpus', '?')} CPUs"
+        if m.get("torch_threads") and m.get("torch_threads") != m.get("logical_cpus"):
+            where += f", {m['torch_threads']} torch thread{'s' if m['torch_threads'] > 1 else ''}"
         if start:  # 1-minute load averages: how busy the machine was while it measured
             where += f", load {start[0]:g} at start" + (f", {end[0]:g} at end" if end else "")
+        gate = d.get("idle_gate") or {}
+        if gate.get("busy_starts"):  # timed runs that started while other tasks were runnable
+            where += f", {gate['busy_starts']} of {gate['timed_runs']} timed runs started busy"
         parts.append(f"`{name}.json` ({where})")
     return "Reports: " + "; ".join(parts) + "."
 
