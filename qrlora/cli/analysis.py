@@ -5,13 +5,16 @@ labels and output folder (the ICA one also restricts the method)."""
 from __future__ import annotations
 
 import argparse
+from dataclasses import replace
+from pathlib import Path
 from typing import Sequence
 
 from ..evaluation import analysis
+from ..evaluation.analysis.experts import CompareUsageSettings, ExpertUsageSettings
 from ..evaluation.analysis.metrics import DEFAULT_BINS, METRICS
 from ..core.devices import DTYPES, resolve_device
 from ..errors import UserError, cli_entry
-from .arguments import ArgumentParser
+from .arguments import ArgumentParser, settings_from
 
 
 # =========================================================================================================
@@ -115,12 +118,28 @@ def add_compare_usage_arguments(parser: argparse.ArgumentParser) -> argparse.Arg
     return parser
 
 
+def read_prompts(args: argparse.Namespace) -> list[str]:
+    """``--prompt`` (repeatable) then the lines of ``--prompts_file``; 'a dog' when neither gives one."""
+    prompts = list(args.prompt or [])
+    if args.prompts_file:
+        try:
+            lines = Path(args.prompts_file).read_text().splitlines()
+        except OSError as err:
+            raise UserError(f"--prompts_file {args.prompts_file}: cannot read ({err.strerror or err})") from None
+        prompts += [l.strip() for l in lines if l.strip()]
+        if not prompts:
+            raise UserError(f"--prompts_file {args.prompts_file}: holds no prompt")
+    return prompts or ["a dog"]
+
+
 @cli_entry
 def expert_usage_main(argv=None) -> dict:
     """``test/analyze_moe_experts.py``: record a MoE adapter's expert usage while sampling."""
     parser = ArgumentParser(description="Analyze MoE expert usage of a QR-LoRA MoE adapter during sampling")
     add_expert_usage_arguments(parser)
-    return analysis.run_expert_usage(parser.parse_args(argv))
+    args = parser.parse_args(argv)
+    settings = settings_from(ExpertUsageSettings, args)
+    return analysis.run_expert_usage(replace(settings, prompts=tuple(read_prompts(args))))
 
 
 @cli_entry
@@ -128,4 +147,4 @@ def compare_usage_main(argv=None) -> dict:
     """``test/compare_expert_usage.py``: the usage difference of a content and a style MoE adapter."""
     parser = ArgumentParser(description="Compare expert usage between a content and a style MoE adapter")
     add_compare_usage_arguments(parser)
-    return analysis.run_compare_usage(parser.parse_args(argv))
+    return analysis.run_compare_usage(settings_from(CompareUsageSettings, parser.parse_args(argv)))

@@ -115,17 +115,43 @@ def expert_usage(pipe, denoiser: torch.nn.Module, prompts: Sequence[str], *, ada
     return usage
 
 
-def _read_prompts(args) -> list[str]:
-    prompts = list(args.prompt or [])
-    if args.prompts_file:
-        try:
-            lines = Path(args.prompts_file).read_text().splitlines()
-        except OSError as err:
-            raise UserError(f"--prompts_file {args.prompts_file}: cannot read ({err.strerror or err})") from None
-        prompts += [l.strip() for l in lines if l.strip()]
-        if not prompts:
-            raise UserError(f"--prompts_file {args.prompts_file}: holds no prompt")
-    return prompts or ["a dog"]
+@dataclass(frozen=True)
+class ExpertUsageSettings:
+    """One expert-usage run (``test/analyze_moe_experts.py``'s flags; ``prompts`` already read, default 'a dog')."""
+
+    model_path: str
+    lora_path: str
+    prompts: tuple[str, ...] = ("a dog",)
+    rank: int | None = None  # optional checks against the file
+    num_experts: int | None = None
+    num_inference_steps: int = 10
+    guidance_scale: float = 0.0
+    height: int | None = None
+    width: int | None = None
+    seed: int = 0
+    dtype: str = "auto"
+    lora_name: str | None = None
+    output_dir: str = "analysis_results"
+    device: str = "auto"
+    dpi: int = 150
+    overwrite: bool = False
+
+    def __post_init__(self):
+        if self.num_inference_steps < 1:
+            raise UserError(f"--num_inference_steps: must be positive, got {self.num_inference_steps}")
+
+
+@dataclass(frozen=True)
+class CompareUsageSettings:
+    """One usage comparison (``test/compare_expert_usage.py``'s flags)."""
+
+    content_usage: str
+    style_usage: str
+    content_name: str = "content"
+    style_name: str = "style"
+    output_dir: str = "analysis_result"
+    dpi: int = 150
+    overwrite: bool = False
 
 
 def _load_pipeline(model_path: str, dtype: torch.dtype):
@@ -143,7 +169,7 @@ def _load_pipeline(model_path: str, dtype: torch.dtype):
         raise UserError(f"--model_path {model_path}: cannot load a diffusers pipeline ({reason})") from None
 
 
-def run_expert_usage(args) -> dict:
+def run_expert_usage(settings: ExpertUsageSettings) -> dict:
     """Load the pipeline, attach the MoE adapter live, record usage; write the heatmap, step curve and JSON.
 
     Outputs in ``--output_dir``: ``expert_heatmap.png`` (layers x experts, mean gate weight over prompts and
@@ -154,35 +180,33 @@ def run_expert_usage(args) -> dict:
     """
     from ...core.inject import attach_adapter
 
-    if args.num_inference_steps < 1:
-        raise UserError(f"--num_inference_steps: must be positive, got {args.num_inference_steps}")
-    prompts = _read_prompts(args)
-    adapter = load_adapter(args.lora_path)
+    prompts = list(settings.prompts)
+    adapter = load_adapter(settings.lora_path)
     if not adapter.method.uses_experts:
-        raise UserError(f"--lora_path {args.lora_path}: a {adapter.config.method} adapter; expert usage needs an "
+        raise UserError(f"--lora_path {settings.lora_path}: a {adapter.config.method} adapter; expert usage needs an "
                         "moe adapter (--lora_init_method moe)")
-    if args.rank is not None and args.rank != adapter.config.rank:
-        raise UserError(f"--rank {args.rank}: the adapter {args.lora_path} has rank {adapter.config.rank}")
-    if args.num_experts is not None and args.num_experts != adapter.config.num_experts:
-        raise UserError(f"--num_experts {args.num_experts}: the adapter {args.lora_path} has "
+    if settings.rank is not None and settings.rank != adapter.config.rank:
+        raise UserError(f"--rank {settings.rank}: the adapter {settings.lora_path} has rank {adapter.config.rank}")
+    if settings.num_experts is not None and settings.num_experts != adapter.config.num_experts:
+        raise UserError(f"--num_experts {settings.num_experts}: the adapter {settings.lora_path} has "
                         f"{adapter.config.num_experts} experts")
-    device = resolve_device(args.device)
-    dtype = resolve_dtype(args.dtype, device)
-    out = _output_dir(args.output_dir, "expert_usage.json", args.overwrite)
-    pipe = _load_pipeline(args.model_path, dtype)
+    device = resolve_device(settings.device)
+    dtype = resolve_dtype(settings.dtype, device)
+    out = _output_dir(settings.output_dir, "expert_usage.json", settings.overwrite)
+    pipe = _load_pipeline(settings.model_path, dtype)
     denoiser = getattr(pipe, adapter.component, None)
     if denoiser is None:
-        raise UserError(f"--model_path {args.model_path}: the pipeline has no {adapter.component}, which "
-                        f"{args.lora_path} adapts (different backbone?)")
-    attach_adapter(denoiser, adapter.config, adapter.layers, adapter_name="moe", weight=1.0, source=str(args.lora_path))
+        raise UserError(f"--model_path {settings.model_path}: the pipeline has no {adapter.component}, which "
+                        f"{settings.lora_path} adapts (different backbone?)")
+    attach_adapter(denoiser, adapter.config, adapter.layers, adapter_name="moe", weight=1.0, source=str(settings.lora_path))
     pipe.to(device)
-    name = args.lora_name or adapter_label(args.lora_path)
-    usage = expert_usage(pipe, denoiser, prompts, num_inference_steps=args.num_inference_steps,
-                         guidance_scale=args.guidance_scale, height=args.height, width=args.width, seed=args.seed)
+    name = settings.lora_name or adapter_label(settings.lora_path)
+    usage = expert_usage(pipe, denoiser, prompts, num_inference_steps=settings.num_inference_steps,
+                         guidance_scale=settings.guidance_scale, height=settings.height, width=settings.width, seed=settings.seed)
     means = usage.layer_mean()
     payload = {
-        "adapter": str(args.lora_path), "name": name, "model": str(args.model_path), "prompts": prompts,
-        "num_inference_steps": args.num_inference_steps, "guidance_scale": args.guidance_scale, "seed": args.seed,
+        "adapter": str(settings.lora_path), "name": name, "model": str(settings.model_path), "prompts": prompts,
+        "num_inference_steps": settings.num_inference_steps, "guidance_scale": settings.guidance_scale, "seed": settings.seed,
         "num_experts": usage.num_experts, "rank": adapter.config.rank, "layers": usage.layers,
         "block_kinds": [block_of(l).kind for l in usage.layers], "usage": means,
         "expert_mean": np.mean(np.asarray([means[l] for l in usage.layers]), axis=0).tolist(),
@@ -191,10 +215,10 @@ def run_expert_usage(args) -> dict:
     write_json(out / "expert_usage.json", payload)
     subtitle = f"{len(prompts)} prompt(s), {usage.num_steps} steps"
     save_usage_heatmap(out / "expert_heatmap.png", usage.layers, np.asarray([means[l] for l in usage.layers]),
-                       title=f"Mean gate weight per expert: {name}\n{subtitle}", dpi=args.dpi)
+                       title=f"Mean gate weight per expert: {name}\n{subtitle}", dpi=settings.dpi)
     save_step_curve(out / "expert_usage_per_step.png", np.asarray(payload["per_step"]),
                     title=f"Expert usage over denoising steps (mean over {len(usage.layers)} layers): {name}",
-                    dpi=args.dpi)
+                    dpi=settings.dpi)
     out.publish()
     print("mean gate weight per expert (over layers, prompts, steps):")
     for e, v in enumerate(payload["expert_mean"]):
@@ -276,12 +300,12 @@ def compare_usage(content: Mapping, style: Mapping, *, names=("content", "style"
     }
 
 
-def run_compare_usage(args) -> dict:
+def run_compare_usage(settings: CompareUsageSettings) -> dict:
     """Write ``usage_difference.png`` (difference heatmap + per-expert bars) and ``usage_comparison.json``."""
-    names = (args.content_name, args.style_name)
-    result = compare_usage(_load_usage(args.content_usage, "--content_usage"),
-                           _load_usage(args.style_usage, "--style_usage"), names=names)
-    out = _output_dir(args.output_dir, "usage_comparison.json", args.overwrite)
+    names = (settings.content_name, settings.style_name)
+    result = compare_usage(_load_usage(settings.content_usage, "--content_usage"),
+                           _load_usage(settings.style_usage, "--style_usage"), names=names)
+    out = _output_dir(settings.output_dir, "usage_comparison.json", settings.overwrite)
     write_json(out / "usage_comparison.json", result)
     layers = result["layers"]
     diff = np.asarray([result["per_layer"][l]["diff"] for l in layers])
@@ -309,7 +333,7 @@ def run_compare_usage(args) -> dict:
     ax_bar.legend(fontsize=8, loc="upper center", ncol=3)
     fig.suptitle(f"Expert usage, {names[0]} vs {names[1]}: global cosine {result['global_cosine']:.3f}, "
                  f"mean JS divergence {result['layer_jsd']['mean']:.3f} bits")
-    fig.savefig(out / "usage_difference.png", dpi=args.dpi)
+    fig.savefig(out / "usage_difference.png", dpi=settings.dpi)
     out.publish()
     print(f"global cosine similarity of usage: {result['global_cosine']:.4f} (1 = identical usage)")
     print(f"per-layer JS divergence: mean {result['layer_jsd']['mean']:.4f}, max {result['layer_jsd']['max']:.4f} bits")
