@@ -310,3 +310,5 @@ def test_train_settings_are_typed_frozen_and_checked_naming_the_flag():
         settings.learning_rate = 1.0
     with pytest.raises(UserError, match="--gradient_accumulation_steps must be a positive integer"):
         dataclasses.replace(settings, gradient_accumulation_steps=0)
+    with pytest.raises(UserError, match="--pretrained_model_name_or_path is required"):
+        TrainSettings()

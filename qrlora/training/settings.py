@@ -21,13 +21,13 @@ class TrainSettings:
     """One training run's settings (``python -m qrlora.train --help`` says what each flag does)."""
 
     # ---- model
-    pretrained_model_name_or_path: str | None = None  # required: the CLI insists
+    pretrained_model_name_or_path: str | None = None  # required
     backbone: str | None = None
     pretrained_vae_model_name_or_path: str | None = None
     base_precision: str | None = None
     # ---- data
-    instance_data_dir: str | None = None  # required: the CLI insists
-    instance_prompt: str | None = None  # required: the CLI insists
+    instance_data_dir: str | None = None  # required
+    instance_prompt: str | None = None  # required
     with_prior_preservation: bool = False
     class_data_dir: str | None = None
     class_prompt: str | None = None
@@ -104,6 +104,9 @@ class TrainSettings:
     hub_token: str | None = None
 
     def __post_init__(self):
+        for name in REQUIRED:
+            if not getattr(self, name):
+                raise UserError(f"--{name} is required")
         problem = flag_problem(self)
         if problem:
             raise UserError(problem)
@@ -115,6 +118,7 @@ class TrainSettings:
         return self.learning_rate * self.gradient_accumulation_steps * self.train_batch_size * processes
 
 
+REQUIRED = ("pretrained_model_name_or_path", "instance_data_dir", "instance_prompt")
 FLOAT32_MAX = 3.4028234663852886e38  # torch.finfo(torch.float32).max: the optimizer's parameters are float32
 # Flags that must be at least 1 (a 0 divides by zero or trains nothing) and at least 0.
 AT_LEAST_ONE = ("rank", "train_batch_size", "gradient_accumulation_steps", "max_train_steps", "num_train_epochs",
@@ -124,8 +128,9 @@ AT_LEAST_ZERO = ("num_class_images", "lr_warmup_steps", "learning_rate", "delta_
                  "adam_weight_decay", "adam_epsilon", "prior_loss_weight", "logit_std", "lr_power", "snr_gamma")
 
 
-def flag_problem(args: "TrainSettings") -> str | None:
-    """The first flag whose value cannot work, as a message for ``parser.error``; None when all are fine.
+def flag_problem(args) -> str | None:
+    """The first flag whose value cannot work (``args``: the parsed flags or a ``TrainSettings``), as a message; None
+    when all are fine.
 
     Checked before anything is loaded, so a typo never surfaces as a traceback after training started.
     """
