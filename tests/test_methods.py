@@ -4,15 +4,15 @@ import torch
 from torch import nn
 
 from qrlora.files.checkpoint import (
-                                     adapter_from_model,
-                                     adapter_metadata,
-                                     base_fingerprint,
-                                     load_adapter,
-                                     load_residual,
-                                     residuals_from_adapter,
-                                     save_adapter,
-                                     save_residual,
-                                     )
+    adapter_from_model,
+    adapter_metadata,
+    base_fingerprint,
+    load_adapter,
+    load_residual,
+    residuals_from_adapter,
+    save_adapter,
+    save_residual,
+)
 from qrlora.errors import UserError
 from qrlora.files.export import export_lora
 from qrlora.core.inject import find_target_modules, inject_adapters

@@ -111,3 +111,17 @@ def test_the_token_dependent_refusal_has_one_owner():
     writers = sorted(str(path.relative_to(REPO)) for path in PACKAGE.rglob("*.py")
                      if "is token-dependent and has" in path.read_text())
     assert writers == ["qrlora/core/methods.py"]
+
+
+def test_a_backbone_owns_its_facts():
+    """A new family is its ``backbones/X.py`` plus one registry entry: the tiny builder, the file component, the
+    full-size config and the analyses' stage order are read from each registered backbone."""
+    from qrlora.backbones import BACKBONES, COMPONENTS
+    from qrlora.backbones.base import Backbone
+
+    for backbone in BACKBONES.values():
+        assert type(backbone).tiny_pipeline is not Backbone.tiny_pipeline, backbone.name
+        assert backbone.published_config and backbone.block_stages, backbone.name
+        assert backbone.denoiser_name in COMPONENTS
+    tiny = (PACKAGE / "toy" / "tiny.py").read_text()
+    assert not any(f'"{name}"' in tiny for name in BACKBONES), "qrlora/toy/tiny.py names a family"

@@ -159,6 +159,12 @@ class Backbone:
         """The denoiser's transformer blocks in the order its forward runs them (``block_lists`` concatenated)."""
         return [block for name, _ in self.block_lists for block in getattr(denoiser, name)]
 
+    def tiny_pipeline(self, seed: int, parts):
+        """This family's offline tiny random pipeline (``python -m qrlora.tiny``), built from ``parts``
+        (``qrlora.toy.tiny``'s seeded tokenizers, text encoders, VAE and schedulers, handed in: the registry imports
+        nothing from the toy layer). A new family implements it; the tiny builder reads it from here."""
+        raise NotImplementedError(f"{self.name}: no tiny pipeline")
+
     def meta_denoiser(self, **overrides) -> nn.Module:
         """The full-size published denoiser (``published_config``, ``overrides`` on top) on the meta device: the
         real module tree and shapes, no storage, no download."""

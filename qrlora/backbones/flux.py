@@ -98,3 +98,35 @@ class Flux(FlowMatchingBackbone):
             return_dict=False,
         )[0]
         return unpack_latents(tokens, h, w)
+
+    def tiny_pipeline(self, seed: int, parts):
+        """The offline tiny FLUX pipeline (``python -m qrlora.tiny``; ``parts``: ``qrlora.toy.tiny``'s builders).
+
+        1 double + 1 single block, 2 heads x 16 = inner width 32; packed latent tokens of 64.
+        """
+        import diffusers
+
+        t5_width = 32
+        clip_tok, t5_tok = parts.build_clip_tokenizer(), parts.build_t5_tokenizer()
+        with parts.seeded(seed, "transformer"):
+            transformer = diffusers.FluxTransformer2DModel(
+                patch_size=1,
+                in_channels=64,  # 16 latent channels x 2x2 packing
+                num_layers=1,
+                num_single_layers=1,
+                attention_head_dim=16,
+                num_attention_heads=2,
+                joint_attention_dim=t5_width,  # T5 width
+                pooled_projection_dim=parts.CLIP_WIDTH,  # CLIP pooler_output width
+                guidance_embeds=True,  # like FLUX.1-dev
+                axes_dims_rope=(4, 6, 6),  # sums to attention_head_dim
+            ).eval()
+        return diffusers.FluxPipeline(
+            transformer=transformer,
+            scheduler=parts.flow_match_scheduler(dynamic_shifting=True),
+            vae=parts.build_vae(seed, 16, flow_style=True, scaling_factor=0.3611, shift_factor=0.1159),
+            text_encoder=parts.build_clip_text_encoder(clip_tok, seed, "text_encoder", with_projection=False),
+            tokenizer=clip_tok,
+            text_encoder_2=parts.build_t5_encoder(t5_tok, seed, "text_encoder_2", d_model=t5_width),
+            tokenizer_2=t5_tok,
+        )

@@ -64,3 +64,39 @@ class SD3(FlowMatchingBackbone):
             hidden_states=noisy, timestep=timesteps, encoder_hidden_states=cond["prompt_embeds"],
             pooled_projections=cond["pooled_prompt_embeds"], return_dict=False,
         )[0]
+
+    def tiny_pipeline(self, seed: int, parts):
+        """The offline tiny SD3 pipeline (``python -m qrlora.tiny``). ``parts`` are ``qrlora.toy.tiny``'s seeded
+        builders (tokenizers, text encoders, VAE, scheduler), handed in so the registry imports nothing above it.
+
+        Tiny MMDiT: 2 joint blocks, 4 heads x 8 = inner width 32; latent [B, 16, 8, 8] -> 4x4 patches of 2.
+        """
+        import diffusers
+
+        t5_width = 2 * parts.CLIP_WIDTH  # must be >= concat of the two CLIP widths (SD3 pads CLIP up to T5)
+        clip_tok, clip_tok_2, t5_tok = parts.build_clip_tokenizer(), parts.build_clip_tokenizer(), parts.build_t5_tokenizer()
+        with parts.seeded(seed, "transformer"):
+            transformer = diffusers.SD3Transformer2DModel(
+                sample_size=8,  # latent side -> default image side 64
+                patch_size=2,
+                in_channels=16,
+                out_channels=16,
+                num_layers=2,
+                attention_head_dim=8,
+                num_attention_heads=4,
+                joint_attention_dim=t5_width,  # T5 width (CLIP states are zero-padded up to it)
+                caption_projection_dim=32,  # = inner width
+                pooled_projection_dim=2 * parts.CLIP_WIDTH,  # concat of both CLIP text_embeds
+                pos_embed_max_size=16,
+            ).eval()
+        return diffusers.StableDiffusion3Pipeline(
+            transformer=transformer,
+            scheduler=parts.flow_match_scheduler(dynamic_shifting=False),
+            vae=parts.build_vae(seed, 16, flow_style=True, scaling_factor=1.5305, shift_factor=0.0609),
+            text_encoder=parts.build_clip_text_encoder(clip_tok, seed, "text_encoder", with_projection=True),
+            tokenizer=clip_tok,
+            text_encoder_2=parts.build_clip_text_encoder(clip_tok_2, seed, "text_encoder_2", with_projection=True),
+            tokenizer_2=clip_tok_2,
+            text_encoder_3=parts.build_t5_encoder(t5_tok, seed, "text_encoder_3", d_model=t5_width),
+            tokenizer_3=t5_tok,
+        )

@@ -130,3 +130,50 @@ class SDXL(Backbone):
         added = {"text_embeds": cond["pooled_prompt_embeds"], "time_ids": cond["time_ids"]}
         return denoiser(noisy, timesteps, encoder_hidden_states=cond["prompt_embeds"], added_cond_kwargs=added,
                         return_dict=False)[0]
+
+    def tiny_pipeline(self, seed: int, parts):
+        """The offline tiny SDXL pipeline (``python -m qrlora.tiny``; ``parts``: ``qrlora.toy.tiny``'s builders).
+
+        The UNet has the shapes of diffusers' own SDXL tests: latent [B, 4, 8, 8], channels (32, 64); attention lives
+        only at the 64-channel level (down_blocks.1, mid_block, up_blocks.0), ``attention_head_dim`` is really the
+        head count there: 4 heads of 16. The scheduler is the one shipped with stable-diffusion-xl-base-1.0.
+        """
+        import diffusers
+
+        time_embed_dim = 8
+        text_width, pooled_dim = 2 * parts.CLIP_WIDTH, parts.CLIP_WIDTH  # concat of both CLIP hidden states; pooled
+        clip_tok, clip_tok_2 = parts.build_clip_tokenizer(), parts.build_clip_tokenizer()
+        with parts.seeded(seed, "unet"):
+            unet = diffusers.UNet2DConditionModel(
+                sample_size=8,  # latent side -> default image side 64
+                in_channels=4,
+                out_channels=4,
+                block_out_channels=(32, 64),
+                layers_per_block=1,
+                down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+                attention_head_dim=(2, 4),
+                transformer_layers_per_block=1,
+                use_linear_projection=True,
+                cross_attention_dim=text_width,
+                addition_embed_type="text_time",
+                addition_time_embed_dim=time_embed_dim,
+                # 6 micro-conditioning ints (orig size, crop, target size) x 8 + pooled text_embeds
+                projection_class_embeddings_input_dim=6 * time_embed_dim + pooled_dim,
+            ).eval()
+        scheduler = diffusers.EulerDiscreteScheduler(
+            num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+            prediction_type="epsilon", interpolation_type="linear", timestep_spacing="leading", steps_offset=1,
+            use_karras_sigmas=False,
+        )
+        return diffusers.StableDiffusionXLPipeline(
+            unet=unet,
+            scheduler=scheduler,
+            vae=parts.build_vae(seed, 4, flow_style=False, scaling_factor=0.13025),
+            text_encoder=parts.build_clip_text_encoder(clip_tok, seed, "text_encoder", with_projection=False),
+            tokenizer=clip_tok,
+            text_encoder_2=parts.build_clip_text_encoder(clip_tok_2, seed, "text_encoder_2", with_projection=True),
+            tokenizer_2=clip_tok_2,
+            force_zeros_for_empty_prompt=True,  # SDXL base default, written to model_index.json
+            add_watermarker=False,  # the invisible-watermark package is not needed
+        )

@@ -50,33 +50,24 @@ import os
 import pathlib
 import re
 import shutil
+import sys
 import tempfile
 import zlib
 
 import sentencepiece as spm
 import torch
 from transformers import (
-                          CLIPTextConfig,
-                          CLIPTextModel,
-                          CLIPTextModelWithProjection,
-                          CLIPTokenizer,
-                          T5Config,
-                          T5EncoderModel,
-                          T5TokenizerFast,
-                          )
+    CLIPTextConfig,
+    CLIPTextModel,
+    CLIPTextModelWithProjection,
+    CLIPTokenizer,
+    T5Config,
+    T5EncoderModel,
+    T5TokenizerFast,
+)
 from transformers.utils import logging as transformers_logging
 
-from diffusers import (
-                       AutoencoderKL,
-                       EulerDiscreteScheduler,
-                       FluxPipeline,
-                       FluxTransformer2DModel,
-                       FlowMatchEulerDiscreteScheduler,
-                       SD3Transformer2DModel,
-                       StableDiffusion3Pipeline,
-                       StableDiffusionXLPipeline,
-                       UNet2DConditionModel,
-                       )
+from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler
 
 from ..backbones import BACKBONES as BACKBONE_REGISTRY
 from ..errors import UserError
@@ -97,7 +88,7 @@ _MARKER_VERSION = 1
 
 CLIP_MAX_LENGTH = 77  # CLIP context length, as in every real SD/FLUX checkpoint
 T5_MAX_LENGTH = 512  # FLUX pads T5 prompts to 512 tokens
-_CLIP_WIDTH = 32  # hidden size of every tiny CLIP text encoder
+CLIP_WIDTH = 32  # hidden size of every tiny CLIP text encoder
 _CLIP_NUM_MERGES = 300  # upper bound on learned BPE merges
 _T5_VOCAB_SIZE = 300  # soft target for the sentencepiece model (plus 100 sentinels)
 _T5_EXTRA_IDS = 100  # <extra_id_*> sentinels, as in real T5 tokenizers
@@ -330,9 +321,9 @@ def build_clip_text_encoder(
     """
     config = CLIPTextConfig(
         vocab_size=len(tokenizer),
-        hidden_size=_CLIP_WIDTH,
-        intermediate_size=2 * _CLIP_WIDTH,
-        projection_dim=_CLIP_WIDTH,
+        hidden_size=CLIP_WIDTH,
+        intermediate_size=2 * CLIP_WIDTH,
+        projection_dim=CLIP_WIDTH,
         num_hidden_layers=2,  # SDXL/SD3 read hidden_states[-2]
         num_attention_heads=4,
         max_position_embeddings=CLIP_MAX_LENGTH,
@@ -373,7 +364,7 @@ def build_t5_encoder(tokenizer: T5TokenizerFast, seed: int, component: str, d_mo
 # ---------------------------------------------------------------------------
 
 
-def _build_vae(seed: int, latent_channels: int, flow_style: bool, **config) -> AutoencoderKL:
+def build_vae(seed: int, latent_channels: int, flow_style: bool, **config) -> AutoencoderKL:
     """Tiny AutoencoderKL with 4 blocks, so ``vae_scale_factor`` = 8: image [B,3,64,64] <-> latent [B,C,8,8].
 
     ``flow_style`` mirrors the SD3/FLUX VAE (no quant convs); otherwise SDXL's (with them).
@@ -398,74 +389,7 @@ def _build_vae(seed: int, latent_channels: int, flow_style: bool, **config) -> A
 
 
 # ---------------------------------------------------------------------------
-# denoisers (one per backbone)
-# ---------------------------------------------------------------------------
-
-
-def _build_sd3_transformer(seed: int, pooled_dim: int, joint_dim: int) -> SD3Transformer2DModel:
-    """Tiny MMDiT: 2 joint blocks, 4 heads x 8 = inner width 32; latent [B,16,8,8] -> 4x4 patches of 2."""
-    with seeded(seed, "transformer"):
-        return SD3Transformer2DModel(
-            sample_size=8,  # latent side -> default image side 64
-            patch_size=2,
-            in_channels=16,
-            out_channels=16,
-            num_layers=2,
-            attention_head_dim=8,
-            num_attention_heads=4,
-            joint_attention_dim=joint_dim,  # T5 width (CLIP states are zero-padded up to it)
-            caption_projection_dim=32,  # = inner width
-            pooled_projection_dim=pooled_dim,  # concat of both CLIP text_embeds
-            pos_embed_max_size=16,
-        ).eval()
-
-
-def _build_flux_transformer(seed: int, pooled_dim: int, joint_dim: int) -> FluxTransformer2DModel:
-    """Tiny FLUX: 1 double + 1 single block, 2 heads x 16 = inner width 32; packed latent tokens of 64."""
-    with seeded(seed, "transformer"):
-        return FluxTransformer2DModel(
-            patch_size=1,
-            in_channels=64,  # 16 latent channels x 2x2 packing
-            num_layers=1,
-            num_single_layers=1,
-            attention_head_dim=16,
-            num_attention_heads=2,
-            joint_attention_dim=joint_dim,  # T5 width
-            pooled_projection_dim=pooled_dim,  # CLIP pooler_output width
-            guidance_embeds=True,  # like FLUX.1-dev
-            axes_dims_rope=(4, 6, 6),  # sums to attention_head_dim
-        ).eval()
-
-
-def _build_sdxl_unet(seed: int, text_width: int, pooled_dim: int) -> UNet2DConditionModel:
-    """Tiny SDXL UNet (shapes of diffusers' own SDXL tests): latent [B,4,8,8], channels (32, 64).
-
-    Attention lives only at the 64-channel level (down_blocks.1, mid_block, up_blocks.0);
-    ``attention_head_dim`` is really the head count there: 4 heads of 16.
-    """
-    time_embed_dim = 8
-    with seeded(seed, "unet"):
-        return UNet2DConditionModel(
-            sample_size=8,  # latent side -> default image side 64
-            in_channels=4,
-            out_channels=4,
-            block_out_channels=(32, 64),
-            layers_per_block=1,
-            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-            attention_head_dim=(2, 4),
-            transformer_layers_per_block=1,
-            use_linear_projection=True,
-            cross_attention_dim=text_width,  # concat of both CLIP hidden states
-            addition_embed_type="text_time",
-            addition_time_embed_dim=time_embed_dim,
-            # 6 micro-conditioning ints (orig size, crop, target size) x 8 + pooled text_embeds
-            projection_class_embeddings_input_dim=6 * time_embed_dim + pooled_dim,
-        ).eval()
-
-
-# ---------------------------------------------------------------------------
-# schedulers (one per backbone)
+# schedulers shared by the families (each family's own pipeline: ``Backbone.tiny_pipeline``)
 # ---------------------------------------------------------------------------
 
 
@@ -484,72 +408,6 @@ def flow_match_scheduler(dynamic_shifting: bool) -> FlowMatchEulerDiscreteSchedu
     return FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0)
 
 
-def _sdxl_scheduler() -> EulerDiscreteScheduler:
-    """The scheduler config shipped with stable-diffusion-xl-base-1.0."""
-    return EulerDiscreteScheduler(
-        num_train_timesteps=1000,
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        prediction_type="epsilon",
-        interpolation_type="linear",
-        timestep_spacing="leading",
-        steps_offset=1,
-        use_karras_sigmas=False,
-    )
-
-
-# ---------------------------------------------------------------------------
-# pipelines
-# ---------------------------------------------------------------------------
-
-
-def _make_sd3(seed: int) -> StableDiffusion3Pipeline:
-    t5_width = 2 * _CLIP_WIDTH  # must be >= concat of the two CLIP widths (SD3 pads CLIP up to T5)
-    clip_tok, clip_tok_2, t5_tok = build_clip_tokenizer(), build_clip_tokenizer(), build_t5_tokenizer()
-    return StableDiffusion3Pipeline(
-        transformer=_build_sd3_transformer(seed, pooled_dim=2 * _CLIP_WIDTH, joint_dim=t5_width),
-        scheduler=flow_match_scheduler(dynamic_shifting=False),
-        vae=_build_vae(seed, 16, flow_style=True, scaling_factor=1.5305, shift_factor=0.0609),
-        text_encoder=build_clip_text_encoder(clip_tok, seed, "text_encoder", with_projection=True),
-        tokenizer=clip_tok,
-        text_encoder_2=build_clip_text_encoder(clip_tok_2, seed, "text_encoder_2", with_projection=True),
-        tokenizer_2=clip_tok_2,
-        text_encoder_3=build_t5_encoder(t5_tok, seed, "text_encoder_3", d_model=t5_width),
-        tokenizer_3=t5_tok,
-    )
-
-
-def _make_flux(seed: int) -> FluxPipeline:
-    t5_width = 32
-    clip_tok, t5_tok = build_clip_tokenizer(), build_t5_tokenizer()
-    return FluxPipeline(
-        transformer=_build_flux_transformer(seed, pooled_dim=_CLIP_WIDTH, joint_dim=t5_width),
-        scheduler=flow_match_scheduler(dynamic_shifting=True),
-        vae=_build_vae(seed, 16, flow_style=True, scaling_factor=0.3611, shift_factor=0.1159),
-        text_encoder=build_clip_text_encoder(clip_tok, seed, "text_encoder", with_projection=False),
-        tokenizer=clip_tok,
-        text_encoder_2=build_t5_encoder(t5_tok, seed, "text_encoder_2", d_model=t5_width),
-        tokenizer_2=t5_tok,
-    )
-
-
-def _make_sdxl(seed: int) -> StableDiffusionXLPipeline:
-    clip_tok, clip_tok_2 = build_clip_tokenizer(), build_clip_tokenizer()
-    return StableDiffusionXLPipeline(
-        unet=_build_sdxl_unet(seed, text_width=2 * _CLIP_WIDTH, pooled_dim=_CLIP_WIDTH),
-        scheduler=_sdxl_scheduler(),
-        vae=_build_vae(seed, 4, flow_style=False, scaling_factor=0.13025),
-        text_encoder=build_clip_text_encoder(clip_tok, seed, "text_encoder", with_projection=False),
-        tokenizer=clip_tok,
-        text_encoder_2=build_clip_text_encoder(clip_tok_2, seed, "text_encoder_2", with_projection=True),
-        tokenizer_2=clip_tok_2,
-        force_zeros_for_empty_prompt=True,  # SDXL base default, written to model_index.json
-        add_watermarker=False,  # the invisible-watermark package is not needed
-    )
-
-
-_MAKERS = {"sd3": _make_sd3, "flux": _make_flux, "sdxl": _make_sdxl}
 
 
 # ---------------------------------------------------------------------------
@@ -622,7 +480,7 @@ def build_tiny_pipeline(backbone: str, output_dir: str | os.PathLike, seed: int 
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
     try:
-        pipe = _MAKERS[backbone](seed)
+        pipe = BACKBONE_REGISTRY[backbone].tiny_pipeline(seed, sys.modules[__name__])
         with no_progress_bars():
             pipe.save_pretrained(tmp, safe_serialization=True)
         marker = {"builder": "qrlora.tiny", "version": _MARKER_VERSION, "backbone": backbone, "seed": seed}

@@ -16,15 +16,15 @@ import os
 from pathlib import Path
 
 from transformers import (
-                          CLIPConfig,
-                          CLIPImageProcessor,
-                          CLIPModel,
-                          CLIPTextConfig,
-                          CLIPVisionConfig,
-                          ViTConfig,
-                          ViTImageProcessor,
-                          ViTModel,
-                          )
+    CLIPConfig,
+    CLIPImageProcessor,
+    CLIPModel,
+    CLIPTextConfig,
+    CLIPVisionConfig,
+    ViTConfig,
+    ViTImageProcessor,
+    ViTModel,
+)
 
 from .tiny import CLIP_MAX_LENGTH, build_clip_tokenizer, seeded
 

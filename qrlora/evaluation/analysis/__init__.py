@@ -22,42 +22,42 @@ Files with NaN or inf values are refused with a ``UserError`` naming the file, l
 """
 from .cli import write_json
 from .experts import (
-                      ExpertUsage,
-                      adapter_label,
-                      compare_usage,
-                      expert_usage,
-                      run_compare_usage,
-                      run_expert_usage,
-                      )
+    ExpertUsage,
+    adapter_label,
+    compare_usage,
+    expert_usage,
+    run_compare_usage,
+    run_expert_usage,
+)
 from .metrics import (
-                      DEFAULT_BINS,
-                      METRICS,
-                      cka_view,
-                      cosine_similarity,
-                      linear_cka,
-                      linear_cka_factored,
-                      matrix_similarity,
-                      normalized_mutual_information,
-                      summarize,
-                      )
+    DEFAULT_BINS,
+    METRICS,
+    cka_view,
+    cosine_similarity,
+    linear_cka,
+    linear_cka_factored,
+    matrix_similarity,
+    normalized_mutual_information,
+    summarize,
+)
 from .ordering import BlockInfo, block_of, layer_sort_key, order_layers
 from .plots import (
-                    METRIC_TITLES,
-                    save_compare_figure,
-                    save_histogram,
-                    save_line_plot,
-                    save_overview,
-                    save_step_curve,
-                    save_usage_heatmap,
-                    )
+    METRIC_TITLES,
+    save_compare_figure,
+    save_histogram,
+    save_line_plot,
+    save_overview,
+    save_step_curve,
+    save_usage_heatmap,
+)
 from .similarity import (
-                         DELTA_WEIGHT,
-                         load_pair,
-                         matrix_types,
-                         pair_similarity,
-                         run_compare,
-                         run_similarity,
-                         )
+    DELTA_WEIGHT,
+    load_pair,
+    matrix_types,
+    pair_similarity,
+    run_compare,
+    run_similarity,
+)
 
 # The package's public API (its flag helpers live in ``qrlora.cli.analysis``). Every other name imported above is
 # importable from here too.

@@ -37,14 +37,14 @@ from tqdm.auto import tqdm
 
 from ...errors import UserError
 from ..tiny import (
-                    build_clip_text_encoder,
-                    build_clip_tokenizer,
-                    build_t5_encoder,
-                    build_t5_tokenizer,
-                    flow_match_scheduler,
-                    no_progress_bars,
-                    seeded,
-                    )
+    build_clip_text_encoder,
+    build_clip_tokenizer,
+    build_t5_encoder,
+    build_t5_tokenizer,
+    flow_match_scheduler,
+    no_progress_bars,
+    seeded,
+)
 from . import data
 from .optim import warmup_cosine
 from .classifier import CLASSIFIER_FILE, load_classifier, predict, save_classifier, train_classifier
