@@ -300,8 +300,9 @@ def test_train_settings_are_typed_frozen_and_checked_naming_the_flag():
     from qrlora.errors import UserError
     from qrlora.training.settings import TrainSettings
 
-    flags = {a.dest for a in build_parser()._actions if a.dest != "help"}
-    assert flags == {f.name for f in dataclasses.fields(TrainSettings)}
+    actions = {a.dest: a for a in build_parser()._actions if a.dest != "help"}
+    assert set(actions) == {f.name for f in dataclasses.fields(TrainSettings)}
+    assert {f.name: f.default for f in dataclasses.fields(TrainSettings)} == {n: a.default for n, a in actions.items()}
     settings = parse_args(["--pretrained_model_name_or_path", "x", "--instance_data_dir", "x", "--instance_prompt", "x",
                            "--scale_lr", "--train_batch_size", "2", "--gradient_accumulation_steps", "3"])
     assert isinstance(settings, TrainSettings) and settings.scaled_learning_rate(2) == pytest.approx(1e-4 * 12)
@@ -312,3 +313,6 @@ def test_train_settings_are_typed_frozen_and_checked_naming_the_flag():
         dataclasses.replace(settings, gradient_accumulation_steps=0)
     with pytest.raises(UserError, match="--pretrained_model_name_or_path is required"):
         TrainSettings()
+    # A program's run records the command line that gives its settings, and that line parses back to them.
+    line = dataclasses.replace(settings, use_zero_init=False, rank=8).command()
+    assert parse_args(line.split()[3:]) == dataclasses.replace(settings, use_zero_init=False, rank=8)

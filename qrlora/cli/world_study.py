@@ -64,16 +64,16 @@ def train_pair(world_path: str, name: str, seed: int, output: str, steps: int | 
     start = time.perf_counter()
     paths = {}
     for role in ("content", "style"):
-        extra = ["--train_batch_size", str(condition.batch_size),
-                 "--gradient_accumulation_steps", str(condition.accumulation), *condition.flags]
+        overrides = {"train_batch_size": condition.batch_size, "gradient_accumulation_steps": condition.accumulation,
+                     **dict(condition.overrides)}
         if condition.targets:
-            extra += ["--lora_layers", ",".join(condition.targets)]
+            overrides["lora_layers"] = ",".join(condition.targets)
         if role == "style":
-            extra += list(condition.style_flags)
+            overrides.update(condition.style_overrides)
         paths[role] = str(train_adapter(world, condition.method, role, folder / role, steps=steps or condition.steps,
                                         lr=condition.learning_rate, rank=condition.rank or world.flux_ratio_rank,
                                         seed=seeds[role],
-                                        extra=extra))
+                                        overrides=overrides))
     record = {"paths": paths, "seeds": seeds, "seconds": round(time.perf_counter() - start, 1)}
     _write_json(done, record)
     return record

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import importlib.util
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 from ..errors import UserError
@@ -110,6 +110,23 @@ class TrainSettings:
         problem = flag_problem(self)
         if problem:
             raise UserError(problem)
+
+    def command(self) -> str:
+        """The ``python -m qrlora.train`` command line that gives these settings: every field that differs from its
+        default as its flag (a switch on as ``--name``, a default-on switch off as ``--no-name``). Model cards
+        record it when a program, not a shell, started the run."""
+        import shlex
+
+        argv = []
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if value == f.default:
+                continue
+            if isinstance(value, bool):
+                argv.append(f"--{f.name}" if value else f"--no-{f.name}")
+            elif value is not None:
+                argv += [f"--{f.name}", str(value)]
+        return "python -m qrlora.train " + shlex.join(argv)
 
     def scaled_learning_rate(self, processes: int) -> float:
         """``--scale_lr``: the learning rate times the images per update (batch x accumulation x processes)."""

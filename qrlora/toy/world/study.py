@@ -29,8 +29,9 @@ class Condition:
     """One named setting of the study: how both adapters of a pair train and how they merge.
 
     Every field not given is the experiment's setting (``qrlora.toy.world.experiment``: rank 4, lr 1e-2, 100 steps,
-    batch 4, direct merge). ``flags`` go to the trainer for both adapters, ``style_flags`` to the style adapter
-    only (a basis control that gives the two adapters different frozen bases).
+    batch 4, direct merge). ``overrides`` are trainer settings for both adapters, ``style_overrides`` for the style
+    adapter only (a basis control that gives the two adapters different frozen bases); the report shows them as the
+    trainer's flags.
     """
 
     name: str
@@ -41,8 +42,8 @@ class Condition:
     batch_size: int = 4
     accumulation: int = 1
     targets: tuple[str, ...] = ()  # --lora_layers; () = the backbone's default (the 8 attention projections)
-    flags: tuple[str, ...] = ()
-    style_flags: tuple[str, ...] = ()
+    overrides: tuple[tuple[str, object], ...] = ()  # TrainSettings fields for both adapters
+    style_overrides: tuple[tuple[str, object], ...] = ()  # ... for the style adapter only
     merge: str = "direct"
     shared_seed: bool = False  # both adapters train with the same seed (the experiment's choice)
     headline: bool = False
@@ -52,12 +53,14 @@ class Condition:
     def training_key(self) -> tuple:
         """What decides the trained pair: conditions that differ only in how they merge share one pair."""
         return (self.method, self.rank, self.learning_rate, self.steps, self.batch_size, self.accumulation,
-                self.targets, self.flags, self.style_flags, self.shared_seed)
+                self.targets, self.overrides, self.style_overrides, self.shared_seed)
 
     def settings(self) -> dict:
         """The JSON-able settings of the report (every field but the name)."""
-        out = asdict(self)
-        out.pop("name")
+        shown_as = {"overrides": "flags", "style_overrides": "style_flags"}  # the trainer's flags, as a user types them
+        out = {shown_as.get(key, key): ([text for name, v in value for text in (f"--{name}", str(v))]
+                                         if key in shown_as else value)
+               for key, value in asdict(self).items() if key != "name"}
         out["targets"] = list(self.targets) or "default (attention projections)"
         return out
 
@@ -108,12 +111,12 @@ def _conditions() -> dict[str, Condition]:
         Condition("triu_image_only", targets=IMAGE_STREAM, group="targets", note="to_q/k/v, to_out.0"),
         Condition("lora_context_only", method="lora", targets=CONTEXT_STREAM, group="targets"),
         # -- basis controls --------------------------------------------------------------------------------
-        Condition("triu_random_q_shared", flags=("--qr_basis", "random", "--qr_basis_seed", "0"), group="basis",
+        Condition("triu_random_q_shared", overrides=(("qr_basis", "random"), ("qr_basis_seed", 0)), group="basis",
                   note="one random orthonormal Q shared by both adapters"),
-        Condition("triu_random_q_distinct", flags=("--qr_basis", "random", "--qr_basis_seed", "0"),
-                  style_flags=("--qr_basis_seed", "1"), group="basis",
+        Condition("triu_random_q_distinct", overrides=(("qr_basis", "random"), ("qr_basis_seed", 0)),
+                  style_overrides=(("qr_basis_seed", 1),), group="basis",
                   note="a different random orthonormal Q per adapter"),
-        Condition("triu_disjoint_singular", style_flags=("--qr_basis_offset", "4"), group="basis",
+        Condition("triu_disjoint_singular", style_overrides=(("qr_basis_offset", 4),), group="basis",
                   note="content: singular directions 1-4, style: 5-8 (disjoint column spaces)"),
         Condition("lora_frozen_b", method="lora_frozen_b", group="basis",
                   note="LoRA with a frozen random B (different per adapter), trained through A only"),

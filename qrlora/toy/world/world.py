@@ -63,9 +63,9 @@ class World:
         """The adapter rank with FLUX.1-dev's r / width (64 / 3072) on this world's transformer."""
         return int(self.record.get("rank_targets", {}).get("flux_ratio") or flux_ratio_rank(self.record["settings"]["width"]))
 
-    def trainer_flags(self) -> list[str]:
-        """The ``qrlora.training.trainer`` flags this world needs whatever the adapter: its resolution and T5 length."""
-        return ["--resolution", str(self.resolution), "--max_sequence_length", str(self.max_sequence_length)]
+    def trainer_settings(self) -> dict:
+        """The ``TrainSettings`` fields this world needs whatever the adapter: its resolution and T5 length."""
+        return {"resolution": self.resolution, "max_sequence_length": self.max_sequence_length}
 
     def classify(self, images) -> tuple[list[str], list[str]]:
         """(shapes, styles) the classifier sees in (N, H, W, 3) uint8 images or a list of PIL images."""
