@@ -16,17 +16,17 @@ def backbone_for_pipeline_class(class_name: str) -> Backbone | None:
 
 def backbone_of_layers(component: str, layer_paths, recorded: str | None = None) -> Backbone | None:
     """The family an adapter file belongs to (the one place that infers it): its recorded ``backbone`` metadata,
-    else the family whose denoiser is ``component`` and whose block lists hold every adapted layer, the one with
-    the fewest block lists when several do (SD3's joint blocks are also FLUX's double blocks; FLUX adds single
-    blocks). Files from the published code carry no metadata. None when no family fits.
+    else the family whose denoiser is ``component`` and whose stages (``block_stages``) hold every adapted layer,
+    the one with the fewest stages when several do (SD3's joint blocks are also FLUX's double blocks; FLUX adds
+    single blocks). Files from the published code carry no metadata. None when no family fits.
     """
     if recorded in BACKBONES:
         return BACKBONES[recorded]
-    containers = {name for b in BACKBONES.values() for name, _ in b.block_lists}
+    containers = {name for b in BACKBONES.values() for name, _, _ in b.block_stages}
     used = {path.split(".", 1)[0] for path in layer_paths} & containers
     fits = [b for b in BACKBONES.values()
-            if b.denoiser_name == component and used <= {name for name, _ in b.block_lists} | (set() if b.block_lists else used)]
-    return min(fits, key=lambda b: len(b.block_lists)) if fits else None
+            if b.denoiser_name == component and used <= {name for name, _, _ in b.block_stages}]
+    return min(fits, key=lambda b: len(b.block_stages)) if fits else None
 
 
 def detect_backbone(model_path: str, expected: str | None = None) -> Backbone:

@@ -119,7 +119,7 @@ def add_compare_usage_arguments(parser: argparse.ArgumentParser) -> argparse.Arg
 
 
 def read_prompts(args: argparse.Namespace) -> list[str]:
-    """``--prompt`` (repeatable) then the lines of ``--prompts_file``; 'a dog' when neither gives one."""
+    """``--prompt`` (repeatable) then the lines of ``--prompts_file``; empty when neither gives one."""
     prompts = list(args.prompt or [])
     if args.prompts_file:
         try:
@@ -129,7 +129,7 @@ def read_prompts(args: argparse.Namespace) -> list[str]:
         prompts += [l.strip() for l in lines if l.strip()]
         if not prompts:
             raise UserError(f"--prompts_file {args.prompts_file}: holds no prompt")
-    return prompts or ["a dog"]
+    return prompts
 
 
 @cli_entry
@@ -139,7 +139,8 @@ def expert_usage_main(argv=None) -> dict:
     add_expert_usage_arguments(parser)
     args = parser.parse_args(argv)
     settings = settings_from(ExpertUsageSettings, args)
-    return analysis.run_expert_usage(replace(settings, prompts=tuple(read_prompts(args))))
+    prompts = read_prompts(args)
+    return analysis.run_expert_usage(replace(settings, prompts=tuple(prompts)) if prompts else settings)
 
 
 @cli_entry

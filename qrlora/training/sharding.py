@@ -28,6 +28,7 @@ from torch import nn
 
 from ..errors import UserError
 from ..core.quantize import LIBRARIES
+from .settings import TrainSettings
 
 logger = logging.getLogger("qrlora.sharding")
 
@@ -94,7 +95,7 @@ def fsdp_settings() -> ShardPlan:
     return ShardPlan(reshard_after_forward=_RESHARD[reshard], wrap_classes=classes)
 
 
-def fsdp_launch(settings) -> ShardPlan | None:
+def fsdp_launch(settings: TrainSettings) -> ShardPlan | None:
     """Claim an accelerate FSDP launch for ``shard_base``; None when the launch is not one (``ACCELERATE_USE_FSDP``).
 
     Call before anything builds accelerate's state (``PartialState``, ``Accelerator``): this is where the launch
@@ -107,13 +108,13 @@ def fsdp_launch(settings) -> ShardPlan | None:
     if _env("ACCELERATE_USE_FSDP").lower() not in ("1", "true", "yes"):
         return None
     plan = fsdp_settings()
-    if getattr(settings, "blocks_to_swap", 0):
+    if settings.blocks_to_swap:
         raise UserError("--blocks_to_swap cannot be combined with an FSDP launch (the sharded base is gathered one "
                         "block at a time already); drop one of them")
-    if getattr(settings, "base_precision", None) in LIBRARIES:
+    if settings.base_precision in LIBRARIES:
         raise UserError(f"--base_precision {settings.base_precision} cannot be combined with an FSDP launch (quantized "
                         "weights do not shard); use --base_precision bf16")
-    if getattr(settings, "validation_prompt", None):
+    if settings.validation_prompt:
         raise UserError("--validation_prompt cannot be combined with an FSDP launch (validation runs on the main "
                         "process only, a sharded base needs every process); render the saved adapter afterwards "
                         "(python -m qrlora.merge or the model card's snippet)")

@@ -121,7 +121,7 @@ class ExpertUsageSettings:
 
     model_path: str
     lora_path: str
-    prompts: tuple[str, ...] = ("a dog",)
+    prompts: tuple[str, ...] = ("a dog",)  # when neither --prompt nor --prompts_file gives one
     rank: int | None = None  # optional checks against the file
     num_experts: int | None = None
     num_inference_steps: int = 10
