@@ -12,13 +12,11 @@ RANK_ARG="$2"; shift 2
 [[ "$RANK_ARG" =~ ^[1-9][0-9]*$ ]] || die "RANK must be a positive integer, got '$RANK_ARG'"
 
 # Published settings: batch 1 with 4 micro-batches per update, lr 1e-4 constant, a checkpoint every 250 steps.
-# Native resolutions: SD3 and FLUX train at 512 in the published scripts; SDXL is a 1024 model.
-case "$BACKBONE" in
-  sd3)  DEFAULT_MODEL="stabilityai/stable-diffusion-3-medium-diffusers"; EXP_ROOT="exps_SD3"; DEFAULT_RESOLUTION=512 ;;
-  flux) DEFAULT_MODEL="black-forest-labs/FLUX.1-dev"; EXP_ROOT="exps_flux"; DEFAULT_RESOLUTION=512 ;;
-  sdxl) DEFAULT_MODEL="stabilityai/stable-diffusion-xl-base-1.0"; EXP_ROOT="exps_SDXL"; DEFAULT_RESOLUTION=1024 ;;
-  *) die "unknown BACKBONE '$BACKBONE'" ;;
-esac
+# The backbone's own defaults (model id, native resolution, run root, run-name layout) come from its class in
+# qrlora/backbones/, their one owner, read without importing torch: DEFAULT_MODEL, DEFAULT_RESOLUTION, EXP_ROOT,
+# RUN_NAME_HAS_METHOD.
+BACKBONE_DEFAULTS="$("${PYTHON:-python}" "$REPO_ROOT/scripts/backbone_defaults.py" "$BACKBONE")" || exit 2
+eval "$BACKBONE_DEFAULTS"
 # Published defaults: a style image (trigger <s>) and a content subject (trigger <c>) from assets/.
 case "$TASK" in
   sty) DEFAULT_INSTANCE_DIR="$REPO_ROOT/assets/sty/swirl_painting"; TRIGGER="s"
@@ -34,7 +32,10 @@ MAX_TRAIN_STEPS="${MAX_TRAIN_STEPS:-${DEFAULT_STEPS:-1000}}"
 RESOLUTION="${RESOLUTION:-$DEFAULT_RESOLUTION}"
 MIXED_PRECISION="${MIXED_PRECISION:-bf16}"
 RUN_NAME="$(date +%Y%m%d-%H%M%S)-${TRIGGER}-${RANK_ARG}"
-[[ "$BACKBONE" == flux ]] || RUN_NAME="${RUN_NAME}-${METHOD}"   # published layout: exps_flux/<date-time>-<trigger>-<rank>
+# The published layouts: exps_SD3/<date-time>-<trigger>-<rank>-<method>, exps_flux/<date-time>-<trigger>-<rank>.
+if (( RUN_NAME_HAS_METHOD )); then
+  RUN_NAME="${RUN_NAME}-${METHOD}"
+fi
 # The launching shell's pid makes the name unique: a sweep that starts two runs in one second gets two folders.
 OUTPUT_DIR="${OUTPUT_DIR:-$EXP_ROOT/$RUN_NAME-p$$}"
 

@@ -8,6 +8,7 @@ logged loss is the update's mean.
 from __future__ import annotations
 
 import logging
+import re
 import shutil
 import sys
 import types
@@ -283,12 +284,33 @@ def test_masks_never_reach_files():
 @pytest.mark.parametrize("wrapper", sorted(str(p.relative_to(REPO)) for d in ("SD3_dir", "flux_dir", "SDXL_dir")
                                            for p in (REPO / d).glob("train_*.sh")))
 def test_wrapper_defaults_come_from_the_backbone_registry(wrapper):
-    """Shell defaults (model id, resolution, backbone) are checked against ``BACKBONES``, their one owner."""
-    proc = run_script(["bash", wrapper, "cpu", "8"], env={"DRY_RUN": "1", "MODEL_NAME": "", "RESOLUTION": ""})
+    """Shell defaults (model id, resolution, run root, run-name layout) are the backbone class's, their one owner."""
+    proc = run_script(["bash", wrapper, "cpu", "8"], env={"DRY_RUN": "1", "MODEL_NAME": "", "RESOLUTION": "", "OUTPUT_DIR": ""})
     command = proc.stdout.split()
     backbone = BACKBONES[command[command.index("--backbone") + 1]]
+    method = command[command.index("--lora_init_method") + 1]
     assert command[command.index("--pretrained_model_name_or_path") + 1] == backbone.default_model
     assert int(command[command.index("--resolution") + 1]) == backbone.default_resolution
+    root, name = command[command.index("--output_dir") + 1].split("/")
+    assert root == backbone.run_root
+    method_part = f"-{re.escape(method)}" if backbone.run_name_has_method else ""
+    assert re.fullmatch(rf"\d{{8}}-\d{{6}}-[sc]-8{method_part}-p\d+", name), name
+
+
+def test_the_wrappers_read_every_backbone_s_defaults_from_its_class():
+    """``scripts/backbone_defaults.py`` reads the class literals without importing the package; its answer for each
+    registered family equals the imported registry, it knows no family the registry lacks, and an unknown name is
+    one line and exit 2."""
+    import shlex
+
+    script = str(REPO / "scripts" / "backbone_defaults.py")
+    for name, backbone in BACKBONES.items():
+        proc = run_script([sys.executable, script, name])
+        values = dict(item.split("=", 1) for item in shlex.split(proc.stdout))
+        assert values == {"DEFAULT_MODEL": backbone.default_model, "DEFAULT_RESOLUTION": str(backbone.default_resolution),
+                          "EXP_ROOT": backbone.run_root, "RUN_NAME_HAS_METHOD": str(int(backbone.run_name_has_method))}
+    bad = run_script([sys.executable, script, "sd4"], check=False)
+    assert bad.returncode == 2 and bad.stderr.strip() == f"error: unknown BACKBONE 'sd4'; choose one of {', '.join(sorted(BACKBONES))}"
 
 
 def test_train_settings_are_typed_frozen_and_checked_naming_the_flag():

@@ -43,7 +43,8 @@ class SDXL(Backbone):
         "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"], "upcast_attention": None,
         "use_linear_projection": True,
     }
-    default_resolution = 1024  # the wrappers' default (a test checks scripts/launch_train.sh against it)
+    default_resolution = 1024  # the wrappers' defaults (read by scripts/backbone_defaults.py)
+    run_root = "exps_SDXL"
     # The four attention projections of self- (attn1) and cross-attention (attn2) in every transformer block of
     # the UNet: diffusers' SDXL DreamBooth LoRA set (to_q, to_k, to_v, to_out.0), spelled with the attn1/attn2
     # parent so nothing outside BasicTransformerBlock attention can match (not proj_in/out, ff, time embeddings).
