@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # SD3: style x content weight grid (deltaR / triu_deltaR / svd adapters).
 # Usage: [STYLE_LORA=... CONTENT_LORA=...] bash SD3_dir/inference.sh GPU_ID [extra flags]   (see README: Merging and inference)
-# Without STYLE_LORA / CONTENT_LORA: the newest style + content runs that RUN_FILTER accepts, under exps_*/ (scripts/find_runs.sh).
-RUN_FILTER="--backbone sd3 --static" RUN_HINT="SD3_dir/train_deltaR_sty.sh and SD3_dir/train_deltaR_cnt.sh" \
-  DEFAULT_MODEL=stabilityai/stable-diffusion-3-medium-diffusers DEFAULT_STEPS=28 DEFAULT_SIZE=1024 DEFAULT_PROMPT="a photo of a <c> cat in <s> style" DEFAULT_OUT=outputs_SD3/merge \
+# Without STYLE_LORA / CONTENT_LORA: the newest style + content runs of BACKBONE that RUN_FILTER accepts, under exps_*/ (scripts/find_runs.sh).
+BACKBONE=sd3 RUN_FILTER="--static" RUN_HINT="SD3_dir/train_deltaR_sty.sh and SD3_dir/train_deltaR_cnt.sh" \
+  DEFAULT_PROMPT="a photo of a <c> cat in <s> style" DEFAULT_OUT=outputs_SD3/merge \
   exec bash "$(dirname "$0")/../scripts/launch_inference.sh" SD3_dir/inference.py "$@"

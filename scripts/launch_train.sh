@@ -15,7 +15,7 @@ RANK_ARG="$2"; shift 2
 # The backbone's own defaults (model id, native resolution, run root, run-name layout) come from its class in
 # qrlora/backbones/, their one owner, read without importing torch: DEFAULT_MODEL, DEFAULT_RESOLUTION, EXP_ROOT,
 # RUN_NAME_HAS_METHOD.
-BACKBONE_DEFAULTS="$("${PYTHON:-python}" "$REPO_ROOT/scripts/backbone_defaults.py" "$BACKBONE")" || exit 2
+BACKBONE_DEFAULTS="$("${PYTHON:-python}" "$REPO_ROOT/scripts/backbone_defaults.py" "${BACKBONE:-}")" || exit 2
 eval "$BACKBONE_DEFAULTS"
 # Published defaults: a style image (trigger <s>) and a content subject (trigger <c>) from assets/.
 case "$TASK" in

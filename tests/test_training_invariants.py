@@ -297,6 +297,20 @@ def test_wrapper_defaults_come_from_the_backbone_registry(wrapper):
     assert re.fullmatch(rf"\d{{8}}-\d{{6}}-[sc]-8{method_part}-p\d+", name), name
 
 
+@pytest.mark.parametrize("wrapper", sorted(str(p.relative_to(REPO)) for d in ("SD3_dir", "flux_dir", "SDXL_dir")
+                                           for p in (REPO / d).glob("inference*.sh")))
+def test_merge_wrapper_defaults_come_from_the_backbone_registry(wrapper):
+    """The merge wrappers' model id, steps and image size are their backbone class's (given adapters, so no run
+    discovery; the folder names the family)."""
+    backbone = BACKBONES[{"SD3_dir": "sd3", "flux_dir": "flux", "SDXL_dir": "sdxl"}[wrapper.split("/")[0]]]
+    env = {"DRY_RUN": "1", "STYLE_LORA": "style.safetensors", "CONTENT_LORA": "content.safetensors",
+           "MODEL_NAME": "", "STEPS": "", "HEIGHT": "", "WIDTH": ""}
+    command = run_script(["bash", wrapper, "cpu"], env=env).stdout.split()
+    assert command[command.index("--model_path") + 1] == backbone.default_model
+    assert int(command[command.index("--num_inference_steps") + 1]) == backbone.default_inference_steps
+    assert int(command[command.index("--height") + 1]) == int(command[command.index("--width") + 1]) == backbone.default_image_size
+
+
 def test_the_wrappers_read_every_backbone_s_defaults_from_its_class():
     """``scripts/backbone_defaults.py`` reads the class literals without importing the package; its answer for each
     registered family equals the imported registry, it knows no family the registry lacks, and an unknown name is
@@ -308,7 +322,9 @@ def test_the_wrappers_read_every_backbone_s_defaults_from_its_class():
         proc = run_script([sys.executable, script, name])
         values = dict(item.split("=", 1) for item in shlex.split(proc.stdout))
         assert values == {"DEFAULT_MODEL": backbone.default_model, "DEFAULT_RESOLUTION": str(backbone.default_resolution),
-                          "EXP_ROOT": backbone.run_root, "RUN_NAME_HAS_METHOD": str(int(backbone.run_name_has_method))}
+                          "EXP_ROOT": backbone.run_root, "RUN_NAME_HAS_METHOD": str(int(backbone.run_name_has_method)),
+                          "DEFAULT_INFERENCE_STEPS": str(backbone.default_inference_steps),
+                          "DEFAULT_SIZE": str(backbone.default_image_size)}
     bad = run_script([sys.executable, script, "sd4"], check=False)
     assert bad.returncode == 2 and bad.stderr.strip() == f"error: unknown BACKBONE 'sd4'; choose one of {', '.join(sorted(BACKBONES))}"
 

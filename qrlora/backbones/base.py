@@ -100,13 +100,16 @@ class Backbone:
     pipeline_class: str = ""  # diffusers pipeline class name, as in model_index.json
     denoiser_name: str = "transformer"  # folder and component name of the trained network
     denoiser_class: str = ""
-    # The training wrappers' defaults (scripts/launch_train.sh reads these literals with
-    # scripts/backbone_defaults.py, without importing this package): model id, image size, the folder runs go in,
+    # The wrappers' defaults (scripts/launch_train.sh and scripts/launch_inference.sh read these literals with
+    # scripts/backbone_defaults.py, without importing this package). Training:: model id, image size, the folder runs go in,
     # and whether a run's folder name ends in its method (``<date-time>-<s|c>-<rank>[-<method>]``).
     default_model: str = ""
     default_resolution: int = 512
     run_root: str = ""
     run_name_has_method: bool = True
+    # The merge-inference wrappers' defaults (the published inference scripts): denoising steps and image size.
+    default_inference_steps: int = 28
+    default_image_size: int = 1024
     default_targets: tuple[str, ...] = ()
     default_objective: Objective = Objective()
     default_max_sequence_length: int = 77

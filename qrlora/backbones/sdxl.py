@@ -45,6 +45,7 @@ class SDXL(Backbone):
     }
     default_resolution = 1024  # the wrappers' defaults (read by scripts/backbone_defaults.py)
     run_root = "exps_SDXL"
+    default_inference_steps = 30  # the published SDXL inference script's
     # The four attention projections of self- (attn1) and cross-attention (attn2) in every transformer block of
     # the UNet: diffusers' SDXL DreamBooth LoRA set (to_q, to_k, to_v, to_out.0), spelled with the attn1/attn2
     # parent so nothing outside BasicTransformerBlock attention can match (not proj_in/out, ff, time embeddings).
