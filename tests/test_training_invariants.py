@@ -325,6 +325,8 @@ def test_the_wrappers_read_every_backbone_s_defaults_from_its_class():
                           "EXP_ROOT": backbone.run_root, "RUN_NAME_HAS_METHOD": str(int(backbone.run_name_has_method)),
                           "DEFAULT_INFERENCE_STEPS": str(backbone.default_inference_steps),
                           "DEFAULT_SIZE": str(backbone.default_image_size)}
+    residual = run_script(["bash", "flux_dir/save_flux_residual.sh", "cpu"], env={"DRY_RUN": "1", "MODEL_NAME": ""}).stdout.split()
+    assert residual[residual.index("--model_path") + 1] == BACKBONES["flux"].default_model
     bad = run_script([sys.executable, script, "sd4"], check=False)
     assert bad.returncode == 2 and bad.stderr.strip() == f"error: unknown BACKBONE 'sd4'; choose one of {', '.join(sorted(BACKBONES))}"
 
