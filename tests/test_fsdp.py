@@ -5,6 +5,7 @@ data-parallel run, written by the main process alone."""
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import signal
 import sys
@@ -108,10 +109,8 @@ def test_torchrun_on_cpu_is_refused_in_every_process(tiny_sd3, tmp_path):
 
     Each process refuses with the one line naming its rank, unless torchrun ended it first: once one worker has
     exited non-zero the agent sends SIGTERM (then SIGKILL) to the rest, so on a loaded machine the slower process
-    may be stopped before it reaches the check. Every rank must be accounted for by one of the two, the refusing ones with the
-    UserError exit code, and no run folder may appear."""
-    import re
-
+    may be stopped before it reaches the check. Every rank must be accounted for by one of the two, the refusing
+    ones with the UserError exit code, and no run folder may appear."""
     proc = run_script([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
                        "--master_port", str(free_port()), "-m", "qrlora.train",
                        *args(tiny_sd3, tmp_path / "out")], check=False)
