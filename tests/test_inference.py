@@ -9,9 +9,11 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
-from conftest import error_lines, load_denoiser, make_adapter, run_script
+from conftest import error_lines, load_denoiser, make_adapter, one_error, run_script
 from qrlora.files.checkpoint import load_adapter, load_residual, save_adapter
 from qrlora.cli.merge import grid_main, merge_main
+from qrlora.cli.export import main as export_main
+from qrlora.cli.residual import extract_main
 from qrlora.core.methods import METHODS, get_method
 
 RENDER = ["--height", "64", "--width", "64", "--num_inference_steps", "2", "--dtype", "float32", "--device", "cpu"]
@@ -49,9 +51,9 @@ def test_residual_form_equals_delta_form(backbone, tiny_sd3, tiny_flux, tmp_path
 
 @pytest.mark.parametrize("method", [m for m in METHODS if METHODS[m].static])
 def test_residual_file_is_weight_minus_basis(method, tiny_sd3, tmp_path):
+    """The published script's own process is exercised above; here its ``main`` runs in-process for every method."""
     adapter_path = make_adapter(tiny_sd3, "sd3", tmp_path / "a.safetensors", method=method)
-    run_script([sys.executable, "SD3_dir/extract_residual_from_checkpoint.py", "--model_path", str(tiny_sd3),
-                "--lora_path", str(adapter_path), "--output_dir", str(tmp_path)])
+    extract_main(["--model_path", str(tiny_sd3), "--lora_path", str(adapter_path), "--output_dir", str(tmp_path)])
     residual = load_residual(tmp_path / "sd3_residual_weights.safetensors")
     adapter = load_adapter(adapter_path)
     denoiser = load_denoiser(tiny_sd3, "sd3")
@@ -139,7 +141,7 @@ def test_save_merged_writes_a_loadable_denoiser(tiny_sd3, sd3_pair, tmp_path):
 
 # ---- bad input: one line, non-zero exit, nothing overwritten -----------------------------------------
 @pytest.mark.parametrize("case", ["bad_weights", "missing_file", "moe_residual", "unshared_basis", "other_base_model", "wrong_backbone"])
-def test_bad_merge_input(case, tiny_sd3, tiny_flux, sd3_pair, tmp_path):
+def test_bad_merge_input(case, tiny_sd3, tiny_flux, sd3_pair, tmp_path, capsys):
     out = tmp_path / "out"
     out.mkdir()
     (out / "grid.png").write_bytes(b"keep me")
@@ -157,8 +159,7 @@ def test_bad_merge_input(case, tiny_sd3, tiny_flux, sd3_pair, tmp_path):
         save_file({"transformer_blocks.0.attn.to_q.residual.weight": torch.zeros(32, 32)}, tmp_path / "r.safetensors")
     elif case == "unshared_basis":
         content = str(make_adapter(tiny_sd3, "sd3", tmp_path / "r8.safetensors", rank=8))  # another rank
-        run_script([sys.executable, "SD3_dir/extract_residual_from_checkpoint.py", "--model_path", model,
-                    "--lora_path", style, "--output_dir", str(tmp_path)])
+        extract_main(["--model_path", model, "--lora_path", style, "--output_dir", str(tmp_path)])
         extra = ["--residual_path", str(tmp_path / "sd3_residual_weights.safetensors")]
     elif case == "other_base_model":
         from qrlora.files.checkpoint import base_fingerprint  # bases are compared by content (weight norms), not by path
@@ -171,18 +172,25 @@ def test_bad_merge_input(case, tiny_sd3, tiny_flux, sd3_pair, tmp_path):
             style, content = (path, content) if name == "style" else (style, path)
     elif case == "wrong_backbone":
         content = str(make_adapter(tiny_flux, "flux", tmp_path / "f.safetensors"))
-    proc = run_script([sys.executable, "SD3_dir/inference.py", "--model_path", model, "--style_lora_path", style,
-                       "--content_lora_path", content, "--output_dir", str(out), *RENDER, *extra], check=False)
-    errors = error_lines(proc.stderr)
-    assert proc.returncode != 0 and "Traceback" not in proc.stderr and len(errors) == 1, proc.stderr[-3000:]
-    assert expect in errors[0]
+    argv = ["--model_path", model, "--style_lora_path", style, "--content_lora_path", content,
+            "--output_dir", str(out), *RENDER, *extra]
+    if case == "bad_weights":  # the published script in its own process; the other cases call the same main
+        proc = run_script([sys.executable, "SD3_dir/inference.py", *argv], check=False)
+        errors = error_lines(proc.stderr)
+        assert proc.returncode != 0 and "Traceback" not in proc.stderr and len(errors) == 1, proc.stderr[-3000:]
+        error = errors[0]
+    else:
+        error = one_error(capsys, lambda: grid_main(argv))
+    assert expect in error
     assert sorted(p.name for p in out.iterdir()) == ["grid.png"] and (out / "grid.png").read_bytes() == b"keep me"
 
 
-def test_export_refuses_moe_and_overwrites(tiny_sd3, sd3_pair, tmp_path):
+def test_export_refuses_moe_and_overwrites(tiny_sd3, sd3_pair, tmp_path, capsys):
     moe = make_adapter(tiny_sd3, "sd3", tmp_path / "m.safetensors", method="moe")
     proc = run_script([sys.executable, "-m", "qrlora.export", str(moe), str(tmp_path / "x.safetensors")], check=False)
     assert proc.returncode == 2 and "a standard LoRA file is a weight change" in proc.stderr and not (tmp_path / "x.safetensors").exists()
-    (tmp_path / "keep.safetensors").write_bytes(b"user")
-    proc = run_script([sys.executable, "-m", "qrlora.export", str(sd3_pair[0]), str(tmp_path / "keep.safetensors")], check=False)
-    assert proc.returncode == 2 and "already exists" in proc.stderr and (tmp_path / "keep.safetensors").read_bytes() == b"user"
+    (tmp_path / "keep.safetensors").write_bytes(b"user")  # the same command's main, in-process this time
+    with pytest.raises(SystemExit) as exc:
+        export_main([str(sd3_pair[0]), str(tmp_path / "keep.safetensors")])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and "already exists" in err and (tmp_path / "keep.safetensors").read_bytes() == b"user"
