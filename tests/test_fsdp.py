@@ -109,8 +109,8 @@ def test_torchrun_on_cpu_is_refused_in_every_process(tiny_sd3, tmp_path):
 
     Each process refuses with the one line naming its rank, unless torchrun ended it first: once one worker has
     exited non-zero the agent sends SIGTERM (then SIGKILL) to the rest, so on a loaded machine the slower process
-    may be stopped before it reaches the check. Every rank must be accounted for by one of the two, the refusing
-    ones with the UserError exit code, and no run folder may appear."""
+    may be stopped before it reaches the check, or after it printed the line but before it exited. Every rank must be
+    accounted for by one of the two, the first to fail with the UserError exit code, and no run folder may appear."""
     proc = run_script([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
                        "--master_port", str(free_port()), "-m", "qrlora.train",
                        *args(tiny_sd3, tmp_path / "out")], check=False)
@@ -121,8 +121,11 @@ def test_torchrun_on_cpu_is_refused_in_every_process(tiny_sd3, tmp_path):
     # torchrun's failure report: "rank : R (local_rank: R)" then "exitcode : C" for every failed worker
     exits = {int(rank): int(code) for rank, code in
              re.findall(r"rank\s*:\s*(\d+) \(local_rank: \d+\)\s+exitcode\s*:\s*(-?\d+)", proc.stderr)}
-    assert all(exits.get(rank) == 2 for rank in refused), proc.stderr[-2000:]
-    terminated = {rank for rank, code in exits.items() if code in (-signal.SIGTERM, -signal.SIGKILL)}
+    stopped = (-signal.SIGTERM, -signal.SIGKILL)
+    # a rank may print its refusal and be terminated before its exit(2) lands, so a refusing rank exits 2 or by signal;
+    # the first to fail (torchrun's root cause) is always a refusal that exited 2
+    assert all(exits.get(rank) in (2, *stopped) for rank in refused) and 2 in exits.values(), proc.stderr[-2000:]
+    terminated = {rank for rank, code in exits.items() if code in stopped}
     assert refused | terminated == {0, 1} and refused, proc.stderr[-2000:]
     assert not (tmp_path / "out").exists()
 

@@ -86,7 +86,7 @@ def base_model_license(base_model: str) -> dict[str, str]:
 
 
 @dataclass(frozen=True)
-class RenderSettings:
+class CardSnippetSettings:
     """How the run rendered its validation images, so the card's snippets load and call the pipeline the same way:
     ``dtype`` a ``qrlora.core.devices.DTYPES`` name, ``device`` a torch device type, ``max_sequence_length`` None when
     the run used the pipeline's default (or the pipeline takes none)."""
@@ -110,18 +110,18 @@ class RenderSettings:
         return f", height={self.height}, width={self.width}{extra}"
 
 
-def run_render_settings(pipeline_cls, *, mixed_precision: str, device: str, resolution: int,
-                        max_sequence_length: int | None) -> RenderSettings:
-    """A training run's ``RenderSettings``: its mixed-precision dtype, device type and resolution, and its
+def card_snippet_settings(pipeline_cls, *, mixed_precision: str, device: str, resolution: int,
+                        max_sequence_length: int | None) -> CardSnippetSettings:
+    """A training run's ``CardSnippetSettings``: its mixed-precision dtype, device type and resolution, and its
     ``--max_sequence_length`` where it set one and ``pipeline_cls`` takes one (SDXL's pipeline has no T5)."""
     takes_length = "max_sequence_length" in inspect.signature(pipeline_cls.__call__).parameters
-    return RenderSettings(dtype=str(MIXED_PRECISION_DTYPES[mixed_precision]).removeprefix("torch."), device=device,
+    return CardSnippetSettings(dtype=str(MIXED_PRECISION_DTYPES[mixed_precision]).removeprefix("torch."), device=device,
                           height=resolution, width=resolution,
                           max_sequence_length=max_sequence_length if takes_length else None)
 
 
 def _usage(adapter: AdapterFile, adapter_name: str, kohya_name: str | None, pipeline_class: str, prompt: str,
-           settings: RenderSettings) -> str:
+           settings: CardSnippetSettings) -> str:
     merge = (f"```bash\npython -m qrlora.merge --model_path {shlex.quote(str(adapter.base_model))} --adapters {shlex.quote(adapter_name)} --weights 1.0 \\\n"
              f"  --prompt {shlex.quote(prompt)} {settings.merge_flags()}\n```\n\nCombine it with another adapter of the "
              "same base (e.g. style + content) by listing both files and two weights.")
@@ -145,7 +145,7 @@ def _usage(adapter: AdapterFile, adapter_name: str, kohya_name: str | None, pipe
 
 def render_model_card(adapter: AdapterFile, *, adapter_name: str, pipeline_class: str, command: str,
                       validation_prompt: str | None = None, validation_images: Sequence[str] = (),
-                      kohya_name: str | None = None, settings: RenderSettings = RenderSettings()) -> ModelCard:
+                      kohya_name: str | None = None, settings: CardSnippetSettings = CardSnippetSettings()) -> ModelCard:
     """The model card of one training run (``validation_images`` and file names relative to the run folder);
     ``settings``: the run's dtype, device, size and prompt length, written into the snippets."""
     meta = adapter.metadata

@@ -36,7 +36,7 @@ from ..core.inject import inject_adapters, trainable_parameters
 from .launch import check_launch
 from ..core.layers import adapter_layers, apply_constraints_, cast_base_model_
 from ..core.methods import METHODS, AdapterConfig
-from ..files.model_card import run_render_settings, write_model_card
+from ..files.model_card import card_snippet_settings, write_model_card
 from ..core.objective import step_generator
 from .prior import generate_class_images
 from ..core.prompts import check_prompt_lengths
@@ -379,7 +379,7 @@ def publish_run(settings, backbone, adapter, final: Path, images: list[Path], co
                             command=command, validation_prompt=settings.validation_prompt,
                             validation_images=[p.relative_to(output_dir).as_posix() for p in images],
                             kohya_name=kohya.name if kohya else None,
-                            settings=run_render_settings(backbone.pipeline_cls(), mixed_precision=settings.mixed_precision, device=device,
+                            settings=card_snippet_settings(backbone.pipeline_cls(), mixed_precision=settings.mixed_precision, device=device,
                                                          resolution=settings.resolution,
                                                          max_sequence_length=settings.max_sequence_length or backbone.default_max_sequence_length))
     logger.info("saved %s", card)
