@@ -166,14 +166,14 @@ def test_model_card_snippets_use_the_runs_settings(tiny_sd3, tmp_path):
 
     adapter = load_adapter(make_adapter(tiny_sd3, "sd3", tmp_path / "a.safetensors"))
     settings = card_snippet_settings(diffusers.StableDiffusion3Pipeline, mixed_precision="no", device="cpu",
-                                   resolution=32, max_sequence_length=8)
+                                     resolution=32, max_sequence_length=8)
     card = str(render_model_card(adapter, adapter_name="a.safetensors", pipeline_class="StableDiffusion3Pipeline",
                                  command="python -m qrlora.train ...", settings=settings))
     assert "torch_dtype=torch.float32).to('cpu')" in card and "bfloat16" not in card and "cuda" not in card
     assert "height=32, width=32, max_sequence_length=8" in card
     assert "--height 32 --width 32 --dtype float32 --device cpu --max_sequence_length 8" in card
     sdxl = card_snippet_settings(diffusers.StableDiffusionXLPipeline, mixed_precision="bf16", device="cuda",
-                               resolution=1024, max_sequence_length=77)
+                                 resolution=1024, max_sequence_length=77)
     assert (sdxl.dtype, sdxl.max_sequence_length) == ("bfloat16", None)  # SDXL's pipeline takes no T5 length
 
 

@@ -111,13 +111,13 @@ class CardSnippetSettings:
 
 
 def card_snippet_settings(pipeline_cls, *, mixed_precision: str, device: str, resolution: int,
-                        max_sequence_length: int | None) -> CardSnippetSettings:
+                          max_sequence_length: int | None) -> CardSnippetSettings:
     """A training run's ``CardSnippetSettings``: its mixed-precision dtype, device type and resolution, and its
     ``--max_sequence_length`` where it set one and ``pipeline_cls`` takes one (SDXL's pipeline has no T5)."""
     takes_length = "max_sequence_length" in inspect.signature(pipeline_cls.__call__).parameters
     return CardSnippetSettings(dtype=str(MIXED_PRECISION_DTYPES[mixed_precision]).removeprefix("torch."), device=device,
-                          height=resolution, width=resolution,
-                          max_sequence_length=max_sequence_length if takes_length else None)
+                               height=resolution, width=resolution,
+                               max_sequence_length=max_sequence_length if takes_length else None)
 
 
 def _usage(adapter: AdapterFile, adapter_name: str, kohya_name: str | None, pipeline_class: str, prompt: str,

@@ -380,8 +380,8 @@ def publish_run(settings, backbone, adapter, final: Path, images: list[Path], co
                             validation_images=[p.relative_to(output_dir).as_posix() for p in images],
                             kohya_name=kohya.name if kohya else None,
                             settings=card_snippet_settings(backbone.pipeline_cls(), mixed_precision=settings.mixed_precision, device=device,
-                                                         resolution=settings.resolution,
-                                                         max_sequence_length=settings.max_sequence_length or backbone.default_max_sequence_length))
+                                                           resolution=settings.resolution,
+                                                           max_sequence_length=settings.max_sequence_length or backbone.default_max_sequence_length))
     logger.info("saved %s", card)
     if settings.push_to_hub:
         url = push_run_folder(output_dir, settings.hub_model_id or output_dir.resolve().name, settings.hub_token)
