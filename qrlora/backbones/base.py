@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from ..errors import UserError
+from ..core.devices import stored_dtype
 from ..core.objective import Cond, NoiseSchedule, Objective, loss_per_sample
 
 
@@ -131,7 +132,10 @@ class Backbone:
         return getattr(diffusers, self.pipeline_class)
 
     def load_denoiser(self, model_path: str, dtype: torch.dtype | None = None) -> nn.Module:
+        """The denoiser in ``dtype``; None: in the dtype its checkpoint stores (``devices.stored_dtype``), never
+        diffusers' default upcast to float32."""
         cls = getattr(diffusers, self.denoiser_class)
+        dtype = dtype or stored_dtype(model_path, self.denoiser_name)
         return cls.from_pretrained(model_path, subfolder=self.denoiser_name, torch_dtype=dtype)
 
     def load(self, model_path: str, *, vae_path: str | None = None, denoiser_dtype: torch.dtype | None = None,

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import torch
 
+from ..core.objective import Objective
 from .base import FlowMatchingBackbone, OriginalModule
 
 
@@ -32,6 +33,9 @@ class Flux(FlowMatchingBackbone):
     pipeline_class = "FluxPipeline"
     denoiser_class = "FluxTransformer2DModel"
     default_model = "black-forest-labs/FLUX.1-dev"
+    # FLUX.1-dev is guidance-distilled: it trains with its guidance embedding at 3.5, as diffusers' FLUX DreamBooth
+    # script does (at 1.0 it would learn at a guidance it never renders with).
+    default_objective = Objective(prediction_type="flow", guidance_scale=3.5)
     # The published denoiser's config.json (default_model's denoiser folder): full-size checks and benches build
     # it on the meta device (Backbone.meta_denoiser), no download.
     published_config = {

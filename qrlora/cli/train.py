@@ -90,7 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--logit_std", type=float, default=1.0, help="std of logit_normal timesteps")
     g.add_argument("--mode_scale", type=float, default=1.29, help="scale of the mode weighting scheme")
     g.add_argument("--precondition_outputs", type=int, choices=[0, 1], help="x0-preconditioned flow loss (default 1 on SD3 as diffusers, 0 on FLUX)")
-    g.add_argument("--guidance_scale", type=float, default=1.0, help="FLUX guidance embedding during training")
+    g.add_argument("--guidance_scale", type=float, help="FLUX guidance embedding during training (default: 3.5, as diffusers' FLUX script)")
     g.add_argument("--snr_gamma", type=float, help="SDXL min-SNR weighting gamma (default: off)")
     g = p.add_argument_group("validation, logging and checkpoints")
     g.add_argument("--output_dir", default="qrlora-output", help="the run folder (created once every input checked out)")

@@ -60,7 +60,7 @@ class AdapterState(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Adapter math runs in the input's dtype (bf16 training casts the small factors, never the base weight).
-        t = {name: v if v.dtype == x.dtype else v.to(x.dtype) for name, v in self.tensors().items()}
+        t = {name: v if v.dtype == x.dtype else v.to(x.dtype) for name, v in self.method.path_tensors(self.tensors()).items()}
         for name in self.masked:
             t[name] = t[name] * self.mask(name, x.dtype)
         return self.method.output(t, x, self.config.scale)

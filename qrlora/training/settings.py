@@ -84,7 +84,7 @@ class TrainSettings:
     logit_std: float = 1.0
     mode_scale: float = 1.29
     precondition_outputs: int | None = None
-    guidance_scale: float = 1.0
+    guidance_scale: float | None = None  # None: the backbone's (FLUX: 3.5)
     snr_gamma: float | None = None
     # ---- validation, logging and checkpoints
     output_dir: str = "qrlora-output"

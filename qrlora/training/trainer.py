@@ -210,13 +210,13 @@ def train(settings: TrainSettings, command: str) -> Path:
     cast_base_model_(denoiser, model_dtype)
     # Fingerprinted before any weight is swapped out or quantized: it names the base model as loaded.
     metadata["base_fingerprint"] = base_fingerprint({p: layer.base_layer.weight for p, layer in adapter_layers(denoiser)})
+    if settings.base_precision in LIBRARIES:  # on the host, on the way to the device: never the whole bf16 base there
+        quantize_base_(denoiser, settings.base_precision)
     attach_block_swap(backbone, denoiser, settings.blocks_to_swap, device)  # before .to(device): swapped weights stay on the host
     if shard_plan is not None:  # instead of .to(device): each process moves only its shards of the frozen base
         shard_base(backbone, denoiser, device, shard_plan)
     else:
         denoiser.to(device)
-    if settings.base_precision in LIBRARIES:
-        quantize_base_(denoiser, settings.base_precision)
     if settings.gradient_checkpointing:
         denoiser.enable_gradient_checkpointing()
     if resume_from is not None:
@@ -314,7 +314,7 @@ def train(settings: TrainSettings, command: str) -> Path:
                 break
         skip = 0
         if validation_cond and accelerator.is_main_process and epoch % settings.validation_epochs == 0 and global_step < max_steps:
-            run_validation(backbone, settings, model, encoders, scheduler, validation_cond, global_step, accelerator, weight_dtype)
+            run_validation(backbone, settings, model, encoders, scheduler, validation_cond, global_step, accelerator, model_dtype)
 
     # ---- 9. Final adapter file (main process only), last validation ---------------------------------
     accelerator.wait_for_everyone()
@@ -326,7 +326,7 @@ def train(settings: TrainSettings, command: str) -> Path:
         logger.info("saved %s", final)
         images = []
         if validation_cond:
-            images = run_validation(backbone, settings, model, encoders, scheduler, validation_cond, global_step, accelerator, weight_dtype)
+            images = run_validation(backbone, settings, model, encoders, scheduler, validation_cond, global_step, accelerator, model_dtype)
         publish_run(settings, backbone, adapter, final, images, command, accelerator.device.type)
     accelerator.end_training()
     if run_lock is not None:
@@ -340,7 +340,8 @@ def cast_floating(table: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[st
 
 
 def run_validation(backbone, settings, model, encoders, scheduler, cond, step, accelerator, dtype) -> list[Path]:
-    """Images of the validation prompt with the adapted denoiser, saved under ``output_dir/validation``.
+    """Images of the validation prompt with the adapted denoiser, saved under ``output_dir/validation``; ``dtype``:
+    the frozen base's dtype (``--base_precision``, else the mixed-precision dtype).
 
     Validation owns everything it mutates: a fresh scheduler built from the config (pipelines call
     ``set_timesteps`` on theirs), its own seeded generator, and a forked global RNG; training state is untouched.
@@ -356,7 +357,12 @@ def run_validation(backbone, settings, model, encoders, scheduler, cond, step, a
     folder.mkdir(parents=True, exist_ok=True)
     saved = []
     devices = [accelerator.device] if accelerator.device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices), torch.no_grad(), accelerator.autocast():
+    # The base may be stored below the mixed-precision dtype (``--base_precision bf16 --mixed_precision no``): the
+    # pipeline's fp32 prompt embeddings, latents and VAE then meet bf16 weights, so validation autocasts to the
+    # base's dtype, as training casts its inputs to it. With matching dtypes this is accelerate's own autocast.
+    autocast = (torch.autocast(accelerator.device.type, dtype=dtype) if dtype != torch.float32
+                else accelerator.autocast())
+    with torch.random.fork_rng(devices=devices), torch.no_grad(), autocast:
         for i in range(settings.num_validation_images):
             image = pipe(**backbone.pipeline_prompt_kwargs(*cond), height=settings.resolution, width=settings.resolution,
                          num_inference_steps=settings.validation_inference_steps, generator=generator).images[0]
