@@ -43,7 +43,7 @@ def extract_residual(args) -> Path:
     out = Path(args.output_dir) / residual_filename(backbone.name)
     check_writable(out.parent, "--output_dir", residual_bytes(adapter))
     refuse_existing([out], args.overwrite)
-    denoiser = backbone.load_denoiser(args.model_path, DTYPES[args.dtype]).to(resolve_device(args.device))
+    denoiser = backbone.load_denoiser(args.model_path, DTYPES.get(args.dtype)).to(resolve_device(args.device))
     weights = {}
     for path in adapter.layers:
         try:
@@ -83,6 +83,7 @@ def extract_main(argv=None) -> Path:
     p.add_argument("--lora_path", required=True)
     p.add_argument("--output_dir", required=True)
     p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", choices=list(DTYPES), default="float32", help="dtype to load the base weights in")
+    p.add_argument("--dtype", choices=list(DTYPES), help="dtype to load the base weights in (default: as stored; each "
+                   "layer is upcast to float32 for the subtraction, so a bf16 checkpoint gives the float32 load's file)")
     p.add_argument("--overwrite", action="store_true")
     return extract_residual(p.parse_args(argv))

@@ -140,11 +140,15 @@ def inject_adapters(
     blocks: Sequence[str] | None = None,
     adapter_name: str = "default",
     progress: bool = False,
+    decompose_device: torch.device | str | None = None,
 ) -> InjectionReport:
     """Wrap every target Linear of ``model`` and initialise a fresh adapter from its weight.
 
-    Decompositions run in float32 on the weight's device, from the weight as it is now (call this before any
-    cast of the base model). Freezes the whole base model; only the adapters' parameters train.
+    Decompositions run in float32 from the weight as it is now (call this before any cast of the base model), on
+    ``decompose_device`` (default: the weight's device): the trainer passes its accelerator, so a base loaded on
+    the host is decomposed on the GPU one layer at a time (minutes of CPU start-up per process at FLUX size
+    otherwise, issue 28) and only the adapter's small tensors come back to the weight's device. Freezes the whole
+    base model; only the adapters' parameters train.
     """
     method = get_method(config.method)
     paths = validated_targets(model, config, targets, blocks)
@@ -154,7 +158,7 @@ def inject_adapters(
         layer = _wrap(model, path)
         weight = _base_weight(layer)
         with torch.no_grad(), decompose.recorded_gaps() as gaps:
-            tensors = method.initialize(weight, config, path)
+            tensors = method.initialize(weight if decompose_device is None else weight.to(decompose_device), config, path)
         state = AdapterState(config, tensors).to(weight.device)
         # Kept on the state (not in its tensors) for the adapter file's metadata (checkpoint.adapter_from_model).
         state.singular_gap = min(gaps, default=math.inf)

@@ -205,7 +205,7 @@ def train(settings: TrainSettings, command: str) -> Path:
 
     # ---- 5. Adapters: decompose in float32 from the weights as loaded, then cast the base -----------
     denoiser = backbone.load_denoiser(settings.pretrained_model_name_or_path, base_dtype(settings))
-    report = inject_adapters(denoiser, config, targets, blocks=blocks, progress=accelerator.is_main_process)
+    report = inject_adapters(denoiser, config, targets, blocks=blocks, progress=accelerator.is_main_process, decompose_device=device)
     logger.info(str(report))
     cast_base_model_(denoiser, model_dtype)
     # Fingerprinted before any weight is swapped out or quantized: it names the base model as loaded.
