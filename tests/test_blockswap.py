@@ -126,3 +126,25 @@ def test_sdxl_refused(tiny_sdxl, tmp_path, capsys):
         run(tiny_sdxl, tmp_path / "out", "--blocks_to_swap", "1")
     lines = error_lines(capsys.readouterr().err)
     assert len(lines) == 1 and "--blocks_to_swap" in lines[0] and "sdxl" in lines[0]
+
+
+def test_the_cpu_runs_the_stream_path_of_cuda(monkeypatch):
+    """Issue 28: the side-stream code (wait_stream, stream context, events, non-blocking copies) ran only on CUDA and
+    never anywhere; on the CPU the same calls now go through torch.cpu's stand-ins. Every load records one event on
+    the side stream after allocating on the main stream, and every use waits for it."""
+    calls = []
+    real_event, real_stream_ctx = torch.cpu.Event, torch.cpu.stream
+
+    class CountingEvent(real_event):
+        def record(self, stream=None):
+            calls.append("record")
+            return super().record(stream)
+
+    def counting_stream(stream):
+        calls.append("side")
+        return real_stream_ctx(stream)
+
+    monkeypatch.setattr(torch.cpu, "Event", CountingEvent)
+    monkeypatch.setattr(torch.cpu, "stream", counting_stream)
+    _, swapper = grads_of(adapted_stack(), swap=2)
+    assert calls.count("record") == calls.count("side") == swapper.loads > 0

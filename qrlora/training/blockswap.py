@@ -83,6 +83,7 @@ class BlockSwap:
     frees: int = 0
     _in_backward: bool = False
     _stream: object = None
+    _streams: object = None  # torch.cuda, or torch.cpu's stand-ins
     _handles: list = field(default_factory=list)
 
     @classmethod
@@ -91,7 +92,10 @@ class BlockSwap:
         and hook every block (a block before the first swapped one prefetches it)."""
         swap = cls(list(blocks), n, torch.device(device))
         cuda = swap.device.type == "cuda"
-        swap._stream = torch.cuda.Stream(swap.device) if cuda else None
+        # One code path on every device: on the CPU, torch.cpu's Stream / Event / stream() stand-ins run the same
+        # calls in order (issue 28: the CUDA path had never run anywhere); only pinning needs a CUDA host.
+        swap._streams = torch.cuda if cuda else torch.cpu
+        swap._stream = torch.cuda.Stream(swap.device) if cuda else torch.cpu.Stream()
         for index in range(len(blocks) - n, len(blocks)):
             params = frozen_base_parameters(blocks[index])
             host = []
@@ -123,23 +127,21 @@ class BlockSwap:
         if entry is None or entry.resident:
             return
         self.loads += 1
-        if self._stream is not None:
-            # The side stream waits for work already queued on the main stream, so a freed block's memory,
-            # reused here, is never overwritten while a kernel of the main stream still reads it.
-            self._stream.wait_stream(torch.cuda.current_stream(self.device))
-            with torch.cuda.stream(self._stream):
-                self._fill(entry, non_blocking=True)
-                entry.ready = torch.cuda.Event()
-                entry.ready.record(self._stream)
-        else:
-            self._fill(entry, non_blocking=False)
-        entry.resident = True
-
-    @staticmethod
-    def _fill(entry: _Swapped, non_blocking: bool) -> None:
+        streams = self._streams
+        # The storage is allocated here, on the main stream: memory allocated inside the side stream's context
+        # would stay in that stream's pool of the caching allocator after the main stream frees it, so reserved
+        # memory would grow past the estimate (issue 28).
         for p, host in zip(entry.params, entry.host):
             p.data.untyped_storage().resize_(host.untyped_storage().nbytes())
-            p.data.copy_(host, non_blocking=non_blocking)
+        # The side stream waits for work already queued on the main stream, so a freed block's memory, reused
+        # here, is never overwritten while a kernel of the main stream still reads it.
+        self._stream.wait_stream(streams.current_stream(self.device))
+        with streams.stream(self._stream):
+            for p, host in zip(entry.params, entry.host):
+                p.data.copy_(host, non_blocking=True)  # asynchronous from pinned host memory on CUDA
+            entry.ready = streams.Event()
+            entry.ready.record(self._stream)
+        entry.resident = True
 
     def _wait(self, index: int) -> None:
         """Make block ``index``'s weights usable by the current stream (loading them now if not prefetched)."""
@@ -148,7 +150,7 @@ class BlockSwap:
             return
         self._load(index)
         if entry.ready is not None:
-            torch.cuda.current_stream(self.device).wait_event(entry.ready)
+            self._streams.current_stream(self.device).wait_event(entry.ready)
             entry.ready = None
 
     def _free(self, index: int) -> None:
