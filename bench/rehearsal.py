@@ -562,7 +562,8 @@ PART_FUNCTIONS = {"build": build, "decompose": decompose_part, "train": train_pa
 
 def parse(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--backbone", choices=["sd3", "sdxl", "flux"], required=True)
+    p.add_argument("--backbone", choices=["sd3", "sdxl", "flux"], required="--table" not in (argv or sys.argv))
+    p.add_argument("--table", action="store_true", help="write the docs table from the committed reports and stop")
     p.add_argument("--output", help="report JSON (default: bench/reports/rehearsal_<backbone>.json; with --cpu-dry-run "
                                     "bench/results/)")
     p.add_argument("--workdir", help="where the pipeline and runs go (default: a folder under bench/results/)")
@@ -580,6 +581,9 @@ def parse(argv=None):
 
 def main(argv=None) -> dict:
     args = parse(argv)
+    if args.table:
+        print(f"wrote {write_table()}")
+        return {}
     name = f"rehearsal_{args.backbone}{'_dry' if args.dry_run else ''}"
     args.workdir = args.workdir or str(C.RESULTS_DIR / name)
     if args.dry_run:
@@ -652,6 +656,40 @@ def summary(parts: dict) -> dict:
         "exports_relative_difference": {k: v.get("relative_difference") for k, v in exports.items() if isinstance(v, dict)},
         "kohya_matches_block_counts": exports.get("kohya", {}).get("matches_block_counts"),
     }
+
+
+TABLE_PAGE = C.REPO_ROOT / "docs" / "real-size.md"
+TABLE_MARKERS = ("<!-- rehearsal-table:start -->", "<!-- rehearsal-table:end -->")
+
+
+def render_table(reports: dict[str, dict]) -> str:
+    """The docs table of the committed reports (``python -m bench.rehearsal --table`` writes it into the page)."""
+    rows = []
+    for name, r in reports.items():
+        s, build = r["summary"], r["parts"].get("build", {})
+        ratio = s.get("estimate_over_measured")
+        rows.append([name, f"{build.get('denoiser_params', 0) / 1e9:.2f} B", build.get("targeted_layers"),
+                     f"{C.fmt(s.get('decompose_total_s'))} s", C.fmt(s.get("decompose_worst_angle_deg")),
+                     f"{C.fmt(s.get('step_s'))} s", C.fmt(s.get("measured_training_peak_gib")),
+                     C.fmt(s.get("estimated_training_peak_gib")), C.fmt(ratio), s.get("resume_bit_exact"),
+                     C.fmt(s.get("exports_relative_difference", {}).get("diffusers")),
+                     s.get("kohya_matches_block_counts")])
+    headers = ["backbone", "denoiser", "targeted layers", "decomposition", "worst angle (deg)", "step (256 px)",
+               "training peak (GiB, measured)", "estimate (GiB)", "estimate / measured", "resume bit-exact",
+               "diffusers export vs ours", "kohya names at real block counts"]
+    machine = next(iter(reports.values()))["machine"] if reports else {}
+    return (f"Measured on {machine.get('cpu', 'this CPU')} ({machine.get('logical_cpus', '?')} logical CPUs, load average at the start {machine.get('load_average_at_start')}), rank {RANK}, "
+            "bf16 mixed precision, gradient checkpointing, batch 1 (`python -m bench.rehearsal --table` regenerates "
+            "this table from `bench/reports/rehearsal_*.json`):\n\n" + C.markdown_table(headers, rows))
+
+
+def write_table() -> Path:
+    reports = {b: json.loads(p.read_text()) for b in ("sd3", "sdxl", "flux")
+               if (p := C.REPO_ROOT / "bench" / "reports" / f"rehearsal_{b}.json").exists()}
+    text = TABLE_PAGE.read_text()
+    start, end = text.index(TABLE_MARKERS[0]) + len(TABLE_MARKERS[0]), text.index(TABLE_MARKERS[1])
+    TABLE_PAGE.write_text(text[:start] + "\n" + render_table(reports) + "\n" + text[end:])
+    return TABLE_PAGE
 
 
 if __name__ == "__main__":

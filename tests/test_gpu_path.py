@@ -223,3 +223,17 @@ def test_the_trainer_runs_on_a_quantized_base_on_cpu(precision, optional_deps, t
 
     adapter = load_adapter(out / "pytorch_lora_weights.safetensors")
     assert any(float(t["delta_r"].abs().sum()) > 0 for t in adapter.layers.values())
+
+
+def test_flux_trains_at_the_guidance_it_renders_with(tiny_flux):
+    """FLUX.1-dev is guidance-distilled: diffusers' FLUX DreamBooth script trains at guidance 3.5, and so does the
+    trainer unless --guidance_scale says otherwise (it trained at 1.0 before)."""
+    from qrlora.backbones import BACKBONES
+    from qrlora.cli.train import build_parser
+
+    flux = BACKBONES["flux"]
+    scheduler = flux.load_scheduler(str(tiny_flux))
+    assert flux.objective(scheduler).guidance_scale == 3.5
+    assert flux.objective(scheduler, guidance_scale=1.0).guidance_scale == 1.0
+    assert build_parser().parse_args(["--pretrained_model_name_or_path", "x", "--instance_data_dir", "y",
+                                      "--instance_prompt", "z"]).guidance_scale is None
