@@ -14,6 +14,7 @@ SKIP_DIRS = {".git", "__pycache__", ".pytest_cache", "build", "dist", ".venv"}
 # A repository path starting with docs/ (not a URL such as huggingface.co/docs/...).
 DOCS_PATH = re.compile(r"(?<![\w./-])docs/[\w./-]*\w")
 CITATION = re.compile(r"[\w./-]*ARCHITECTURE\.md")  # a bare name, a shared path or docs/ARCHITECTURE.md
+SITE_LINK = re.compile(r"\]\(ARCHITECTURE\.md(?=[#)])")  # a markdown link from another page of docs/
 SECTION_CITATION = re.compile(r"docs/ARCHITECTURE\.md,?\s+(?:section|s\.)\s+(\w+)")
 
 
@@ -67,7 +68,10 @@ def test_the_design_document_is_cited_by_its_path_and_sections():
     for path, text in _text_files():
         if path == DOC:
             continue
+        in_site = path.parent == DOC.parent  # a page of the docs site links it relative to itself
         for number, line in enumerate(text.splitlines(), 1):
+            if in_site:
+                line = SITE_LINK.sub("](docs/ARCHITECTURE.md", line)
             if any(found != "docs/ARCHITECTURE.md" for found in CITATION.findall(line)):
                 bare.append(f"{path.relative_to(REPO)}:{number}")
             sections += [(f"{path.relative_to(REPO)}:{number}", s) for s in SECTION_CITATION.findall(line)]

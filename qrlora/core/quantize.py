@@ -2,7 +2,7 @@
 weight, so the base Linears can be stored in fp8 (torchao) or nf4 (bitsandbytes, QLoRA-style) after the bases
 were decomposed from the bf16 weights. Both need a CUDA GPU and their library; anything else is a clear error.
 
-Not yet validated on a GPU in this repository's CI (no GPU there): see README, "GPU memory".
+Not yet validated on a GPU in this repository's CI (no GPU there): see docs/memory.md.
 """
 from __future__ import annotations
 
