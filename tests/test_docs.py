@@ -116,3 +116,16 @@ def test_benchmarks_import_as_a_package_without_sys_path():
     assert (REPO / "bench" / "__init__.py").is_file()
     offenders = [p.name for p in sorted((REPO / "bench").glob("*.py")) if "sys.path" in p.read_text()]
     assert not offenders, f"bench scripts import their helpers as bench modules (python -m bench.X): {offenders}"
+
+
+def test_the_docs_site_builds_strictly(tmp_path):
+    """``mkdocs build --strict`` (as .ci/run runs it): a broken link or anchor, a missing page or a page left out of
+    the nav fails here too, not only in CI."""
+    import os
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "mkdocs", "build", "--strict", "--site-dir", str(tmp_path / "site")],
+                          cwd=REPO, capture_output=True, text=True, env={**os.environ, "NO_MKDOCS_2_WARNING": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (tmp_path / "site" / "merging" / "index.html").is_file()
