@@ -15,6 +15,7 @@ Reports are made by (each records its machine, date, load and command):
     python -m bench.convergence --output bench/reports/convergence.json
     bash bench/gpu_flux.sh --output bench/reports/gpu_flux.json        (needs a CUDA GPU)
     python -m bench.flux_memory --output bench/reports/flux_memory.json  (the "FLUX memory" tables, estimated on CPU)
+    python -m bench.explorer --output bench/reports/explorer.json --screenshot docs/explorer.png
 """
 from __future__ import annotations
 
@@ -148,6 +149,13 @@ def merge_rows(m: dict) -> list[str]:
     ]
 
 
+def explorer_rows(e: dict) -> list[str]:
+    return [row("merge explorer: `qrlora-ui` start to its first world image in the browser, vs `python -m "
+                "qrlora.merge` start to the same image on disk (fresh processes, the same LoRA world pair)",
+                f"{e['ratio_ui_vs_cli']:.2f}x ({e['ui_start_to_first_world_image_s']:.1f} s vs "
+                f"{e['cli_merge_same_image_s']:.1f} s)", "-", "`python -m bench.explorer`")]
+
+
 def gpu_rows(g: dict | None) -> list[str]:
     what = "FLUX.1-dev on one GPU: init time, step time and peak memory at 512 px, triu_deltaR vs PEFT LoRA"
     if g is None:
@@ -275,7 +283,8 @@ def convergence_table(c: dict) -> list[str]:
 
 
 def render() -> str:
-    reports = {name: d for name in ("decompose", "train_step", "merge", "convergence", "flux_memory", "gpu_flux")
+    reports = {name: d for name in ("decompose", "train_step", "merge", "convergence", "flux_memory", "gpu_flux",
+                                    "explorer")
                if (d := load(name)) is not None}
     lines = [START, "", row("what", "ratio (ours vs peer)", "target", "command"), row("---", "---", "---", "---")]
     if "decompose" in reports:
@@ -286,6 +295,8 @@ def render() -> str:
         lines += merge_rows(reports["merge"])
     lines += flux_memory_rows(reports.get("flux_memory"))
     lines += gpu_rows(reports.get("gpu_flux"))
+    if "explorer" in reports:
+        lines += explorer_rows(reports["explorer"])
     lines += ["", provenance(reports)]
     if "convergence" in reports:
         lines += ["", "Convergence (`python -m bench.convergence`): fixed-noise evaluation loss on the training image as a "
