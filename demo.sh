@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# QR-LoRA end to end, CPU only, offline, in a few minutes on 2 cores (see README):
-#   1. render the adapters' images in the shipped CPU world (assets/world, a trained SD3 pipeline; README: The CPU
+# QR-LoRA end to end, CPU only, offline, in a few minutes on 2 cores (see README.md, "The demo"):
+#   1. render the adapters' images in the shipped CPU world (assets/world, a trained SD3 pipeline; docs/world.md: The CPU
 #      world): 4 hearts in flat style (new content), 4 circles in checker style (new style)
 #   2. train a content and a style QR-LoRA adapter through the real wrappers on them
 #      (and a plain-LoRA pair in the same trainer, for the disentanglement comparison)

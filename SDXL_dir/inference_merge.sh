@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # SDXL: style x content weight grid.
-# Usage: [STYLE_LORA=... CONTENT_LORA=...] bash SDXL_dir/inference_merge.sh GPU_ID [extra flags]   (see README: Merging and inference)
+# Usage: [STYLE_LORA=... CONTENT_LORA=...] bash SDXL_dir/inference_merge.sh GPU_ID [extra flags]   (see docs/merging.md)
 # Without STYLE_LORA / CONTENT_LORA: the newest style + content runs of BACKBONE that RUN_FILTER accepts, under exps_*/ (scripts/find_runs.sh).
 BACKBONE=sdxl RUN_FILTER="--static" RUN_HINT="SDXL_dir/train_deltaR_sty.sh and SDXL_dir/train_deltaR_cnt.sh" \
   DEFAULT_PROMPT="a photo of a <c> cat in <s> style" DEFAULT_OUT=outputs_SDXL/merge \

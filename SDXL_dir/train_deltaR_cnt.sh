@@ -1,4 +1,4 @@
 #!/usr/bin/env bash
 # SDXL content adapter, triangular dR (triu_deltaR), on the UNet's attention projections.
-# Usage: bash SDXL_dir/train_deltaR_cnt.sh GPU_IDS RANK [extra trainer flags...]   (see README: Training wrappers)
+# Usage: bash SDXL_dir/train_deltaR_cnt.sh GPU_IDS RANK [extra trainer flags...]   (see docs/training.md)
 BACKBONE=sdxl METHOD=triu_deltaR TASK=cnt exec bash "$(dirname "$0")/../scripts/launch_train.sh" "$0" "$@"

@@ -2,5 +2,5 @@
 
 A package so the scripts import their helpers (``bench._common``) and the in-tree ``qrlora`` as ordinary modules.
 Run them from the repository root as modules: ``python -m bench.decompose``, ``python -m bench.train_step``, ...
-(README.md, "Benchmarks").
+(docs/benchmarks.md).
 """

@@ -179,7 +179,7 @@ def _cpu_model() -> str:
 
 
 def command_name() -> str:
-    """How the running bench was started: ``-m bench.X`` (as the README runs them), else the script path as typed."""
+    """How the running bench was started: ``-m bench.X`` (as docs/benchmarks.md runs them), else the script path as typed."""
     spec = getattr(sys.modules["__main__"], "__spec__", None)
     return f"-m {spec.name}" if spec is not None else Path(sys.argv[0]).as_posix()
 

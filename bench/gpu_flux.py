@@ -24,7 +24,7 @@ process so that every peak memory is its own:
    ``torch.cuda.max_memory_allocated`` over the second as ``measured_peak_gib`` beside ``peak_gib``. Block swap
    rows stay estimates (the trainer's ``--blocks_to_swap`` is not in this benchmark). bf16 first, then the
    quantized bases, until ``--memory-budget`` seconds are used. The report (the estimate with ``measured``
-   added) goes to ``--memory-output``; ``--memory-output bench/reports/flux_memory.json`` fills the README table.
+   added) goes to ``--memory-output``; ``--memory-output bench/reports/flux_memory.json`` fills the table in docs/memory.md.
 
 5. ``fsdp``: the trainer's sharded path (``accelerate launch --config_file configs/accelerate_fsdp.yaml``,
    ``qrlora.training.sharding``) on a tiny random FLUX pipeline: 4 steps with a checkpoint at step 2 (bf16 mixed precision,
@@ -437,7 +437,7 @@ def main(argv=None) -> int:
                    help="the CPU estimate whose rows part 4 measures (default bench/reports/flux_memory.json)")
     p.add_argument("--memory-output", type=Path, default=None,
                    help="where part 4 writes the estimate with measured beside it (default "
-                        "bench/results/flux_memory_measured.json; bench/reports/flux_memory.json fills the README)")
+                        "bench/results/flux_memory_measured.json; bench/reports/flux_memory.json fills docs/memory.md)")
     p.add_argument("--memory-budget", type=float, default=240.0, help="seconds part 4 may use (default 240)")
     p.add_argument("--no-fsdp", action="store_true", help="skip part 5 (the trainer's sharded path, FSDP launch)")
     p.add_argument("--part", default=None, help=argparse.SUPPRESS)

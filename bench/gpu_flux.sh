@@ -4,7 +4,7 @@
 # triu_deltaR vs PEFT LoRA (and on an NF4 / fp8 quantized base when bitsandbytes / torchao is installed).
 # Then every row of the CPU estimate bench/reports/flux_memory.json that fits the GPU (no block swap), measured with
 # torch.cuda.max_memory_allocated and written beside the estimate (--memory-output; give
-# bench/reports/flux_memory.json to fill the README's FLUX memory table; --memory-budget seconds, default 240).
+# bench/reports/flux_memory.json to fill the FLUX memory table of docs/memory.md; --memory-budget seconds, default 240).
 # Then the trainer's sharded path: an FSDP launch (accelerate launch --config_file configs/accelerate_fsdp.yaml, 2 processes
 # on 2+ GPUs, 1 on one GPU) of 4 steps on a tiny FLUX pipeline and a resume from step 2, which must be exact (--no-fsdp skips it).
 # Random bf16 weights built from the published config: nothing is downloaded. Prints a table, writes bench/results/gpu_flux.json

@@ -12,6 +12,8 @@ import pytest
 
 from conftest import REPO
 
+from qrlora.cli.entry_points import ENTRY_POINTS
+
 
 def declared_commands() -> list[tuple[str, str]]:
     """(name, module:function) from pyproject.toml, the file that declares them; the installed metadata is stale
@@ -76,9 +78,81 @@ runpy.run_module("qrlora.merge", run_name="__main__", alter_sys=True)
     assert "MERGER_CLASSES 1" in proc.stdout, proc.stdout[-500:] + proc.stderr[-1500:]
 
 
-# Every `python -m qrlora.X` the README and the wrappers use.
-PYTHON_M = ["qrlora.train", "qrlora.merge", "qrlora.export", "qrlora.evaluate", "qrlora.compare", "qrlora.ziplora",
-            "qrlora.runs", "qrlora.tiny_scorers", "qrlora.tiny", "qrlora.world"]
+# Every `python -m qrlora.X`: the one list of entry points.
+PYTHON_M = [e.python_m for e in ENTRY_POINTS if e.python_m]
+
+
+def test_the_console_scripts_are_the_one_list():
+    """pyproject.toml's [project.scripts] and qrlora/cli/entry_points.py name the same commands and functions."""
+    assert COMMANDS == sorted((e.script, e.target) for e in ENTRY_POINTS)
+    assert {"qrlora.train", "qrlora.merge", "qrlora.world", "qrlora.ui"} <= set(PYTHON_M)
+
+
+@pytest.mark.parametrize("entry", [e for e in ENTRY_POINTS if e.python_m], ids=lambda e: e.python_m)
+def test_python_m_runs_the_console_scripts_function(entry):
+    """``python -m qrlora.X`` hands over to the very function its console script runs."""
+    name = entry.python_m.removeprefix("qrlora.")
+    shim = REPO / "qrlora" / f"{name}.py"
+    shim = shim if shim.is_file() else REPO / "qrlora" / name / "__main__.py"
+    tree = ast.parse(shim.read_text())
+    imports = [(n.module, a.name) for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) for a in n.names]
+    calls = {n.func.id for n in ast.walk(tree) if isinstance(n, ast.Call) and isinstance(n.func, ast.Name)}
+    module, function = entry.target.split(":")
+    assert imports == [(module, function)] and function in calls, f"{shim} does not run {entry.target}"
+
+
+def _parsers(entry) -> list:
+    """The argparse parser a console script builds (and its sub-commands' parsers), caught at parse time."""
+    import argparse
+
+    module, _, function = entry.target.partition(":")
+    main = getattr(__import__(module, fromlist=[function]), function)
+    caught = []
+
+    def catch(self, *args, **kwargs):
+        caught.append(self)
+        raise SystemExit(0)
+
+    original = argparse.ArgumentParser.parse_args
+    argparse.ArgumentParser.parse_args = catch
+    try:
+        with pytest.raises(SystemExit):
+            main([])
+    finally:
+        argparse.ArgumentParser.parse_args = original
+    parsers, todo = [], caught[:1]
+    while todo:
+        parser = todo.pop()
+        parsers.append(parser)
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                todo += list(dict.fromkeys(action.choices.values()))
+    return parsers
+
+
+# qrlora-train's parser is generated from TrainSettings (its help is checked where that happens).
+HELPED = [e for e in ENTRY_POINTS if e.script != "qrlora-train"]
+
+
+@pytest.mark.parametrize("entry", HELPED, ids=lambda e: e.script)
+def test_help_gives_every_flag_a_sentence_and_its_default(entry):
+    """``--help`` of every console script: each flag has a sentence, and says its default (required flags and
+    positional arguments have none to say)."""
+    import argparse
+
+    lacking = []
+    for parser in _parsers(entry):
+        formatter = parser._get_formatter()
+        for action in parser._actions:
+            if isinstance(action, (argparse._HelpAction, argparse._SubParsersAction)) or action.help == argparse.SUPPRESS:
+                continue
+            text = formatter._get_help_string(action) if action.help else ""
+            name = f"{parser.prog} {'/'.join(action.option_strings) or action.dest}"
+            if len((action.help or "").split()) < 2:
+                lacking.append(f"{name}: no sentence")
+            elif action.option_strings and not action.required and "default" not in text:
+                lacking.append(f"{name}: no default")
+    assert not lacking, "\n".join(lacking)
 
 
 @pytest.mark.parametrize("module", PYTHON_M)

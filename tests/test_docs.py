@@ -14,6 +14,7 @@ SKIP_DIRS = {".git", "__pycache__", ".pytest_cache", "build", "dist", ".venv"}
 # A repository path starting with docs/ (not a URL such as huggingface.co/docs/...).
 DOCS_PATH = re.compile(r"(?<![\w./-])docs/[\w./-]*\w")
 CITATION = re.compile(r"[\w./-]*ARCHITECTURE\.md")  # a bare name, a shared path or docs/ARCHITECTURE.md
+SITE_LINK = re.compile(r"\]\(ARCHITECTURE\.md(?=[#)])")  # a markdown link from another page of docs/
 SECTION_CITATION = re.compile(r"docs/ARCHITECTURE\.md,?\s+(?:section|s\.)\s+(\w+)")
 
 
@@ -67,7 +68,10 @@ def test_the_design_document_is_cited_by_its_path_and_sections():
     for path, text in _text_files():
         if path == DOC:
             continue
+        in_site = path.parent == DOC.parent  # a page of the docs site links it relative to itself
         for number, line in enumerate(text.splitlines(), 1):
+            if in_site:
+                line = SITE_LINK.sub("](docs/ARCHITECTURE.md", line)
             if any(found != "docs/ARCHITECTURE.md" for found in CITATION.findall(line)):
                 bare.append(f"{path.relative_to(REPO)}:{number}")
             sections += [(f"{path.relative_to(REPO)}:{number}", s) for s in SECTION_CITATION.findall(line)]
@@ -112,3 +116,16 @@ def test_benchmarks_import_as_a_package_without_sys_path():
     assert (REPO / "bench" / "__init__.py").is_file()
     offenders = [p.name for p in sorted((REPO / "bench").glob("*.py")) if "sys.path" in p.read_text()]
     assert not offenders, f"bench scripts import their helpers as bench modules (python -m bench.X): {offenders}"
+
+
+def test_the_docs_site_builds_strictly(tmp_path):
+    """``mkdocs build --strict`` (as .ci/run runs it): a broken link or anchor, a missing page or a page left out of
+    the nav fails here too, not only in CI."""
+    import os
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "mkdocs", "build", "--strict", "--site-dir", str(tmp_path / "site")],
+                          cwd=REPO, capture_output=True, text=True, env={**os.environ, "NO_MKDOCS_2_WARNING": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (tmp_path / "site" / "merging" / "index.html").is_file()

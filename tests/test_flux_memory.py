@@ -153,11 +153,12 @@ def test_quantized_stand_in_holds_the_quantized_bytes():
 def test_readme_flux_memory_table_is_the_committed_report():
     from bench import readme_table
 
-    readme = (REPO / "README.md").read_text()
+    assert readme_table.FLUX_PAGE == REPO / "docs/memory.md"
+    readme = readme_table.FLUX_PAGE.read_text()
     assert readme.count(readme_table.FLUX_START) == 1 and readme.count(readme_table.FLUX_END) == 1
     block = readme.split(readme_table.FLUX_START, 1)[1].split(readme_table.FLUX_END, 1)[0]
     assert readme_table.FLUX_START + block + readme_table.FLUX_END == readme_table.render_flux_memory(), \
-        "README FLUX memory table differs from bench/reports/flux_memory.json: run python -m bench.readme_table --write"
+        "docs/memory.md FLUX memory table differs from bench/reports/flux_memory.json: run python -m bench.readme_table --write"
     assert "estimated on CPU" in block
 
 

@@ -255,11 +255,11 @@ def test_readme_study_tables_are_the_committed_reports():
     from conftest import REPO
     from qrlora.toy.world.study import README_END, README_START, readme_block
 
-    readme = (REPO / "README.md").read_text()
+    readme = (REPO / "docs/world.md").read_text()
     assert readme.count(README_START) == 1 and readme.count(README_END) == 1
     block = README_START + readme.split(README_START, 1)[1].split(README_END, 1)[0] + README_END
     assert block == readme_block(REPO / "bench/reports"), \
-        "README study tables differ from bench/reports/world_study*.json: run python -m bench.readme_table --write"
+        "docs/world.md study tables differ from bench/reports/world_study*.json: run python -m bench.readme_table --write"
 
 
 def test_verdict_reads_each_cell_and_draws_both_grids(tmp_path):

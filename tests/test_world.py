@@ -8,7 +8,7 @@ nothing leaves the base model bit-identical (zero-initialised coefficients), so 
 which every threshold below excludes by a stated margin (checked in each test).
 
 Thresholds come from ``bench/world_thresholds.py`` (5 seeds: adapter seed = instance-image seed; the numbers are
-in README.md, "The CPU world", Tests): each floor sits well below the lowest rate measured over the seeds.
+in docs/world.md, "Tests"): each floor sits well below the lowest rate measured over the seeds.
 Only seed 0 runs here; the floors leave room for the seed-to-seed spread measured there.
 """
 from __future__ import annotations
@@ -30,13 +30,13 @@ pytestmark = pytest.mark.slow  # minutes of training or rendering: left out of `
 # r x in coefficients (half masked) and learns the style more slowly than LoRA at the same rate: 80 steps, not 40.
 SETTINGS = {"triu_deltaR": (80, 1e-2), "lora": (40, 1e-2)}
 SAMPLES = 32  # images per measurement, seeds 0..31
-# Floors, from bench/world_thresholds.py over 5 seeds (README.md, "The CPU world"), well below the
+# Floors, from bench/world_thresholds.py over 5 seeds (docs/world.md), well below the
 # lowest rate measured; the base model scores 0% (content, style) and 3% / 0% (merge) on the same prompts and seeds.
 CONTENT_FLOOR = 0.6  # held-out shape rate, content adapter alone, its own prompt (measured: 100% every seed, both methods)
 STYLE_FLOOR = 0.5  # held-out style rate, style adapter alone, its own prompt (measured min: triu_deltaR 88%, lora 100%)
 # The (1, 1) direct merge on "a heart in checker style", LoRA pairs (measured min: shape 53%, style 91%).
 # QR-LoRA (triu_deltaR) pairs keep the shape far less in this world (0-56%, mean 21% over the same seeds):
-# the README's experiment table reports it, and no floor is claimed for them.
+# the experiment table of docs/world.md reports it, and no floor is claimed for them.
 MERGE_CONTENT_FLOOR = 0.3
 MERGE_STYLE_FLOOR = 0.6
 MARGIN = 0.25  # every floor must exceed the base model's rate on the same prompt and seeds by this much
@@ -86,7 +86,7 @@ def test_the_shipped_world_meets_the_issue_bars(world):
 
 
 def test_the_larger_world_meets_the_bars_and_keeps_the_flux_rank_ratio():
-    """assets/world_w256 (width 256, 6 blocks, half-precision weights): the study's scale check (README)."""
+    """assets/world_w256 (width 256, 6 blocks, half-precision weights): the study's scale check (docs/world.md)."""
     from qrlora.toy.world.world import SHIPPED_WORLD, load_world
 
     large = load_world(SHIPPED_WORLD.parent / "world_w256")

@@ -59,6 +59,8 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
         shown = not any(action.default is v for v in (None, False, argparse.SUPPRESS)) and action.option_strings
         if shown and "default" not in text:
             text += f" (default: {action.default})" if text else f"(default: {action.default})"
+        elif isinstance(action, argparse._StoreTrueAction) and "default" not in text:
+            text += " (default: off)"  # a switch: say so, or a reader cannot tell on from off
         return text
 
 
@@ -96,16 +98,16 @@ def positive(kind: type):
 
 def add_render_arguments(p: argparse.ArgumentParser, backbone_default_steps: int = 28) -> None:
     g = p.add_argument_group("rendering")
-    g.add_argument("--prompt", default="a photo of a <c> cat in <s> style")
-    g.add_argument("--num_inference_steps", type=int, default=backbone_default_steps)
-    g.add_argument("--guidance_scale", type=float, help="default: the pipeline's")
-    g.add_argument("--height", type=int, default=1024)
-    g.add_argument("--width", type=int, default=1024)
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--dtype", choices=list(DTYPES), help="default: bfloat16 on a GPU, float32 on the CPU")
-    g.add_argument("--device", help="default: cuda if available, else cpu")
+    g.add_argument("--prompt", default="a photo of a <c> cat in <s> style", help="the text prompt to render")
+    g.add_argument("--num_inference_steps", type=int, default=backbone_default_steps, help="denoising steps per image")
+    g.add_argument("--guidance_scale", type=float, help="classifier-free guidance scale (default: the pipeline's)")
+    g.add_argument("--height", type=int, default=1024, help="image height in pixels, a multiple of 16")
+    g.add_argument("--width", type=int, default=1024, help="image width in pixels, a multiple of 16")
+    g.add_argument("--seed", type=int, default=0, help="seed of the starting noise (the same for every weight)")
+    g.add_argument("--dtype", choices=list(DTYPES), help="weights' dtype while rendering (default: bfloat16 on a GPU, float32 on the CPU)")
+    g.add_argument("--device", help="where to render, e.g. cuda:1 (default: cuda if available, else cpu)")
     g.add_argument("--max_sequence_length", type=int, help="T5 prompt length (default: the pipeline's)")
-    g.add_argument("--output_dir", default="inference_output")
+    g.add_argument("--output_dir", default="inference_output", help="folder the images (and manifest.json) go to")
     g.add_argument("--overwrite", action="store_true", help="replace existing outputs of the same name (images, a comparison, a written adapter)")
 
 
@@ -158,4 +160,4 @@ def add_evaluation_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--clip_model", default=DEFAULT_CLIP, help="hub id or local folder of a CLIP model (CLIP-T, CLIP-I)")
     g.add_argument("--dino_model", default=DEFAULT_DINO, help="hub id or local folder of a DINO / DINOv2 model")
     g.add_argument("--concept_tokens", default=DEFAULT_CONCEPT_TOKENS, help="comma list removed from prompts for CLIP-T")
-    g.add_argument("--eval_batch_size", type=int, default=16)
+    g.add_argument("--eval_batch_size", type=int, default=16, help="images scored per batch")

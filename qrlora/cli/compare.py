@@ -53,9 +53,9 @@ def compare(args: argparse.Namespace) -> list[Path]:
 def main(argv=None) -> list[Path]:
     """``python -m qrlora.compare``: render each merge strategy of a content and a style adapter, then score them."""
     p = ArgumentParser(prog="python -m qrlora.compare", description=main.__doc__)
-    p.add_argument("--model_path", required=True)
-    p.add_argument("--content_lora_path", required=True)
-    p.add_argument("--style_lora_path", required=True)
+    p.add_argument("--model_path", required=True, help="diffusers pipeline folder or hub id of the base model")
+    p.add_argument("--content_lora_path", required=True, help="the content adapter file")
+    p.add_argument("--style_lora_path", required=True, help="the style adapter file")
     p.add_argument("--content_refs", required=True, help="folder of content reference images (DINO)")
     p.add_argument("--style_refs", required=True, help="folder of style reference images (CLIP-I)")
     p.add_argument("--strategies", default=",".join(STRATEGIES), help="comma list of merge strategies to compare")

@@ -13,9 +13,9 @@ def main(argv=None) -> list[Path]:
     """``python -m qrlora.evaluate``: score folders of generated images against style and content references."""
     p = ArgumentParser(prog="python -m qrlora.evaluate", description=main.__doc__)
     p.add_argument("--images", nargs="+", required=True, help="folders with generated images and a manifest.json")
-    p.add_argument("--style_refs", help="folder of style reference images (CLIP-I style score)")
-    p.add_argument("--content_refs", help="folder of content reference images (DINO content score)")
-    p.add_argument("--output_dir", default="evaluation_output")
+    p.add_argument("--style_refs", help="folder of style reference images (CLIP-I style score; default: none, no style score)")
+    p.add_argument("--content_refs", help="folder of content reference images (DINO content score; default: none, no content score)")
+    p.add_argument("--output_dir", default="evaluation_output", help="folder for scores.csv, summary.json / .md and tradeoff.png")
     p.add_argument("--overwrite", action="store_true", help="replace an earlier evaluation in --output_dir")
     p.add_argument("--device", help="default: cuda if available, else cpu")
     add_evaluation_arguments(p)

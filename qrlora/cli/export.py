@@ -39,6 +39,6 @@ def main(argv=None) -> Path:
     p.add_argument("--format", choices=export.FORMATS, default="diffusers",
                    help="diffusers: diffusers / PEFT layout (default); kohya: ComfyUI, A1111/Forge, kohya sd-scripts")
     p.add_argument("--backbone", choices=list(BACKBONES),
-                   help="the adapter's model family, for --format kohya on files without metadata")
-    p.add_argument("--overwrite", action="store_true")
+                   help="the adapter's model family, for --format kohya on files without metadata (default: read from the file)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output file (never a folder)")
     return export_file(p.parse_args(argv))

@@ -24,8 +24,8 @@ from .arguments import (ArgumentParser, add_render_arguments, add_strategy_argum
 def grid_parser(description: str, backbone_default_steps: int = 28) -> argparse.ArgumentParser:
     p = ArgumentParser(description=description)
     p.add_argument("--model_path", required=True, help="diffusers pipeline folder or hub id")
-    p.add_argument("--style_lora_path", required=True)
-    p.add_argument("--content_lora_path", required=True)
+    p.add_argument("--style_lora_path", required=True, help="the style adapter file (columns of the grid)")
+    p.add_argument("--content_lora_path", required=True, help="the content adapter file (rows of the grid)")
     p.add_argument("--residual_path", help="residual file: merge in residual form (default: delta form, no file needed)")
     p.add_argument("--style_weights", type=number_list, default="0.0,0.5,1.0", help="comma list")
     p.add_argument("--content_weights", type=number_list, default="0.0,0.5,1.0", help="comma list")
@@ -42,11 +42,11 @@ def grid_main(argv=None, description: str = "Merge a style and a content adapter
 
 def merge_parser() -> argparse.ArgumentParser:
     p = ArgumentParser(prog="python -m qrlora.merge", description=merge_main.__doc__)
-    p.add_argument("--model_path", required=True)
+    p.add_argument("--model_path", required=True, help="diffusers pipeline folder or hub id of the base model")
     p.add_argument("--adapters", nargs="+", required=True, help="adapter files (static methods mixed; MoE live)")
     p.add_argument("--weights", type=number_list, help="comma list, one per adapter (default: all 1.0); negative weights work: --weights -1,2")
-    p.add_argument("--residual_path", help="merge in residual form (adapters must share Q and R)")
-    p.add_argument("--save_merged", help="write the merged denoiser here in the diffusers layout (static adapters only)")
+    p.add_argument("--residual_path", help="merge in residual form (adapters must share Q and R; default: delta form, no file needed)")
+    p.add_argument("--save_merged", help="write the merged denoiser here in the diffusers layout (static adapters only; default: not saved)")
     p.add_argument("--no_render", action="store_true", help="skip rendering the prompt")
     add_strategy_arguments(p)
     add_render_arguments(p)

@@ -62,16 +62,18 @@ def save_base_residual_main(argv=None, backbone_name: str | None = None) -> Path
     """Residual of every targeted layer of the base model, for a method, rank and seed."""
     p = ArgumentParser(description=save_base_residual_main.__doc__)
     p.add_argument("--model_path", "--pretrained_model_name_or_path", dest="model_path",
-                   default=BACKBONES[backbone_name].default_model if backbone_name else None, required=backbone_name is None)
-    p.add_argument("--rank", type=int, default=64)
-    p.add_argument("--lora_alpha", type=float)
-    p.add_argument("--lora_init_method", choices=[m for m in METHODS if METHODS[m].static], default="triu_deltaR")
+                   default=BACKBONES[backbone_name].default_model if backbone_name else None, required=backbone_name is None,
+                   help="diffusers pipeline folder or hub id of the base model")
+    p.add_argument("--rank", type=int, default=64, help="adapter rank the residual is for")
+    p.add_argument("--lora_alpha", type=float, help="adapter alpha, the scale s = alpha / rank (default: the rank)")
+    p.add_argument("--lora_init_method", choices=[m for m in METHODS if METHODS[m].static], default="triu_deltaR",
+                   help="the adapter method whose frozen basis the residual removes")
     p.add_argument("--lora_layers", help="comma-separated targets (default: the backbone's)")
-    p.add_argument("--lora_blocks")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--lora_blocks", help="comma list of block names to restrict to, as at training (default: every block)")
+    p.add_argument("--seed", type=int, default=0, help="the training seed (ICA bases depend on it)")
     p.add_argument("--device", default=default_device(), help="default: cuda if available, else cpu")
-    p.add_argument("--output_dir", default=".")
-    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--output_dir", default=".", help="folder the residual file is written to")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing residual file")
     return save_base_residual(p.parse_args(argv), backbone_name)
 
 
@@ -79,11 +81,11 @@ def save_base_residual_main(argv=None, backbone_name: str | None = None) -> Path
 def extract_main(argv=None) -> Path:
     """The residual from the bases stored in an adapter file (exact for every static method, FLUX/SD3/SDXL)."""
     p = ArgumentParser(description=extract_main.__doc__)
-    p.add_argument("--model_path", required=True)
-    p.add_argument("--lora_path", required=True)
-    p.add_argument("--output_dir", required=True)
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--model_path", required=True, help="diffusers pipeline folder or hub id of the base model")
+    p.add_argument("--lora_path", required=True, help="the adapter file whose stored bases give the residual")
+    p.add_argument("--output_dir", required=True, help="folder the residual file is written to")
+    p.add_argument("--device", default="cpu", help="where the residual is computed")
     p.add_argument("--dtype", choices=list(DTYPES), help="dtype to load the base weights in (default: as stored; each "
                    "layer is upcast to float32 for the subtraction, so a bf16 checkpoint gives the float32 load's file)")
-    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing residual file")
     return extract_residual(p.parse_args(argv))

@@ -45,10 +45,10 @@ def main(argv=None) -> None:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("what", choices=["pair", "latest", "model"],
                    help="pair: newest style + content run; latest: newest run; model: the base model --adapter recorded")
-    p.add_argument("--adapter", help="for `model`: an adapter file")
+    p.add_argument("--adapter", help="for `model`: an adapter file (default: none)")
     p.add_argument("--roots", nargs="+", default=["."], help="folders whose exps_* subfolders hold runs")
-    p.add_argument("--backbone")
-    p.add_argument("--methods", type=lambda s: [m for m in s.split(",") if m], help="comma list of methods to accept")
+    p.add_argument("--backbone", help="accept only runs of this backbone (default: any)")
+    p.add_argument("--methods", type=lambda s: [m for m in s.split(",") if m], help="comma list of methods to accept (default: any)")
     p.add_argument("--static", action="store_true", help="only methods that fold into weights (not moe)")
     p.add_argument("--hint", default="", help="what to tell the user to set when nothing is found")
     args = p.parse_args(argv)

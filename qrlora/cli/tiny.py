@@ -17,7 +17,7 @@ def main(argv: list[str] | None = None) -> None:
     """
     parser = ArgumentParser(prog="python -m qrlora.tiny",
                             description="Write a tiny seeded random diffusers pipeline (offline) for tests and demos.")
-    parser.add_argument("--backbone", required=True, choices=BACKBONES)
+    parser.add_argument("--backbone", required=True, choices=BACKBONES, help="the model family of the pipeline")
     parser.add_argument("--output", required=True, help="pipeline folder to create (or reuse)")
     parser.add_argument("--seed", type=int, default=0, help="weight seed (default: 0)")
     args = parser.parse_args(argv)

@@ -12,8 +12,8 @@ from .arguments import ArgumentParser
 @cli_entry
 def main(argv=None) -> None:
     p = ArgumentParser(prog="python -m qrlora.tiny_scorers", description=tiny_scorers.__doc__.splitlines()[0])
-    p.add_argument("--output", required=True)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--output", required=True, help="folder to write the tiny CLIP and DINO models into")
+    p.add_argument("--seed", type=int, default=0, help="weight seed of the random models")
     args = p.parse_args(argv)
     with torch.no_grad():
         clip, dino = tiny_scorers.build_tiny_scorers(args.output, args.seed)

@@ -14,9 +14,9 @@ from .arguments import ArgumentParser, add_render_arguments, add_ziplora_argumen
 
 def build_parser() -> argparse.ArgumentParser:
     p = ArgumentParser(prog="python -m qrlora.ziplora", description=main.__doc__)
-    p.add_argument("--model_path", required=True)
-    p.add_argument("--content_lora_path", required=True)
-    p.add_argument("--style_lora_path", required=True)
+    p.add_argument("--model_path", required=True, help="diffusers pipeline folder or hub id of the base model")
+    p.add_argument("--content_lora_path", required=True, help="the content adapter file")
+    p.add_argument("--style_lora_path", required=True, help="the style adapter file")
     p.add_argument("--output", required=True, help="adapter file to write (plain lora layout)")
     add_ziplora_arguments(p)
     add_render_arguments(p)

@@ -93,7 +93,7 @@ def read_manifest(folder: str | Path) -> list[tuple[Path, ImageRecord]]:
         raise UserError(f"--images: folder {folder} does not exist")
     path = folder / MANIFEST
     if not path.is_file():
-        raise UserError(f"--images: {folder} has no {MANIFEST} (the merge CLIs write one; see README 'Comparing merge methods')")
+        raise UserError(f"--images: {folder} has no {MANIFEST} (the merge CLIs write one; see docs/merging.md, 'Comparing merge methods')")
     try:
         rows = json.loads(path.read_text())
         records = [ImageRecord(**row) for row in rows]

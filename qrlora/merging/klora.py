@@ -9,7 +9,7 @@ favours the content adapter early (when the layout forms) and the style adapter 
     gamma = mean over layers of sum|dW_c| / sum|dW_s|                        (balance of the two adapters' scales)
     content acts iff  S_c / gamma > S(t) * S_s,  else style                   (eq. 6)
 
-Choices made where the paper and its code leave room (README, "Comparing merge methods"): ``t / T`` is the index
+Choices made where the paper and its code leave room (docs/merging.md, "Comparing merge methods"): ``t / T`` is the index
 of the denoising step over the number of steps (the published code counts layer calls against a hard-coded
 28000); K = 64 as in the published code; the chosen adapter acts at its merge weight (1.0 by default), so the
 weight grid of the merge CLIs still scales each adapter. Layers only one adapter touches always use it.

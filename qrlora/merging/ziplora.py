@@ -37,7 +37,7 @@ from ..core.methods import AdapterConfig
 
 ZIPLORA_STEPS = 100  # the paper's number of gradient updates
 ZIPLORA_LAMBDA = 0.01  # the paper's weight of the cosine penalty
-ZIPLORA_LR = 0.01  # not stated in the paper; ours (README)
+ZIPLORA_LR = 0.01  # not stated in the paper; ours (docs/merging.md)
 CONTENT, STYLE = "zip_content", "zip_style"
 
 
