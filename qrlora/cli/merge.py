@@ -117,7 +117,8 @@ def merge_adapters(args: argparse.Namespace) -> Path | None:
     merged = MergedPipeline(args.model_path, adapters, args.residual_path, render, strategy=args.merge_strategy,
                             roles=(0, 1), check_outputs=check_outputs, settings=settings)
     if args.save_merged:
-        merged.merger.merge(weights)
+        # The strategy's own merge (TIES / DARE trim or drop, ZipLoRA scales), exactly what render() would use.
+        merged.strategy.apply(weights, render.num_inference_steps)
         with atomic_output(args.save_merged, folder=True) as folder:  # a full disk leaves no half-written model
             merged.denoiser.save_pretrained(folder)
         print(f"saved the merged {merged.backbone.denoiser_name} to {args.save_merged}")
