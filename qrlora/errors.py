@@ -10,6 +10,16 @@ class UserError(Exception):
     """A mistake in the user's input (a path, a flag, a file's contents). CLIs print it as one line, no traceback."""
 
 
+SEED_MAX = 2**32 - 1  # numpy's and torch's generators take seeds in [0, 2**32 - 1]
+
+
+def seed_problem(flag: str, value) -> str | None:
+    """Why ``value`` cannot be the seed ``flag`` (a message naming it), or None: an integer in [0, 2**32 - 1]."""
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= SEED_MAX:
+        return f"{flag} must be an integer in [0, {SEED_MAX}], got {value!r}"
+    return None
+
+
 def describe_os_error(err: OSError) -> str:
     """One line naming the path an ``OSError`` is about: ``out/grid.png: No space left on device``."""
     paths = " -> ".join(str(p) for p in (err.filename, err.filename2) if p is not None)

@@ -67,3 +67,190 @@ def test_moe_adapter_with_ties_or_dare_is_refused_on_render_and_save(strategy, s
     line = one_error(capsys, lambda: merge_main(flags))
     assert "moe.safetensors" in line and f"--merge_strategy {strategy}" in line
     assert not (tmp_path / "out").exists() and not (tmp_path / "m").exists()
+
+
+# ---- 2. one writer per study folder; 6. paths relative to it; 9. damaged study files -------------------------
+def _hold_study_lock(folder):
+    """Another process holding the study lock (a study running there)."""
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    code = ("import sys, time; from qrlora.cli.world_study import StudyLock; StudyLock(sys.argv[1]).acquire(); "
+            "print('held', flush=True); time.sleep(60)")
+    proc = subprocess.Popen([sys.executable, "-c", code, str(folder)], cwd=REPO, stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "held"
+    return proc
+
+
+def test_second_study_on_one_folder_is_refused_and_touches_nothing(tmp_path, capsys):
+    from qrlora.cli.world import main
+
+    out = tmp_path / "study"
+    pair = out / "pairs" / "triu_deltaR-x" / "seed0" / "content"
+    pair.mkdir(parents=True)
+    (pair / "pytorch_lora_weights.safetensors").write_bytes(b"being written")  # no pair.json yet
+    holder = _hold_study_lock(out)
+    try:
+        line = one_error(capsys, lambda: main(["study", "--output", str(out), "--conditions", "triu_deltaR",
+                                               "--seeds", "0", "--samples", "1", "--jobs", "1"]))
+    finally:
+        holder.kill()
+        holder.wait()
+    assert str(out) in line and "in use by another study" in line
+    assert (pair / "pytorch_lora_weights.safetensors").read_bytes() == b"being written"
+
+
+def test_pair_folder_with_a_live_training_run_is_never_deleted(tmp_path, capsys):
+    """The pair trainer deletes an interrupted pair folder only when no training run holds it."""
+    import subprocess
+    import sys
+
+    from conftest import REPO
+    from qrlora.cli.world_study import train_pair
+    from qrlora.errors import UserError
+    from qrlora.toy.world.study import CONDITIONS, pair_folder_name
+    from qrlora.toy.world.world import SHIPPED_WORLD
+
+    run = tmp_path / "pairs" / pair_folder_name(CONDITIONS["triu_deltaR"], 0) / "content" / "run"
+    run.mkdir(parents=True)
+    code = ("import sys, time; from qrlora.files.run_folder import RunLock; RunLock(sys.argv[1]).acquire(); "
+            "print('held', flush=True); time.sleep(60)")
+    holder = subprocess.Popen([sys.executable, "-c", code, str(run)], cwd=REPO, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(UserError, match="in use by another training run"):
+            train_pair(str(SHIPPED_WORLD), "triu_deltaR", 0, str(tmp_path), steps=1)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert run.is_dir()
+
+
+def _fake_pair(output, name="triu_deltaR", seed=0):
+    from qrlora.toy.world.study import CONDITIONS, pair_folder_name
+
+    folder = output / "pairs" / pair_folder_name(CONDITIONS[name], seed)
+    for role in ("content", "style"):
+        (folder / role / "run").mkdir(parents=True)
+        (folder / role / "run" / "pytorch_lora_weights.safetensors").write_bytes(b"x")
+    return folder
+
+
+@pytest.mark.parametrize("damage", ["", "{", "null", "[]", '{"paths": 3}', '{"paths": {"content": "a"}}'])
+def test_damaged_pair_record_is_said_and_the_pair_retrained(damage, tmp_path, caplog):
+    from qrlora.cli.world_study import read_pair
+
+    folder = _fake_pair(tmp_path)
+    (folder / "pair.json").write_text(damage)
+    assert read_pair(folder, tmp_path) is None
+    assert [r.getMessage() for r in caplog.records if "pair.json" in r.getMessage()][0].startswith(str(folder))
+
+
+def test_pair_record_paths_are_relative_so_a_copied_study_reads_its_own(tmp_path):
+    import json
+    import shutil
+
+    from qrlora.cli.world_study import read_pair
+
+    original = tmp_path / "a"
+    folder = _fake_pair(original)
+    rel = folder.relative_to(original)
+    (folder / "pair.json").write_text(json.dumps({
+        "paths": {r: str(rel / r / "run" / "pytorch_lora_weights.safetensors") for r in ("content", "style")},
+        "seeds": {"content": 0, "style": 100}, "seconds": 1.0}))
+    shutil.copytree(original, tmp_path / "b")
+    copied = read_pair(tmp_path / "b" / rel, tmp_path / "b")
+    assert all(p.startswith(str(tmp_path / "b")) for p in copied["paths"].values())
+    # An older record with absolute paths is re-rooted at its pairs/ part, never read from the original.
+    (tmp_path / "b" / rel / "pair.json").write_text(json.dumps({
+        "paths": {r: str(folder / r / "run" / "pytorch_lora_weights.safetensors") for r in ("content", "style")},
+        "seeds": {"content": 0, "style": 100}, "seconds": 1.0}))
+    shutil.rmtree(original)  # moved: the original is gone
+    moved = read_pair(tmp_path / "b" / rel, tmp_path / "b")
+    assert all(p.startswith(str(tmp_path / "b")) for p in moved["paths"].values())
+
+
+GOOD_CELL = {"condition": "triu_deltaR", "seed": 0, "samples": 2, "pair_seeds": {"content": 0, "style": 100},
+             "grid": [{"content_weight": 1.0, "style_weight": 1.0, "content": 1, "style": 2, "both": 1}],
+             "own_content": 2, "own_style": 1, "content_alone_merged_prompt": 1, "style_alone_merged_prompt": 0,
+             "mechanism": {}, "training_seconds": 1.0, "seconds": 2.0}
+
+
+@pytest.mark.parametrize("damage", ["", '{"grid": [', "null", "[]", "3", "grid_empty", "grid_other", "count_str",
+                                    "samples_other", "missing_key"])
+def test_damaged_cell_is_detected_and_recomputed(damage, tmp_path, caplog):
+    import json
+
+    from qrlora.cli.world_study import read_cell
+
+    cell = json.loads(json.dumps(GOOD_CELL))
+    if damage == "grid_empty":
+        cell["grid"] = []
+    elif damage == "grid_other":
+        cell["grid"][0]["style_weight"] = 0.5
+    elif damage == "count_str":
+        cell["grid"][0]["both"] = "1"
+    elif damage == "samples_other":
+        cell["samples"] = 3
+    elif damage == "missing_key":
+        del cell["own_style"]
+    path = tmp_path / "seed0.json"
+    path.write_text(json.dumps(cell) if damage in ("grid_empty", "grid_other", "count_str", "samples_other",
+                                                    "missing_key") else damage)
+    assert read_cell(path, "triu_deltaR", 0, 2, (1.0,)) is None
+    said = [r.getMessage() for r in caplog.records]
+    assert len(said) == 1 and said[0].startswith(str(path)) and "computing this cell again" in said[0]
+    path.write_text(json.dumps(GOOD_CELL))
+    assert read_cell(path, "triu_deltaR", 0, 2, (1.0,)) == GOOD_CELL
+
+
+@pytest.mark.parametrize("damage", ["", "{", "null", "[]"])
+def test_damaged_study_record_is_one_line(damage, tmp_path, capsys):
+    from qrlora.cli.world import main
+
+    out = tmp_path / "study"
+    out.mkdir()
+    (out / "study.json").write_text(damage)
+    line = one_error(capsys, lambda: main(["study", "--output", str(out), "--conditions", "triu_deltaR",
+                                           "--seeds", "0", "--samples", "1", "--jobs", "1"]))
+    assert str(out / "study.json") in line and "damaged" in line
+    assert (out / "study.json").read_text() == damage and not (out / ".qrlora-study.lock").exists()
+
+
+def test_report_name_is_confined_to_the_output(tmp_path, capsys):
+    from qrlora.cli.world import main
+
+    for name in ("../../x", "a/b", "..", ".hidden"):
+        line = one_error(capsys, lambda: main(["study", "--output", str(tmp_path / "s"), "--report_name", name]))
+        assert "--report_name" in line
+    assert not (tmp_path / "s").exists()
+
+
+# ---- 9. numbers a user passes: range-checked by the parser, once -------------------------------------------------
+@pytest.mark.parametrize("value", ["-1", "4294967296", "1.5"])
+def test_seeds_out_of_range_are_refused_by_the_parser(value, tiny_sd3, sd3_pair, tmp_path, capsys):
+    from conftest import REPO
+    from qrlora.cli.train import main as train_main
+    from qrlora.cli.world import main as world_main
+
+    line = one_error(capsys, lambda: world_main(["study", "--output", str(tmp_path / "s"), "--seeds", f"0,{value}"]))
+    assert "--seeds" in line
+    line = one_error(capsys, lambda: train_main(["--pretrained_model_name_or_path", str(tiny_sd3), "--instance_data_dir",
+                                                 str(REPO / "assets/cnt/cat"), "--instance_prompt", "a <c> cat",
+                                                 "--output_dir", str(tmp_path / "run"), "--seed", value]))
+    assert "--seed" in line
+    line = one_error(capsys, lambda: merge_main(["--model_path", str(tiny_sd3), "--adapters", str(sd3_pair[0]),
+                                                 *RENDER, "--output_dir", str(tmp_path / "o"), "--seed", value]))
+    assert "--seed" in line
+    assert not any((tmp_path / d).exists() for d in ("s", "run", "o"))
+
+
+def test_seed_range_is_checked_in_typed_settings_too():
+    from qrlora.errors import UserError
+    from qrlora.merging.settings import RenderSettings
+
+    with pytest.raises(UserError, match="--seed"):
+        RenderSettings(seed=2**32)
+    assert RenderSettings(seed=2**32 - 1).seed == 2**32 - 1

@@ -199,10 +199,16 @@ class RunLock:
     """
 
     _held: dict[Path, "RunLock"] = {}  # this process's locks: a run that ended in an error in-process left it
+    lock_name = LOCK_NAME
 
     def __init__(self, output_dir: str | os.PathLike):
-        self.path = Path(output_dir) / LOCK_NAME
+        self.path = Path(output_dir) / self.lock_name
         self._fd: int | None = None
+
+    def in_use(self, holder: str) -> str:
+        """The refusal when another process holds the lock (``holder``: its pid)."""
+        return (f"--output_dir {self.path.parent} is in use by another training run (pid {holder}); "
+                "wait for it to finish or choose another --output_dir")
 
     def acquire(self) -> "RunLock":
         """Take the lock, or raise ``UserError`` naming the folder and the pid holding it."""
@@ -217,8 +223,7 @@ class RunLock:
             except BlockingIOError:
                 holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
                 os.close(fd)
-                raise UserError(f"--output_dir {self.path.parent} is in use by another training run (pid {holder}); "
-                                "wait for it to finish or choose another --output_dir") from None
+                raise UserError(self.in_use(holder)) from None
             # A holder that released and unlinked the file between our open and flock: lock the new file instead.
             try:
                 same = os.fstat(fd).st_ino == os.stat(self.path).st_ino
