@@ -254,3 +254,94 @@ def test_seed_range_is_checked_in_typed_settings_too():
     with pytest.raises(UserError, match="--seed"):
         RenderSettings(seed=2**32)
     assert RenderSettings(seed=2**32 - 1).seed == 2**32 - 1
+
+
+# ---- 2. two real studies on one folder; 3. a killed study leaves no orphans -----------------------------------
+def _study_command(out, *extra):
+    import sys
+
+    return [sys.executable, "-m", "qrlora.world", "study", "--output", str(out), "--conditions", "triu_deltaR",
+            "--seeds", "0", "--samples", "1", *extra]
+
+
+def _descendants(pid: int) -> set[int]:
+    """Every live process below ``pid`` (read from /proc: children first, then theirs)."""
+    from pathlib import Path
+
+    parents = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        parents[int(stat.parent.name)] = int(fields[1])
+    found, frontier = set(), {pid}
+    while frontier:
+        frontier = {child for child, parent in parents.items() if parent in frontier} - found
+        found |= frontier
+    return found
+
+
+def _alive(pid: int) -> bool:
+    from pathlib import Path
+
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.slow
+def test_two_study_processes_on_one_output(tmp_path):
+    import subprocess
+    import time
+
+    from conftest import REPO, error_lines
+
+    out = tmp_path / "study"
+    first = subprocess.Popen(_study_command(out, "--jobs", "1"), cwd=REPO, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not (out / ".qrlora-study.lock").exists() and time.time() < deadline:
+        time.sleep(0.2)
+    second = subprocess.run(_study_command(out, "--jobs", "1"), cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert second.returncode == 2 and "Traceback" not in second.stderr
+    lines = error_lines(second.stderr)
+    assert len(lines) == 1 and str(out) in lines[0] and "in use by another study" in lines[0]
+    first.kill()  # the first need not finish: what matters is that its work is never deleted by the second
+    first.wait()
+    assert (out / "study.json").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("signum", ["SIGTERM", "SIGKILL"])
+def test_killed_study_leaves_no_orphan_workers(signum, tmp_path):
+    import os
+    import signal
+    import subprocess
+    import time
+
+    from conftest import REPO
+
+    out = tmp_path / "study"
+    parent = subprocess.Popen(_study_command(out, "--jobs", "2", "--conditions", "triu_deltaR,lora"), cwd=REPO,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline, children = time.time() + 180, set()
+    while time.time() < deadline and parent.poll() is None:
+        children = _descendants(parent.pid)
+        if len(children) >= 3:  # the resource tracker and two workers
+            break
+        time.sleep(0.5)
+    assert len(children) >= 3, "the study started no workers"
+    time.sleep(3)  # the workers are importing torch / training
+    children = _descendants(parent.pid)
+    os.kill(parent.pid, getattr(signal, signum))
+    parent.wait(timeout=60)
+    deadline = time.time() + 30
+    while any(_alive(pid) for pid in children) and time.time() < deadline:
+        time.sleep(0.5)
+    left = [pid for pid in children if _alive(pid)]
+    for pid in left:  # do not leave them to the machine if the test fails
+        os.kill(pid, signal.SIGKILL)
+    assert not left, f"{len(left)} of {len(children)} child processes outlived the study"
+    assert not (out / "cells").exists()
