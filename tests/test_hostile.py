@@ -345,3 +345,97 @@ def test_killed_study_leaves_no_orphan_workers(signum, tmp_path):
         os.kill(pid, signal.SIGKILL)
     assert not left, f"{len(left)} of {len(children)} child processes outlived the study"
     assert not (out / "cells").exists()
+
+
+# ---- 4. the cache's file-hash memo is keyed on content; damaged memos; read-only caches -------------------------
+@pytest.fixture
+def model_files(tmp_path, monkeypatch):
+    """A model folder with a large-ish safetensors file and a small config, every file memoised (threshold 0)."""
+    from safetensors.torch import save_file
+
+    from qrlora.training import cache
+
+    monkeypatch.setattr(cache, "MEMO_MIN_BYTES", 0)
+    root = tmp_path / "model"
+    (root / "vae").mkdir(parents=True)
+    save_file({"w": torch.randn(256, 256, generator=torch.Generator().manual_seed(0))},
+              root / "vae" / "diffusion_pytorch_model.safetensors")
+    (root / "vae" / "config.json").write_text('{"a": 1}')
+    return root
+
+
+def test_replaced_file_with_the_old_size_and_mtime_is_a_new_fingerprint(model_files, tmp_path):
+    import os
+
+    from safetensors.torch import save_file
+
+    from qrlora.training.cache import DiskCache
+
+    weights = model_files / "vae" / "diffusion_pytorch_model.safetensors"
+    before = DiskCache(tmp_path / "cache").files_fingerprint(model_files, ["vae"])
+    stat = weights.stat()
+    save_file({"w": torch.randn(256, 256, generator=torch.Generator().manual_seed(1))}, weights)  # retrained VAE
+    os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert weights.stat().st_size == stat.st_size and weights.stat().st_mtime_ns == stat.st_mtime_ns
+    assert DiskCache(tmp_path / "cache").files_fingerprint(model_files, ["vae"]) != before
+
+
+@pytest.mark.parametrize("damage", ["", "{", "null", "[]", "3", '{"x": [1, 2]}', "short_entries", "wrong_type"])
+def test_damaged_memo_is_said_once_and_recomputed(damage, model_files, tmp_path, caplog):
+    import json
+
+    from qrlora.training.cache import MEMO_FORMAT, MEMO_VERSION, DiskCache
+
+    clean = DiskCache(tmp_path / "clean").files_fingerprint(model_files, ["vae"])
+    memo = tmp_path / "cache" / "file_hashes.json"
+    memo.parent.mkdir()
+    if damage == "short_entries":
+        damage = json.dumps({"format": MEMO_FORMAT, "version": MEMO_VERSION, "hashes": {"a": "12", "b": None}})
+    elif damage == "wrong_type":
+        damage = json.dumps({"format": MEMO_FORMAT, "version": MEMO_VERSION, "hashes": []})
+    memo.write_text(damage)
+    with caplog.at_level("WARNING", logger="qrlora.cache"):
+        assert DiskCache(tmp_path / "cache").files_fingerprint(model_files, ["vae"]) == clean
+    said = [r.getMessage() for r in caplog.records if r.name == "qrlora.cache"]
+    assert len(said) == 1 and str(memo) in said[0] and "damaged" in said[0], said
+    assert json.loads(memo.read_text())["format"] == MEMO_FORMAT  # rewritten whole
+
+
+def test_read_only_cache_for_the_same_model_at_a_new_path(model_files, tmp_path, monkeypatch, caplog):
+    import shutil
+
+    from qrlora.training import cache
+
+    cache_dir = tmp_path / "cache"
+    first = cache.DiskCache(cache_dir).files_fingerprint(model_files, ["vae"])
+    moved = tmp_path / "elsewhere" / "model"
+    shutil.copytree(model_files, moved)
+    cache_dir.chmod(0o555)
+    hashed = []
+    monkeypatch.setattr(cache, "_sha256_file", lambda p, real=cache._sha256_file: hashed.append(p) or real(p))
+    try:
+        with caplog.at_level("WARNING", logger="qrlora.cache"):
+            assert cache.DiskCache(cache_dir).files_fingerprint(moved, ["vae"]) == first
+    finally:
+        cache_dir.chmod(0o755)
+    assert not hashed  # every file found in the memo by its content: nothing read whole, nothing written
+    assert not [r for r in caplog.records if r.name == "qrlora.cache"]
+
+
+def test_memo_that_cannot_be_written_is_one_warning_not_an_error(model_files, tmp_path, monkeypatch, caplog):
+    import errno
+    from contextlib import contextmanager
+
+    from qrlora.training import cache
+
+    @contextmanager
+    def read_only(path, *args, **kwargs):
+        raise OSError(errno.EROFS, "Read-only file system", str(path))
+        yield
+
+    monkeypatch.setattr(cache, "atomic_output", read_only)
+    clean = cache.DiskCache(tmp_path / "clean", write=False).files_fingerprint(model_files, ["vae"])
+    with caplog.at_level("WARNING", logger="qrlora.cache"):
+        assert cache.DiskCache(tmp_path / "ro").files_fingerprint(model_files, ["vae"]) == clean
+    said = [r.getMessage() for r in caplog.records if r.name == "qrlora.cache"]
+    assert len(said) == 1 and "cannot update" in said[0] and "Read-only" in said[0]
