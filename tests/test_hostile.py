@@ -4,6 +4,8 @@ Each case gives one line naming the file, flag or layer at fault and a non-zero 
 never a traceback, a silent wrong result, a hang or lost data. The fast cases run in the quick subset."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -439,3 +441,64 @@ def test_memo_that_cannot_be_written_is_one_warning_not_an_error(model_files, tm
         assert cache.DiskCache(tmp_path / "ro").files_fingerprint(model_files, ["vae"]) == clean
     said = [r.getMessage() for r in caplog.records if r.name == "qrlora.cache"]
     assert len(said) == 1 and "cannot update" in said[0] and "Read-only" in said[0]
+
+
+# ---- 5. wrappers: DRY_RUN spellings, GPU ids the machine does not have, an id twice ------------------------------
+def _wrapper(tmp_path, ids, gpus: int | None, **env):
+    """Run a training wrapper with a fake ``nvidia-smi`` listing ``gpus`` GPUs (None: no NVIDIA tools at all)."""
+    import os
+    import subprocess
+
+    from conftest import REPO
+
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    fake = bin_dir / "nvidia-smi"
+    fake.unlink(missing_ok=True)
+    if gpus is not None:
+        fake.write_text("#!/bin/sh\n" + "".join(f"echo 'GPU {i}: Fake GPU (UUID: GPU-{i})'\n" for i in range(gpus)))
+        fake.chmod(0o755)
+    work = tmp_path / "work"
+    work.mkdir(exist_ok=True)
+    full_env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "MODEL_NAME": str(tmp_path / "no-model"),
+                **env}
+    if gpus is None:  # a machine without the driver: nvidia-smi is not on PATH (and /proc/driver/nvidia absent here)
+        full_env["PATH"] = ":".join(p for p in os.environ["PATH"].split(":") if not (Path(p) / "nvidia-smi").exists())
+    return subprocess.run(["bash", str(REPO / "SD3_dir/train_deltaR_sty.sh"), ids, "4"], cwd=work, env=full_env,
+                          capture_output=True, text=True, timeout=60), work
+
+
+@pytest.mark.parametrize("value", ["1", "true", "yes", "TRUE", "on"])
+def test_dry_run_spellings_are_dry(value, tmp_path):
+    done, work = _wrapper(tmp_path, "cpu", None, DRY_RUN=value)
+    assert done.returncode == 0 and "python" in done.stdout, done.stderr
+    assert list(work.iterdir()) == []
+
+
+def test_dry_run_nonsense_is_refused(tmp_path):
+    done, work = _wrapper(tmp_path, "cpu", None, DRY_RUN="maybe")
+    assert done.returncode == 2 and done.stdout == ""
+    assert done.stderr.strip().splitlines() == [
+        "error: DRY_RUN must be 1, true, yes or on (a dry run) or 0, false, no or off, got 'maybe'"]
+
+
+@pytest.mark.parametrize("gpus", [0])  # nvidia-smi listing none (a driverless machine: the same branch, count 0)
+def test_gpu_id_on_a_machine_without_cuda_is_refused(gpus, tmp_path):
+    done, work = _wrapper(tmp_path, "0", gpus, DRY_RUN="0")
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and "no CUDA GPU" in lines[0] and "cpu" in lines[0], lines
+    assert list(work.iterdir()) == []
+    dry, _ = _wrapper(tmp_path, "0", gpus, DRY_RUN="1")  # a dry run says it in one line and prints the command
+    assert dry.returncode == 0 and sum("no CUDA GPU" in line for line in dry.stderr.splitlines()) == 1
+
+
+def test_gpu_ids_the_machine_has_not_and_twice_are_refused(tmp_path):
+    done, _ = _wrapper(tmp_path, "0,2", 2, DRY_RUN="0")
+    assert done.returncode == 2 and done.stderr.strip().splitlines() == [
+        "error: GPU id 2: this machine has 2 CUDA GPU(s), ids 0 to 1"]
+    done, _ = _wrapper(tmp_path, "0,0", 2, DRY_RUN="1")
+    assert done.returncode == 2 and "twice" in done.stderr and len(done.stderr.strip().splitlines()) == 1
+    done, _ = _wrapper(tmp_path, "0,1", 2, DRY_RUN="1")
+    assert done.returncode == 0 and "CUDA_VISIBLE_DEVICES=0,1 (2 processes)" in done.stderr
+    assert "note:" not in done.stderr
