@@ -502,3 +502,86 @@ def test_gpu_ids_the_machine_has_not_and_twice_are_refused(tmp_path):
     done, _ = _wrapper(tmp_path, "0,1", 2, DRY_RUN="1")
     assert done.returncode == 0 and "CUDA_VISIBLE_DEVICES=0,1 (2 processes)" in done.stderr
     assert "note:" not in done.stderr
+
+
+# ---- 7. rank-deficient target weights; 9. NaN / Inf in a base weight ----------------------------------------------
+def test_all_zero_or_low_rank_weight_has_an_undefined_gap():
+    from qrlora.core.decompose import GAP_RANK_DEFICIENT, truncated_svd
+
+    gen = torch.Generator().manual_seed(0)
+    low = torch.randn(48, 2, generator=gen) @ torch.randn(2, 40, generator=gen)  # exactly rank 2
+    assert truncated_svd(torch.zeros(48, 40), 4).gap == GAP_RANK_DEFICIENT
+    assert truncated_svd(low, 4).gap == GAP_RANK_DEFICIENT
+    assert truncated_svd(low, 2).gap > 1e3  # rank 2 at rank 2: the top-2 subspace is the weight's own
+    assert truncated_svd(torch.randn(48, 40, generator=gen), 4).gap not in (GAP_RANK_DEFICIENT, float("inf"))
+    big_low = torch.randn(1024, 3, generator=gen) @ torch.randn(3, 768, generator=gen)  # the randomized path
+    assert truncated_svd(big_low, 8, exact=False).gap == GAP_RANK_DEFICIENT
+
+
+def _two_layer_model(first: torch.Tensor):
+    from torch import nn
+
+    model = nn.Sequential()
+    model.add_module("a", nn.Linear(first.shape[1], first.shape[0]))
+    model.add_module("b", nn.Linear(first.shape[1], first.shape[0]))
+    with torch.no_grad():
+        model.a.weight.copy_(first)
+    return model
+
+
+@pytest.mark.parametrize("kind", ["zero", "low_rank"])
+def test_rank_deficient_target_is_one_warning_naming_the_layer_and_recorded(kind, caplog):
+    from qrlora.core.inject import inject_adapters
+    from qrlora.core.methods import AdapterConfig
+    from qrlora.files.checkpoint import adapter_from_model
+
+    gen = torch.Generator().manual_seed(0)
+    weight = torch.zeros(24, 16) if kind == "zero" else torch.randn(24, 1, generator=gen) @ torch.randn(1, 16, generator=gen)
+    model = _two_layer_model(weight)
+    cfg = AdapterConfig(method="triu_deltaR", rank=4)
+    with caplog.at_level("WARNING"):
+        inject_adapters(model, cfg, ["a", "b"])
+    said = [r.getMessage() for r in caplog.records if "rank below" in r.getMessage()]
+    assert len(said) == 1 and said[0].startswith("layer a:"), [r.getMessage() for r in caplog.records]
+    meta = adapter_from_model(model, cfg, {}).metadata
+    assert (meta["singular_gap_min"], meta["singular_gap_min_layer"]) == ("0.0", "a")
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_nan_or_inf_in_a_base_weight_is_one_line_naming_the_layer(bad):
+    from qrlora.core.inject import inject_adapters
+    from qrlora.core.methods import AdapterConfig
+    from qrlora.errors import UserError
+
+    weight = torch.randn(24, 16)
+    weight[3, 5] = bad
+    for method in ("triu_deltaR", "lora"):
+        with pytest.raises(UserError, match=r"^layer a: its base weight holds 1 NaN or Inf"):
+            inject_adapters(_two_layer_model(weight), AdapterConfig(method=method, rank=4), ["a", "b"])
+
+
+def test_nan_in_a_model_file_stops_training_with_one_line(tiny_sd3, tmp_path, capsys):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from conftest import REPO
+    from qrlora.cli.train import main
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_sd3, model)
+    weights = model / "transformer" / "diffusion_pytorch_model.safetensors"
+    tensors = load_file(weights)
+    name = next(k for k in sorted(tensors) if k.endswith("attn.to_q.weight"))
+    tensors[name][0, 0] = float("nan")
+    save_file(tensors, weights)
+    line = one_error(capsys, lambda: main(["--pretrained_model_name_or_path", str(model), "--instance_data_dir",
+                                           str(REPO / "assets/cnt/cat"), "--instance_prompt", "a photo of a <c> cat",
+                                           "--resolution", "64", "--max_train_steps", "1", "--max_sequence_length", "16",
+                                           "--output_dir", str(tmp_path / "run")]))
+    assert name.removesuffix(".weight") in line and "NaN or Inf" in line
+    from qrlora.files.run_folder import RunLock
+
+    for lock in list(RunLock._held.values()):  # what the process's exit does (atexit): the lock goes
+        lock.release()
+    assert not (tmp_path / "run").exists()  # ... and with it the empty run folder the refused run had made

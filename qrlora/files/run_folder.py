@@ -212,6 +212,7 @@ class RunLock:
 
     def acquire(self) -> "RunLock":
         """Take the lock, or raise ``UserError`` naming the folder and the pid holding it."""
+        self._created = not self.path.parent.exists()  # a run that fails before writing anything leaves no folder
         self.path.parent.mkdir(parents=True, exist_ok=True)
         key = self.path.resolve()
         if key in RunLock._held:  # one process trains one run at a time: an earlier in-process run is over
@@ -247,6 +248,11 @@ class RunLock:
         self.path.unlink(missing_ok=True)
         os.close(self._fd)
         self._fd = None
+        if getattr(self, "_created", False):
+            try:
+                self.path.parent.rmdir()  # only if still empty: a refused or failed run leaves no empty folder
+            except OSError:
+                pass
 
     def __del__(self):
         self.release()
