@@ -585,3 +585,28 @@ def test_nan_in_a_model_file_stops_training_with_one_line(tiny_sd3, tmp_path, ca
     for lock in list(RunLock._held.values()):  # what the process's exit does (atexit): the lock goes
         lock.release()
     assert not (tmp_path / "run").exists()  # ... and with it the empty run folder the refused run had made
+
+
+# ---- 8. the truncation message names the part of the prompt that is cut ---------------------------------------
+def test_render_with_a_short_t5_length_names_the_words_cut(tiny_sd3, sd3_pair, tmp_path, capfd, caplog):
+    from qrlora import quiet
+
+    quiet._said.clear()
+    merge_main(["--model_path", str(tiny_sd3), "--adapters", str(sd3_pair[0]), *RENDER, "--max_sequence_length", "4",
+                "--prompt", "a photo of a <c> cat in <s> style", "--output_dir", str(tmp_path / "o")])
+    err = capfd.readouterr().err
+    said = [r.getMessage() for r in caplog.records if "cut" in r.getMessage() or "truncated" in r.getMessage()]
+    assert len(said) == 1 and "cat in <s> style" in said[0] and "--prompt" in said[0], said
+    assert "['']" not in err and "truncated" not in err  # the pipeline's own line is not repeated
+
+
+def test_pipeline_truncation_warning_without_the_words_is_never_an_empty_list():
+    import logging
+
+    from qrlora import quiet
+
+    quiet._said.clear()
+    record = logging.LogRecord("diffusers", logging.WARNING, "", 0, "The following part of your input was truncated "
+                               "because `max_sequence_length` is set to  4 tokens: ['']", (), None)
+    assert quiet.QuietFilter().filter(record)
+    assert "['']" not in record.getMessage() and "4 tokens" in record.getMessage()
