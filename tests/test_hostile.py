@@ -610,3 +610,39 @@ def test_pipeline_truncation_warning_without_the_words_is_never_an_empty_list():
                                "because `max_sequence_length` is set to  4 tokens: ['']", (), None)
     assert quiet.QuietFilter().filter(record)
     assert "['']" not in record.getMessage() and "4 tokens" in record.getMessage()
+
+
+# ---- 9. a checkpoint marked complete whose optimizer state is truncated -----------------------------------------
+def _train_args(model, out, steps, *extra):
+    from conftest import REPO
+
+    return ["--pretrained_model_name_or_path", str(model), "--instance_data_dir", str(REPO / "assets/cnt/cat"),
+            "--instance_prompt", "a photo of a <c> cat", "--resolution", "64", "--max_train_steps", str(steps),
+            "--output_dir", str(out), "--lora_init_method", "triu_deltaR", "--checkpointing_steps", "1",
+            "--max_sequence_length", "16", *extra]
+
+
+@pytest.mark.parametrize("damage", ["truncated", "empty", "marker"])
+def test_damaged_checkpoint_falls_back_to_the_previous_on_latest(damage, tiny_sd3, tmp_path, caplog, capsys):
+    from qrlora.cli.train import main
+    from qrlora.files.run_folder import CHECKPOINT_MARKER, checkpoint_problem
+
+    out = tmp_path / "run"
+    main(_train_args(tiny_sd3, out, 3))  # checkpoint-1 and checkpoint-2 (the last step writes the final adapter)
+    newest = out / "checkpoint-2"
+    optimizer = newest / "optimizer.bin"
+    if damage == "truncated":
+        optimizer.write_bytes(optimizer.read_bytes()[: optimizer.stat().st_size // 2])
+    elif damage == "empty":
+        optimizer.write_bytes(b"")
+    else:
+        (newest / CHECKPOINT_MARKER).write_text("{")
+    line = one_error(capsys, lambda: main(_train_args(tiny_sd3, out, 4, "--resume_from_checkpoint", str(newest))))
+    assert str(newest) in line and "damaged" in line
+    with caplog.at_level("WARNING"):
+        main(_train_args(tiny_sd3, out, 4, "--resume_from_checkpoint", "latest"))
+    said = [r.getMessage() for r in caplog.records if "is damaged" in r.getMessage()]
+    assert len(said) == 1 and str(newest) in said[0], said
+    assert any("resuming from" in r.getMessage() and "checkpoint-1" in r.getMessage() for r in caplog.records)
+    assert (out / "checkpoint-3").is_dir() and (out / "checkpoint-2").is_dir()  # step 2 trained and saved again
+    assert checkpoint_problem(out / "checkpoint-2") is None
