@@ -646,3 +646,49 @@ def test_damaged_checkpoint_falls_back_to_the_previous_on_latest(damage, tiny_sd
     assert any("resuming from" in r.getMessage() and "checkpoint-1" in r.getMessage() for r in caplog.records)
     assert (out / "checkpoint-3").is_dir() and (out / "checkpoint-2").is_dir()  # step 2 trained and saved again
     assert checkpoint_problem(out / "checkpoint-2") is None
+
+
+# ---- 9. FSDP refusals: printed once (rank 0), a non-zero exit on every rank ------------------------------------
+@pytest.mark.parametrize("rank, printed", [("0", 1), ("1", 0)])
+def test_fsdp_refusal_is_printed_by_rank_0_only(rank, printed, tiny_sd3, tmp_path, monkeypatch, capsys):
+    from conftest import REPO
+    from qrlora import errors
+    from qrlora.cli.train import main
+
+    monkeypatch.setattr(errors, "QUIET_RANK_WAIT_S", 0.0)
+    for name, value in {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "1", "RANK": rank, "LOCAL_RANK": rank,
+                        "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1"}.items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(SystemExit) as exc:
+        main(["--pretrained_model_name_or_path", str(tiny_sd3), "--instance_data_dir", str(REPO / "assets/cnt/cat"),
+              "--instance_prompt", "a photo of a <c> cat", "--resolution", "64", "--output_dir", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and "Traceback" not in err
+    assert len(error_lines(err)) == printed and all("fsdp_version 1" in line for line in error_lines(err))
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("setting", ["fsdp_version: 1", "fsdp_transformer_layer_cls_to_wrap: NoSuchBlock"])
+def test_fsdp_refusal_in_a_real_launch_is_one_line_and_leaves_no_run_folder(setting, tiny_sd3, tmp_path):
+    import subprocess
+    import sys
+
+    from conftest import REPO, free_port
+
+    key = setting.split(":")[0]
+    config = tmp_path / "fsdp.yaml"
+    lines = (REPO / "configs/accelerate_fsdp.yaml").read_text().splitlines()
+    lines = [line for line in lines if not line.strip().startswith((key, f"# {key}"))]
+    at = lines.index("fsdp_config:") + 1
+    config.write_text("\n".join(lines[:at] + [f"  {setting}"] + lines[at:]) + "\n")
+    proc = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config),
+                           "--num_processes", "2", "--main_process_port", str(free_port()), "-m", "qrlora.train",
+                           "--pretrained_model_name_or_path", str(tiny_sd3), "--instance_data_dir",
+                           str(REPO / "assets/cnt/cat"), "--instance_prompt", "a photo of a <c> cat", "--resolution",
+                           "64", "--max_train_steps", "1", "--output_dir", str(tmp_path / "out")],
+                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    said = error_lines(proc.stderr)
+    assert len(said) == 1 and setting.split(": ")[1] in said[0], proc.stderr[-3000:]
+    assert not (tmp_path / "out").exists()
