@@ -692,3 +692,24 @@ def test_fsdp_refusal_in_a_real_launch_is_one_line_and_leaves_no_run_folder(sett
     said = error_lines(proc.stderr)
     assert len(said) == 1 and setting.split(": ")[1] in said[0], proc.stderr[-3000:]
     assert not (tmp_path / "out").exists()
+
+
+# ---- 10. study workers say third-party notices as the command does -----------------------------------------------
+def _torchvision_notice_shown() -> bool:
+    """In a worker: would transformers' torchvision notice reach the user? (the CLI's filter silences it)"""
+    import logging
+
+    import transformers  # noqa: F401  (its logging handler exists once imported)
+
+    logger = logging.getLogger("transformers")
+    record = logging.LogRecord("transformers", logging.WARNING, "", 0,
+                               "CLIPImageProcessor requires torchvision; falling back", (), None)
+    return all(f.filter(record) for h in logger.handlers for f in h.filters) and bool(logger.handlers)
+
+
+@pytest.mark.slow  # a spawned worker imports torch and transformers afresh (~15 s on two loaded cores)
+def test_study_workers_silence_what_the_command_silences():
+    from qrlora.cli.world_study import _pool
+
+    with _pool(1) as pool:
+        assert pool.submit(_torchvision_notice_shown).result(timeout=120) is False
