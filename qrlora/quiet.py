@@ -49,6 +49,14 @@ class QuietFilter(logging.Filter):
             key = lost.strip()
             if key in _said or any(said and said in key for said in _said):
                 return False
+            if key.strip("[]'\" ,") == "":
+                # The pipelines slice the cut text at the CLIP limit, so a T5 cut at --max_sequence_length shows as
+                # ['']: the words lost were named by our own check (prompts.warn_truncated), or are not known here.
+                if _said:
+                    return False
+                record.msg, record.args = (f"prompt truncated to {tokens} tokens by the T5 prompt length "
+                                           "(--max_sequence_length); its end is cut"), ()
+                return True
             _said.add(key)
             limit = "the T5 prompt length (--max_sequence_length)" if "max_sequence_length" in reason else "the CLIP tokenizer"
             record.msg, record.args = f"prompt truncated to {tokens} tokens by {limit}; the model never sees: {lost}", ()

@@ -54,7 +54,7 @@ if [[ -n "$BASELINE1_PATH" || -n "$BASELINE2_PATH" ]]; then
 fi
 
 echo "OUTPUT_DIR: $OUTPUT_DIR"
-if [[ "${DRY_RUN:-0}" != 1 ]]; then
+if ! is_dry_run; then
   mkdir -p "$OUTPUT_DIR"
   cp "${BASH_SOURCE[0]}" "$OUTPUT_DIR/vis_script.sh"  # what produced these figures, next to them
 fi

@@ -52,7 +52,7 @@ def test_bad_gpu_ids_are_one_line(tmp_path):
 def test_a_failing_step_is_never_silent(tmp_path):
     """Any command that fails under set -e without saying why gets one line naming the script, line and command."""
     script = tmp_path / "wrapper.sh"
-    script.write_text(f'set -euo pipefail\nsource "{REPO}/scripts/common.sh"\nselect_devices 0\nfalse\necho unreachable\n')
+    script.write_text(f'set -euo pipefail\nsource "{REPO}/scripts/common.sh"\nselect_devices cpu\nfalse\necho unreachable\n')
     done = subprocess.run(["bash", str(script)], capture_output=True, text=True, timeout=30)
     assert done.returncode == 1
     assert done.stdout == ""

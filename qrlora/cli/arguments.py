@@ -9,7 +9,7 @@ import re
 from typing import TypeVar
 
 from ..core.devices import DTYPES
-from ..errors import UserError
+from ..errors import SEED_MAX, UserError
 from ..evaluation.evaluate import DEFAULT_CLIP, DEFAULT_CONCEPT_TOKENS, DEFAULT_DINO
 from ..merging.klora import KLORA_ALPHA, KLORA_BETA, KLORA_K
 from ..merging.strategies import STRATEGIES
@@ -96,6 +96,42 @@ def positive(kind: type):
     return parse
 
 
+def seed(text: str) -> int:
+    """An argparse ``type`` for a seed: an integer in [0, 2**32 - 1] (numpy's range), refused by the parser
+    rather than by numpy deep inside a run."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer in [0, {SEED_MAX}], got {text!r}") from None
+    if not 0 <= value <= SEED_MAX:
+        raise argparse.ArgumentTypeError(f"must be in [0, {SEED_MAX}], got {text}")
+    return value
+
+
+def seed_list(text: str) -> list[int]:
+    """An argparse ``type`` for a comma list of seeds (``"0,1,2"``), each one a ``seed``; no empty or repeated entry."""
+    values = []
+    for index, entry in enumerate(text.split(","), 1):
+        if not entry.strip():
+            raise argparse.ArgumentTypeError(f"entry {index} of {text!r} is empty; give one seed per entry")
+        try:
+            values.append(seed(entry.strip()))
+        except argparse.ArgumentTypeError as err:
+            raise argparse.ArgumentTypeError(f"entry {index} of {text!r}: {err}") from None
+    if len(set(values)) != len(values):
+        raise argparse.ArgumentTypeError(f"{text!r} repeats a seed")
+    return values
+
+
+def report_name(text: str) -> str:
+    """An argparse ``type`` for a report's file name: a plain name, no folder part (``../x`` would write outside
+    the output folder), so NAME.json / .md / .png land in the folder the user gave."""
+    if not text or text in (".", "..") or "/" in text or "\\" in text or text.startswith("."):
+        raise argparse.ArgumentTypeError(f"{text!r} must be a plain file name (no folder, not hidden); "
+                                         "the report goes to --output (and --report_dir)")
+    return text
+
+
 def add_render_arguments(p: argparse.ArgumentParser, backbone_default_steps: int = 28) -> None:
     g = p.add_argument_group("rendering")
     g.add_argument("--prompt", default="a photo of a <c> cat in <s> style", help="the text prompt to render")
@@ -103,7 +139,7 @@ def add_render_arguments(p: argparse.ArgumentParser, backbone_default_steps: int
     g.add_argument("--guidance_scale", type=float, help="classifier-free guidance scale (default: the pipeline's)")
     g.add_argument("--height", type=int, default=1024, help="image height in pixels, a multiple of 16")
     g.add_argument("--width", type=int, default=1024, help="image width in pixels, a multiple of 16")
-    g.add_argument("--seed", type=int, default=0, help="seed of the starting noise (the same for every weight)")
+    g.add_argument("--seed", type=seed, default=0, help="seed of the starting noise (the same for every weight)")
     g.add_argument("--dtype", choices=list(DTYPES), help="weights' dtype while rendering (default: bfloat16 on a GPU, float32 on the CPU)")
     g.add_argument("--device", help="where to render, e.g. cuda:1 (default: cuda if available, else cpu)")
     g.add_argument("--max_sequence_length", type=int, help="T5 prompt length (default: the pipeline's)")

@@ -117,7 +117,10 @@ def merge_adapters(args: argparse.Namespace) -> Path | None:
     merged = MergedPipeline(args.model_path, adapters, args.residual_path, render, strategy=args.merge_strategy,
                             roles=(0, 1), check_outputs=check_outputs, settings=settings)
     if args.save_merged:
-        merged.merger.merge(weights, fold=True)  # a saved checkpoint is plain weights: fold, even into bf16
+        # The strategy's own merge (TIES / DARE trim or drop, ZipLoRA scales), exactly what render() would use, folded
+        # into the weights even where they are bf16: a saved checkpoint is plain weights.
+        with merged.merger.folding():
+            merged.strategy.apply(weights, render.num_inference_steps)
         with atomic_output(args.save_merged, folder=True) as folder:  # a full disk leaves no half-written model
             merged.denoiser.save_pretrained(folder)
         print(f"saved the merged {merged.backbone.denoiser_name} to {args.save_merged}")

@@ -19,7 +19,7 @@ from ..toy.world import data
 from ..toy.world.experiment import LR_FACTOR, Sampler, dw_similarity, markdown, plot
 from ..toy.world.world import SAMPLE_GUIDANCE, SAMPLE_STEPS
 from ..toy.world.world import World, write_instance_images
-from .arguments import ArgumentParser, number_list, positive
+from .arguments import ArgumentParser, number_list, positive, report_name, seed, seed_list
 from .world_runs import render_settings, train_adapter
 
 EXPERIMENT_STEPS = 100  # trainer steps per adapter (a sweep on the shipped world: README "The CPU world")
@@ -32,7 +32,7 @@ def main(argv: list[str] | None = None) -> None:
     sub = parser.add_subparsers(dest="command", required=True)
     b = sub.add_parser("build", help="train the world's VAE, denoiser and classifier from scratch (seeded)")
     b.add_argument("--output", required=True, help="folder to create (must not exist or be empty)")
-    b.add_argument("--seed", type=int, default=0, help="seed of the data, the initial weights and training")
+    b.add_argument("--seed", type=seed, default=0, help="seed of the data, the initial weights and training")
     b.add_argument("--vae_steps", type=positive(int), default=1200, help="training steps of the VAE")
     b.add_argument("--denoiser_steps", type=positive(int), default=4000, help="training steps of the denoiser")
     b.add_argument("--classifier_steps", type=positive(int), default=800, help="training steps of the classifier")
@@ -54,12 +54,12 @@ def main(argv: list[str] | None = None) -> None:
     e.add_argument("--steps", type=positive(int), default=EXPERIMENT_STEPS, help=f"trainer steps per adapter (default {EXPERIMENT_STEPS})")
     e.add_argument("--learning_rate", type=positive(float), default=EXPERIMENT_LR, help=f"trainer learning rate (default {EXPERIMENT_LR}; x10 for ica)")
     e.add_argument("--rank", type=positive(int), default=4, help="adapter rank of every method")
-    e.add_argument("--seed", type=int, default=0, help="training and sampling seed")
+    e.add_argument("--seed", type=seed, default=0, help="training and sampling seed")
     i = sub.add_parser("images", help="render training images of one (shape, style) pair as PNGs (adapter data)")
     i.add_argument("--shape", required=True, choices=data.SHAPES, help="the shape the images show")
     i.add_argument("--style", required=True, choices=data.STYLES, help="the style the shape is filled in")
     i.add_argument("--count", type=positive(int), default=4, help="how many images to render")
-    i.add_argument("--seed", type=int, default=0, help="seed of position, size and background")
+    i.add_argument("--seed", type=seed, default=0, help="seed of position, size and background")
     i.add_argument("--output", required=True, help="folder to write into (created)")
     st = sub.add_parser("study", help="the seeded disentanglement study: conditions x seeds, rates with 95%% intervals, "
                                       "the mechanism (README: Does QR-LoRA disentangle?); resumes where it stopped")
@@ -67,12 +67,12 @@ def main(argv: list[str] | None = None) -> None:
     st.add_argument("--world", default=None, help="built world folder (default: the shipped assets/world)")
     st.add_argument("--conditions", default="all",
                     help="comma list of condition names (qrlora.toy.world.study.CONDITIONS), or 'all' (default)")
-    st.add_argument("--seeds", default=None,
+    st.add_argument("--seeds", type=seed_list, default=None,
                     help="comma list of seeds for every condition (default: 0..4 for headline rows, 0..2 otherwise)")
     st.add_argument("--jobs", type=positive(int), default=2, help="processes in parallel, one thread each (default 2)")
     st.add_argument("--samples", type=positive(int), default=32, help="images per grid cell and seed (default 32)")
     st.add_argument("--report_dir", default=None, help="also write the report here, e.g. bench/reports (default: only in the study folder)")
-    st.add_argument("--report_name", default="world_study",
+    st.add_argument("--report_name", type=report_name, default="world_study",
                     help="file name of the report, NAME.{json,md,png} (default world_study)")
     v = sub.add_parser("verdict", help="merge grids of adapter pairs side by side, every cell read by the classifier "
                                         "(green: both right), and one verdict line per pair")
@@ -165,13 +165,7 @@ def _study(args, command: str) -> None:
     from .world_study import run_study
 
     names = list(CONDITIONS) if args.conditions == "all" else check_choices("--conditions", args.conditions.split(","), list(CONDITIONS))
-    seeds = None
-    if args.seeds is not None:
-        try:
-            seeds = [int(s) for s in args.seeds.split(",")]
-        except ValueError:
-            raise UserError(f"--seeds: expected a comma list of integers, got {args.seeds!r}") from None
-    report = run_study(args.world or str(SHIPPED_WORLD), Path(args.output), names, seeds, jobs=args.jobs,
+    report = run_study(args.world or str(SHIPPED_WORLD), Path(args.output), names, args.seeds, jobs=args.jobs,
                        samples=args.samples, command=command, report_name=args.report_name,
                        report_dir=Path(args.report_dir) if args.report_dir else None)
     print(study_markdown(report))

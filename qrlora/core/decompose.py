@@ -95,8 +95,17 @@ def principal_angle_deg(A: torch.Tensor, B: torch.Tensor) -> float:
     return math.degrees(math.asin(min(1.0, sine)))
 
 
-def _gap(S: torch.Tensor, rank: int) -> float:
-    """``S[rank-1] / S[rank]`` (``inf`` when there is no ``(rank+1)``-th value or it is zero)."""
+#: ``gap`` of a weight whose rank is below r (all zero, or exactly low rank): ``sigma_r = 0``, so the top-r
+#: subspace past the weight's rank is arbitrary (0 / 0, not ``inf``: issue 30). Below ``GAP_DEFINED`` like a tie.
+GAP_RANK_DEFICIENT = 0.0
+
+
+def _gap(S: torch.Tensor, rank: int, shape: tuple[int, int] | None = None) -> float:
+    """``S[rank-1] / S[rank]`` (``inf`` when there is no ``(rank+1)``-th value or it is zero); ``GAP_RANK_DEFICIENT``
+    when ``S[rank-1]`` itself is zero to rounding (``<= S[0] max(out, in) eps``, ``matrix_rank``'s tolerance)."""
+    tolerance = float(S[0]) * max(shape or S.shape) * torch.finfo(torch.float32).eps if S.numel() else 0.0
+    if S.numel() < rank or float(S[rank - 1]) <= tolerance:
+        return GAP_RANK_DEFICIENT
     if S.numel() <= rank or float(S[rank]) <= 0.0:
         return float("inf")
     return float(S[rank - 1] / S[rank])
@@ -104,7 +113,7 @@ def _gap(S: torch.Tensor, rank: int) -> float:
 
 def _dense_svd(W: torch.Tensor, rank: int) -> TruncatedSVD:
     U, S, Vh = torch.linalg.svd(W, full_matrices=False)
-    return TruncatedSVD(U=U[:, :rank], S=S[:rank], Vh=Vh[:rank], gap=_gap(S, rank))
+    return TruncatedSVD(U=U[:, :rank], S=S[:rank], Vh=Vh[:rank], gap=_gap(S, rank, tuple(W.shape)))
 
 
 def _gap_is_undefined(ritz_gap: float, previous_ritz_gap: float) -> bool:
@@ -196,7 +205,7 @@ def _block_krylov(W: torch.Tensor, rank: int, b: int, seed: int, n_iter: int | N
             if not float(S[rank - 1]) > 1e-6 * float(S[0]):
                 return None  # W is (numerically) of rank below r: its trailing Ritz vectors are noise over ~0
             E = E.flip(1)[:, :rank]  # (d, r): the top-r Ritz vectors in the basis K
-            gap = _gap(S, rank)
+            gap = _gap(S, rank, tuple(W.shape))
             if n_iter is not None:
                 done = True
             elif q >= 1:

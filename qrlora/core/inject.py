@@ -105,6 +105,12 @@ class InjectionReport:
         """The one line to log when some weight does not define its top-r subspace (None when all do)."""
         if not self.undefined_gap_layers:
             return None
+        if self.smallest_gap == decompose.GAP_RANK_DEFICIENT:
+            return (f"layer {self.smallest_gap_layer}: its weight has rank below {self.rank} (all zero or exactly low "
+                    f"rank: sigma_r = 0), so Q there is arbitrary past the weight's rank and the adapter learns in an "
+                    f"arbitrary subspace; {self.undefined_gap_layers} of {len(self.layers)} layers have no defined "
+                    "top-r subspace (recorded in the adapter file's metadata as singular_gap_min 0.0); lower --rank "
+                    "or leave that layer out of --lora_layers")
         return (f"{self.undefined_gap_layers} of {len(self.layers)} layers have sigma_r / sigma_(r+1) below "
                 f"{decompose.GAP_DEFINED} at rank {self.rank} (smallest {self.smallest_gap:.5f}, {self.smallest_gap_layer}): "
                 "their top-r singular subspace is not defined by the weight (any rounding rotates it), so Q there "
@@ -157,6 +163,10 @@ def inject_adapters(
     for path in tqdm(paths, desc=f"init {method.name}", disable=not progress, unit="layer"):
         layer = _wrap(model, path)
         weight = _base_weight(layer)
+        if not bool(torch.isfinite(weight).all()):  # before the SVD: LAPACK fails on it, training would lose to NaN
+            bad = int((~torch.isfinite(weight)).sum())
+            raise UserError(f"layer {path}: its base weight holds {bad} NaN or Inf values; the model's weight file is "
+                            "damaged (or was saved in a precision it overflows): re-download or re-save the model")
         with torch.no_grad(), decompose.recorded_gaps() as gaps:
             tensors = method.initialize(weight if decompose_device is None else weight.to(decompose_device), config, path)
         state = AdapterState(config, tensors).to(weight.device)

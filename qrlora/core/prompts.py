@@ -63,11 +63,27 @@ def check_prompt_lengths(model_path: str, max_sequence_length: int, instance_pro
                         + (" or raise --max_sequence_length" if "T5" in type(tok).__name__ else "")
                         + " (a word the tokenizer does not know takes several tokens)")
     for flag, prompt in other_prompts.items():
-        if prompt and (found := cut(prompt)):
-            name, tok, lost = found
+        warn_truncated(tokenizers, prompt, max_sequence_length, flag)
+
+
+def warn_truncated(tokenizers: dict, prompt: str | None, max_sequence_length: int | None, flag: str) -> bool:
+    """Warn once, naming the words cut, when a tokenizer of ``tokenizers`` (``{name: tokenizer}``) truncates
+    ``prompt``; T5 tokenizers are checked only when ``max_sequence_length`` is given. True when it warned.
+
+    The pipelines' own warning names the cut text from the CLIP limit only, so a short ``--max_sequence_length``
+    read "the model never sees: ['']" (issue 30); this one names the words T5 loses."""
+    if not prompt:
+        return False
+    for name, tok in tokenizers.items():
+        if max_sequence_length is None and "T5" in type(tok).__name__:
+            continue
+        lost = lost_words(tok, prompt, max_sequence_length)
+        if lost:
             quiet.mark_said(lost)  # the pipelines' own warning of the same cut is then not repeated
             logger.warning("%s %r: %s (%s) keeps %d tokens; %r will be cut off", flag, prompt, type(tok).__name__,
                            name, _limit(tok, max_sequence_length), lost)
+            return True
+    return False
 
 
 def _limit(tokenizer, max_sequence_length: int) -> int:

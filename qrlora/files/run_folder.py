@@ -61,6 +61,51 @@ def complete_checkpoints(output_dir: str | os.PathLike) -> list[Path]:
     return [d for d in list_checkpoints(output_dir) if is_complete(d)]
 
 
+def checkpoint_problem(folder: Path) -> str | None:
+    """Why a checkpoint marked complete cannot be resumed (a damaged marker, a file missing, truncated or empty:
+    a disk copy that stopped, a file edited), or None. Cheap: sizes, safetensors headers and zip directories
+    (``torch.save`` writes zip archives; a truncated one has lost its directory at the end), no tensor is read."""
+    import zipfile
+
+    try:
+        marker = json.loads((folder / CHECKPOINT_MARKER).read_text())
+        files = marker["files"]
+        sizes = marker.get("sizes", {})
+        if not (isinstance(files, list) and isinstance(sizes, dict)):
+            raise TypeError
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return f"its {CHECKPOINT_MARKER} is damaged"
+    for name in files:
+        path = folder / str(name)
+        if path.is_dir():  # markers of older versions listed accelerate's folders too
+            continue
+        if not path.is_file():
+            return f"{name} is missing"
+        size = path.stat().st_size
+        if name in sizes and sizes[name] != size:
+            return f"{name} is truncated ({size} of {sizes[name]} bytes)"
+        if size == 0:
+            return f"{name} is empty"
+        with open(path, "rb") as handle:
+            head = handle.read(8)
+            if name.endswith(".safetensors"):
+                length = int.from_bytes(head, "little") if len(head) == 8 else -1
+                try:
+                    header = json.loads(handle.read(length)) if 0 < length < size else None
+                    end = max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"), default=0)
+                except (ValueError, TypeError, KeyError, AttributeError):
+                    return f"{name} is not a readable safetensors file"
+                if 8 + length + end != size:
+                    return f"{name} is truncated"
+        if head.startswith(b"PK\x03\x04"):
+            try:
+                with zipfile.ZipFile(path) as archive:
+                    archive.infolist()
+            except (zipfile.BadZipFile, OSError, ValueError):
+                return f"{name} is truncated (not a whole torch.save archive)"
+    return None
+
+
 def resolve_resume(flag: str | None, output_dir: Path) -> Path | None:
     """The checkpoint to resume from (None: start fresh); refuse to write over another run's files.
 
@@ -75,7 +120,14 @@ def resolve_resume(flag: str | None, output_dir: Path) -> Path | None:
         return None
     if flag == "latest":
         skipped = [d.name for d in list_checkpoints(output_dir) if not is_complete(d)]
-        chosen = complete[-1] if complete else None
+        chosen = None
+        for candidate in reversed(complete):  # the newest whole one; a damaged one is said and passed over
+            problem = checkpoint_problem(candidate)
+            if problem is None:
+                chosen = candidate
+                break
+            logger.warning("--resume_from_checkpoint latest: %s is damaged (%s); trying the previous checkpoint",
+                           candidate, problem)
         if skipped:
             logger.warning("--resume_from_checkpoint latest: skipped incomplete %s", ", ".join(skipped))
         logger.warning("--resume_from_checkpoint latest: %s", f"resuming from {chosen}" if chosen else
@@ -88,6 +140,9 @@ def resolve_resume(flag: str | None, output_dir: Path) -> Path | None:
     if not is_complete(path):
         raise UserError(f"--resume_from_checkpoint: {path} is incomplete (no {CHECKPOINT_MARKER}; the save was "
                         "interrupted); pass latest to take the newest complete one")
+    if problem := checkpoint_problem(path):
+        raise UserError(f"--resume_from_checkpoint: {path} is damaged ({problem}); pass latest to take the newest "
+                        "whole one, or restore it")
     return path
 
 
@@ -128,7 +183,9 @@ def write_checkpoint(output_dir: Path, step: int, save: Callable[[Path], None], 
         save(partial)
         barrier()
         if is_main:
-            marker = {"step": step, "files": sorted(p.name for p in partial.iterdir())}
+            files = sorted(p for p in partial.iterdir() if p.is_file())
+            marker = {"step": step, "files": [p.name for p in files],
+                      "sizes": {p.name: p.stat().st_size for p in files}}  # a truncated copy is found on resume
             (partial / CHECKPOINT_MARKER).write_text(json.dumps(marker, indent=2) + "\n")
             _fsync_tree(partial)
             replaced = output_dir / f".{final.name}.replaced"
@@ -199,13 +256,20 @@ class RunLock:
     """
 
     _held: dict[Path, "RunLock"] = {}  # this process's locks: a run that ended in an error in-process left it
+    lock_name = LOCK_NAME
 
     def __init__(self, output_dir: str | os.PathLike):
-        self.path = Path(output_dir) / LOCK_NAME
+        self.path = Path(output_dir) / self.lock_name
         self._fd: int | None = None
+
+    def in_use(self, holder: str) -> str:
+        """The refusal when another process holds the lock (``holder``: its pid)."""
+        return (f"--output_dir {self.path.parent} is in use by another training run (pid {holder}); "
+                "wait for it to finish or choose another --output_dir")
 
     def acquire(self) -> "RunLock":
         """Take the lock, or raise ``UserError`` naming the folder and the pid holding it."""
+        self._created = not self.path.parent.exists()  # a run that fails before writing anything leaves no folder
         self.path.parent.mkdir(parents=True, exist_ok=True)
         key = self.path.resolve()
         if key in RunLock._held:  # one process trains one run at a time: an earlier in-process run is over
@@ -217,8 +281,7 @@ class RunLock:
             except BlockingIOError:
                 holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
                 os.close(fd)
-                raise UserError(f"--output_dir {self.path.parent} is in use by another training run (pid {holder}); "
-                                "wait for it to finish or choose another --output_dir") from None
+                raise UserError(self.in_use(holder)) from None
             # A holder that released and unlinked the file between our open and flock: lock the new file instead.
             try:
                 same = os.fstat(fd).st_ino == os.stat(self.path).st_ino
@@ -242,6 +305,11 @@ class RunLock:
         self.path.unlink(missing_ok=True)
         os.close(self._fd)
         self._fd = None
+        if getattr(self, "_created", False):
+            try:
+                self.path.parent.rmdir()  # only if still empty: a refused or failed run leaves no empty folder
+            except OSError:
+                pass
 
     def __del__(self):
         self.release()

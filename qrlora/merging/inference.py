@@ -19,6 +19,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from ..backbones import COMPONENTS, detect_backbone
 from ..core.devices import resolve_device, resolve_dtype
+from ..core.prompts import warn_truncated
 from ..errors import UserError
 from ..files.checkpoint import AdapterFile, load_residual
 from ..files.outputs import atomic_output
@@ -86,6 +87,9 @@ class MergedPipeline:
         self.denoiser = getattr(self.pipe, self.backbone.denoiser_name)
         self.pipe.to(self.device)
         self.pipe.set_progress_bar_config(disable=True)
+        tokenizers = {name: getattr(self.pipe, name) for name in ("tokenizer", "tokenizer_2", "tokenizer_3")
+                      if getattr(self.pipe, name, None) is not None}
+        warn_truncated(tokenizers, render.prompt, render.max_sequence_length, "--prompt")  # names the words cut
         self.strategy_name = strategy
         self.strategy = None if strategy is None else STRATEGIES[strategy](
             self.pipe, self.denoiser, adapters, residual, roles, settings, render)

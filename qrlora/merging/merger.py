@@ -18,6 +18,7 @@ checkpoint written to disk is a plain set of weights).
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Mapping, Sequence
 
 import torch
@@ -150,6 +151,7 @@ class Merger:
         self.static = [i for i, a in enumerate(adapters) if a.method.static]
         self.live = [i for i, a in enumerate(adapters) if not a.method.static]
         self.residual = residual
+        self.always_fold = False  # ``folding()``: fold even into low-precision weights
         # Low-rank factors (B, A) with B A = dW, kept small: a dense dW per adapter and layer would cost as much
         # memory as the targeted weights themselves (about 20 GiB per adapter on FLUX.1-dev in float32).
         self._factors = {i: self._adapter_factors(adapters[i]) for i in self.static}
@@ -190,12 +192,21 @@ class Merger:
         basis = first.method.basis_product({k: v.to(device) for k, v in named.items()})
         return self.residual[path].to(device, torch.float32, copy=True).add_(basis, alpha=first.config.scale)
 
+    @contextlib.contextmanager
+    def folding(self):
+        """Inside, every merge folds into the weights, whatever their dtype (a merged checkpoint to save)."""
+        previous, self.always_fold = self.always_fold, True
+        try:
+            yield self
+        finally:
+            self.always_fold = previous
+
     def _live(self, path: str, fold: bool) -> AdapterLinear | None:
         """The adapter wrapper that carries ``path``'s merged change live, or None where it is folded into the weight
         (a float32 weight, or ``fold``). The wrapper is the model's own (MoE merges, training) or a new one."""
         module = self.model.get_submodule(path)
         base = getattr(module, "base_layer", module)
-        if fold or base.weight.dtype in FOLD_DTYPES:
+        if fold or self.always_fold or base.weight.dtype in FOLD_DTYPES:
             if isinstance(module, AdapterLinear):
                 _drop_live(module)
             return None

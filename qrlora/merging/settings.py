@@ -10,7 +10,7 @@ import math
 from dataclasses import dataclass
 
 from ..core.devices import DTYPES
-from ..errors import UserError
+from ..errors import UserError, seed_problem
 from .klora import KLORA_ALPHA, KLORA_BETA, KLORA_K
 from .ziplora import ZIPLORA_LAMBDA, ZIPLORA_LR, ZIPLORA_STEPS
 
@@ -49,6 +49,8 @@ class RenderSettings:
             raise UserError(f"--dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         if self.max_sequence_length is not None and self.max_sequence_length < 1:
             raise UserError(f"--max_sequence_length must be positive, got {self.max_sequence_length}")
+        if problem := seed_problem("--seed", self.seed):
+            raise UserError(problem)
 
     def png_bytes(self, count: int) -> int:
         """Upper bound on the bytes of ``count`` RGB PNGs at this size (uncompressed, plus headers)."""

@@ -29,6 +29,7 @@ class DirectMerge:
     """The weighted addition of ``merge.Merger``, exactly as ``Merger`` computes it."""
 
     pair_only = False
+    static_only = False  # True: every adapter must have a weight change (no live MoE path left untouched)
     folds_weights = True
     residual_form = True
 
@@ -48,6 +49,7 @@ class ZipLoRAMerge(DirectMerge):
     """Learn ZipLoRA's coefficients once, then merge the column-scaled adapters by weighted addition."""
 
     pair_only = True
+    static_only = True
     residual_form = False
 
     def __init__(self, pipe, denoiser, adapters, residual, roles, settings, render):
@@ -68,6 +70,7 @@ class KLoRAMerge:
     """K-LoRA's per-layer, per-step choice between the two adapters, live."""
 
     pair_only = True
+    static_only = True
     folds_weights = False
     residual_form = False
     merger = None
@@ -88,6 +91,7 @@ class PeftMerge(DirectMerge):
     """A PEFT ``merge_utils`` rule applied per layer to the adapters' dense ``dW_i`` with the grid's weights."""
 
     residual_form = False
+    static_only = True  # TIES / DARE act on dense dW; a live MoE path would be added untouched (issue 30)
 
     def __init__(self, pipe, denoiser, adapters, residual, roles, settings, render):
         super().__init__(pipe, denoiser, adapters, None, roles, settings, render)
@@ -134,7 +138,7 @@ def check_strategy(name: str, adapters: Sequence[AdapterFile], residual_path: st
         raise UserError(f"--merge_strategy {name} merges exactly one content and one style adapter, got {len(adapters)}")
     if residual_path and not strategy.residual_form:
         raise UserError(f"--residual_path: the residual form is a direct merge; --merge_strategy {name} uses the delta form")
-    if strategy.pair_only:
+    if strategy.static_only:
         for adapter in adapters:
             adapter.require_weight_change(f"--merge_strategy {name} compares or scales weight changes",
                                           "use --merge_strategy direct")

@@ -7,8 +7,13 @@ or tensors do not read back, or whose tensors do not match the recorded hash, is
 naming the file and computed again.
 
 Models are keyed by the content of their files (``files_fingerprint``): the SHA-256 of every file of the named
-components, memoised in ``file_hashes.json`` by (path, size, modification time) so a 9 GB T5 encoder is read
-once, not on every run.
+components. A file of at least ``MEMO_MIN_BYTES`` has its SHA-256 memoised in ``file_hashes.json``, so a 9 GB T5
+encoder is read once, not on every run. The memo is keyed on the file's content, never on its path or times (a
+replaced file with the old size and mtime was reused, issue 30): its size, its safetensors header (tensor names,
+dtypes, shapes, offsets) and ``SAMPLE_BLOCKS`` blocks of 64 KiB read evenly across it (4 MiB read, not 9 GB; a
+retrained or replaced model changes every block). The same model at another path hits the memo; a read-only
+cache is only read. A damaged memo (not JSON, ``null``, a list, short entries, another version) is said in one
+line and recomputed.
 """
 from __future__ import annotations
 
@@ -29,6 +34,32 @@ logger = logging.getLogger("qrlora.cache")
 FORMAT = "qrlora-cache"
 VERSION = 1
 MEMO_NAME = "file_hashes.json"
+MEMO_FORMAT = "qrlora-file-hashes"
+MEMO_VERSION = 2  # 1 (no format field): {path: [size, mtime_ns, sha256]}, keyed on mtime
+MEMO_MIN_BYTES = 16 << 20  # smaller files are hashed whole on every run (milliseconds)
+SAMPLE_BLOCKS, SAMPLE_BYTES = 64, 1 << 16
+SAFETENSORS_HEADER_MAX = 100 << 20  # a header length above this is not a safetensors header
+
+
+def content_signature(path: Path) -> str:
+    """A cheap identity of a large file's content: SHA-256 of its size, its safetensors header when it has one,
+    and ``SAMPLE_BLOCKS`` evenly spaced blocks (the first and the last included)."""
+    size = path.stat().st_size
+    digest = hashlib.sha256(f"size:{size}".encode())
+    with open(path, "rb") as handle:
+        head = handle.read(8)
+        header_length = int.from_bytes(head, "little") if len(head) == 8 else 0
+        if 0 < header_length <= min(SAFETENSORS_HEADER_MAX, size - 8):
+            digest.update(b"header:" + handle.read(header_length))
+        for index in range(SAMPLE_BLOCKS):
+            offset = (size - SAMPLE_BYTES) * index // (SAMPLE_BLOCKS - 1) if size > SAMPLE_BYTES else 0
+            handle.seek(offset)
+            digest.update(handle.read(SAMPLE_BYTES))
+    return digest.hexdigest()
+
+
+def _is_sha256(value) -> bool:
+    return isinstance(value, str) and len(value) == 64 and all(c in "0123456789abcdef" for c in value)
 
 
 def _sha256_file(path: Path) -> str:
@@ -71,24 +102,52 @@ class DiskCache:
         return hashlib.sha256("\n".join(lines).encode()).hexdigest()
 
     def _file_hash(self, path: Path) -> str:
-        if self._memo is None:
-            try:
-                self._memo = json.loads((self.folder / MEMO_NAME).read_text())
-            except (OSError, ValueError):
-                self._memo = {}
-        stat = path.stat()  # follows hub-cache symlinks to their blobs
-        key, seen = str(path.resolve()), [stat.st_size, stat.st_mtime_ns]
-        cached = self._memo.get(key)
-        if not (isinstance(cached, list) and cached[:2] == seen):
-            self._memo[key] = cached = seen + [_sha256_file(path)]
+        if path.stat().st_size < MEMO_MIN_BYTES:  # follows hub-cache symlinks to their blobs
+            return _sha256_file(path)
+        memo = self._load_memo()
+        signature = content_signature(path)
+        if not _is_sha256(memo.get(signature)):
+            memo[signature] = _sha256_file(path)
             self._memo_dirty = True
-        return cached[2]
+        return memo[signature]
+
+    def _load_memo(self) -> dict:
+        """``{content signature: sha256}`` from ``file_hashes.json``; a damaged one is said once and ignored."""
+        if self._memo is not None:
+            return self._memo
+        self._memo, path = {}, self.folder / MEMO_NAME
+        try:
+            record = json.loads(path.read_bytes().decode("utf-8"))
+        except FileNotFoundError:
+            return self._memo
+        except OSError:
+            return self._memo  # unreadable (permissions): hash the files
+        except ValueError:
+            record = "not JSON (truncated or empty)"
+        if isinstance(record, dict) and record.get("format") == MEMO_FORMAT and record.get("version") == MEMO_VERSION \
+                and isinstance(record.get("hashes"), dict):
+            self._memo = {k: v for k, v in record["hashes"].items() if _is_sha256(v)}
+            if len(self._memo) == len(record["hashes"]):
+                return self._memo
+            problem = f"{len(record['hashes']) - len(self._memo)} entries are not SHA-256 digests"
+        elif isinstance(record, dict) and "format" not in record and all(isinstance(v, list) for v in record.values()):
+            problem = "written by an older version, keyed on modification times"
+        else:
+            problem = record if isinstance(record, str) else f"a JSON {type(record).__name__}, not a memo"
+        logger.warning("--cache_dir: %s is damaged (%s); hashing the model files again", path, problem)
+        self._memo_dirty = True
+        return self._memo
 
     def _save_memo(self) -> None:
         if self.write and getattr(self, "_memo_dirty", False):
-            self.folder.mkdir(parents=True, exist_ok=True)
-            with atomic_output(self.folder / MEMO_NAME) as tmp:
-                tmp.write_text(json.dumps(self._memo, indent=0, sort_keys=True))
+            record = {"format": MEMO_FORMAT, "version": MEMO_VERSION, "hashes": self._memo}
+            try:
+                self.folder.mkdir(parents=True, exist_ok=True)
+                with atomic_output(self.folder / MEMO_NAME) as tmp:
+                    tmp.write_text(json.dumps(record, indent=0, sort_keys=True))
+            except OSError as err:  # a read-only cache: it is read, never written; the files are hashed again next run
+                logger.warning("--cache_dir: cannot update %s (%s); model files will be hashed again next run",
+                               self.folder / MEMO_NAME, err.strerror or err)
             self._memo_dirty = False
 
     # ---- entries ------------------------------------------------------------------------------------

@@ -13,7 +13,7 @@ import math
 from dataclasses import dataclass, fields
 from pathlib import Path
 
-from ..errors import UserError
+from ..errors import UserError, seed_problem
 
 
 @dataclass(frozen=True)
@@ -169,6 +169,9 @@ def flag_problem(args) -> str | None:
         return "--learning_rate must be positive, got 0"
     if args.resolution is not None and (args.resolution < 8 or args.resolution % 8):
         return f"--resolution must be a positive multiple of 8, got {args.resolution}"
+    for name in ("seed", "qr_basis_seed"):
+        if problem := seed_problem(f"--{name}", getattr(args, name)):
+            return problem
     for name in ("adam_beta1", "adam_beta2"):
         if not 0 <= getattr(args, name) < 1:
             return f"--{name} must be in [0, 1), got {getattr(args, name)}"

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..errors import UserError
+from ..errors import EveryRankError, UserError
 from ..core.quantize import LIBRARIES
 from .settings import TrainSettings
 
@@ -107,6 +107,24 @@ def fsdp_launch(settings: TrainSettings) -> ShardPlan | None:
     """
     if _env("ACCELERATE_USE_FSDP").lower() not in ("1", "true", "yes"):
         return None
+    try:
+        plan = _checked_launch(settings)
+    except EveryRankError:
+        raise
+    except UserError as err:  # every process reads the same settings: rank 0 says it, once
+        raise EveryRankError(str(err)) from None
+    from accelerate import PartialState
+
+    os.environ["ACCELERATE_USE_FSDP"] = "false"  # accelerate runs data parallel; shard_base does the sharding
+    cpu = not torch.cuda.is_available()
+    if cpu:  # else accelerate leaves every CPU process alone (its state would be "not distributed")
+        os.environ["ACCELERATE_USE_CPU"] = "true"
+    PartialState(cpu=cpu)  # accelerate's state from here on: the process group forms now (NCCL, or gloo on the CPU)
+    return plan
+
+
+def _checked_launch(settings: TrainSettings) -> ShardPlan:
+    """The launch's ``ShardPlan``, or a ``UserError`` for a setting or flag that cannot work sharded."""
     plan = fsdp_settings()
     if settings.blocks_to_swap:
         raise UserError("--blocks_to_swap cannot be combined with an FSDP launch (the sharded base is gathered one "
@@ -121,13 +139,6 @@ def fsdp_launch(settings: TrainSettings) -> ShardPlan | None:
     if not (_env("LOCAL_RANK") and _env("MASTER_ADDR")):
         raise UserError(f"ACCELERATE_USE_FSDP is set but no process group can form (LOCAL_RANK / MASTER_ADDR unset); "
                         f"{HOW_TO_LAUNCH}")
-    from accelerate import PartialState
-
-    os.environ["ACCELERATE_USE_FSDP"] = "false"  # accelerate runs data parallel; shard_base does the sharding
-    cpu = not torch.cuda.is_available()
-    if cpu:  # else accelerate leaves every CPU process alone (its state would be "not distributed")
-        os.environ["ACCELERATE_USE_CPU"] = "true"
-    PartialState(cpu=cpu)  # accelerate's state from here on: the process group forms now (NCCL, or gloo on the CPU)
     return plan
 
 
@@ -176,7 +187,10 @@ def shard_base(backbone, denoiser: nn.Module, device: torch.device, plan: ShardP
     trainable = {p for p in denoiser.parameters() if p.requires_grad}
     base_params = sum(p.numel() for p in denoiser.parameters() if not p.requires_grad)
     mesh = init_device_mesh(device.type, (dist.get_world_size(),))
-    units = _units(backbone, denoiser, plan)
+    try:
+        units = _units(backbone, denoiser, plan)
+    except UserError as err:  # the same model on every process: rank 0 says it, once
+        raise EveryRankError(str(err)) from None
     for unit in units + [denoiser]:
         fully_shard(unit, mesh=mesh, reshard_after_forward=plan.reshard_after_forward,
                     ignored_params={p for p in unit.parameters() if p in trainable})

@@ -13,6 +13,7 @@ import functools
 import json
 import logging
 import math
+import pickle
 from pathlib import Path
 
 import torch
@@ -256,7 +257,11 @@ def train(settings: TrainSettings, command: str) -> Path:
     accelerator.register_load_state_pre_hook(load_hook)
     global_step = 0
     if resume_from is not None:
-        accelerator.load_state(str(resume_from))
+        try:
+            accelerator.load_state(str(resume_from))
+        except (RuntimeError, EOFError, OSError, ValueError, KeyError, pickle.UnpicklingError) as err:
+            raise UserError(f"--resume_from_checkpoint: {resume_from} does not load ({(str(err).splitlines() or [type(err).__name__])[0]}); "
+                            "resume from an earlier checkpoint or start a new --output_dir") from None
         global_step = int(resume_from.name.split("-")[-1])
         logger.info("resumed from %s", resume_from)
     if accelerator.is_main_process and settings.report_to != "none":

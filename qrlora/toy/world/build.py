@@ -184,8 +184,11 @@ def train_denoiser(transformer, latents_mean, latents_std, prompt_ids, cond, unc
     return ema
 
 
-def _classifier_job(path: str, seed: int, steps: int, threads: int) -> None:
+def _classifier_job(path: str, seed: int, steps: int, threads: int, parent: int) -> None:
     """Child process: train the classifier and save it with its accuracy (runs beside the VAE / denoiser)."""
+    from ...lifeline import die_with_parent
+
+    die_with_parent(parent)  # a killed build leaves no orphan training on
     torch.set_num_threads(threads)
     model, accuracy = train_classifier(seed=seed, steps=steps)
     save_classifier(model, Path(path))
@@ -212,7 +215,8 @@ def build_world(output: Path, *, seed: int = 0, vae_steps: int = 1200, denoiser_
     timings, start = {}, time.perf_counter()
     try:
         ctx = multiprocessing.get_context("spawn")
-        job = ctx.Process(target=_classifier_job, args=(str(tmp / CLASSIFIER_FILE), seed, classifier_steps, threads))
+        job = ctx.Process(target=_classifier_job, args=(str(tmp / CLASSIFIER_FILE), seed, classifier_steps, threads,
+                                                           os.getpid()))
         job.start()
 
         # ---- VAE on every pair (a generic image codec, like a real VAE: it must be able to draw the new shape
