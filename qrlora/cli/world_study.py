@@ -33,6 +33,7 @@ from pathlib import Path
 import torch
 
 from ..errors import UserError
+from ..files.outputs import atomic_output
 from ..files.run_folder import RunLock
 from ..lifeline import die_with_parent
 from ..toy.world import data
@@ -367,6 +368,8 @@ def _run_locked(world, world_path, output: Path, names, seeds, *, jobs, samples,
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         _write_json(folder / f"{report_name}.json", report)
-        (folder / f"{report_name}.md").write_text(markdown(report))
-        plot(report, folder / f"{report_name}.png")
+        with atomic_output(folder / f"{report_name}.md") as tmp:  # a reader sees the old report or the new one
+            tmp.write_text(markdown(report))
+        with atomic_output(folder / f"{report_name}.png") as tmp:
+            plot(report, tmp)
     return report
