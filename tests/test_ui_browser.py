@@ -93,6 +93,13 @@ def test_the_explorer_merges_world_adapters_in_a_browser(tmp_path):
         page.wait.until(lambda d: "saved the merged denoiser" in page.text("saved") or page.text("error"))
         assert not page.text("error") and (saved / "config.json").is_file()
         assert "--save_merged" in page.value("command")
+        from diffusers import SD3Transformer2DModel
+
+        from qrlora.toy.world.world import SHIPPED_WORLD
+        merged = SD3Transformer2DModel.from_pretrained(saved).state_dict()
+        base = SD3Transformer2DModel.from_pretrained(SHIPPED_WORLD, subfolder="transformer").state_dict()
+        changed = [k for k in base if not torch.equal(merged[k], base[k])]
+        assert changed and all(".attn." in k for k in changed)  # the content adapter folded into its layers
 
         # Mistakes: one line on the page, never a traceback, and the server goes on serving.
         page.type_into("content_path", str(tmp_path / "no_such_run"))

@@ -167,8 +167,11 @@ def build_app(explorer: Explorer, tiny_dir: Path) -> gr.Blocks:
             world = world_of(request.model_path)
             said = ("" if world is None else
                     "**world classifier:** " + verdicts(world, [picture])[0].text())
-            return (preview(picture), said, similarity_heatmap(*explorer.adapters(request)),
-                    merge_command(request, OUTPUT_DIR))
+            try:  # a pair the similarity is not defined for (two ranks, two methods) still renders
+                heat = similarity_heatmap(*explorer.adapters(request))
+            except UserError as err:
+                heat, said = None, f"{said}\n\nno similarity heatmap: {err}".strip()
+            return preview(picture), said, heat, merge_command(request, OUTPUT_DIR)
 
         @shown_errors(3)
         def on_grid(weights_text, *values, progress=gr.Progress()):

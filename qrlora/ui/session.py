@@ -215,7 +215,8 @@ class Explorer:
             raise UserError(f"save: {saved} exists and is not an empty folder; choose a new folder")
         check_writable(saved.parent, "save", merged_size_estimate(request.model_path))
         merged = self.pipeline(request)
-        merged.merger.merge([request.content_weight, request.style_weight])
+        # The strategy sets the weights it renders with (TIES / DARE their combined dW, not a plain sum).
+        merged.strategy.apply([request.content_weight, request.style_weight], request.render.num_inference_steps)
         try:
             with atomic_output(saved, folder=True) as tmp:
                 merged.denoiser.save_pretrained(tmp)
