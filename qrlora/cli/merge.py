@@ -13,7 +13,7 @@ from ..errors import cli_entry
 from ..errors import UserError
 from ..evaluation.evaluate import MANIFEST, ImageRecord, write_manifest
 from ..files.checkpoint import load_adapter
-from ..files.outputs import atomic_output, check_writable, refuse_existing
+from ..files.outputs import check_writable, refuse_existing
 from ..merging.inference import (MergedPipeline, adapters_method, label_grid, merged_size_estimate, parse_weights,
                                 save_image)
 from ..merging.settings import RenderSettings, StrategySettings
@@ -117,12 +117,7 @@ def merge_adapters(args: argparse.Namespace) -> Path | None:
     merged = MergedPipeline(args.model_path, adapters, args.residual_path, render, strategy=args.merge_strategy,
                             roles=(0, 1), check_outputs=check_outputs, settings=settings)
     if args.save_merged:
-        # The strategy's own merge (TIES / DARE trim or drop, ZipLoRA scales), exactly what render() would use, folded
-        # into the weights even where they are bf16: a saved checkpoint is plain weights.
-        with merged.merger.folding():
-            merged.strategy.apply(weights, render.num_inference_steps)
-        with atomic_output(args.save_merged, folder=True) as folder:  # a full disk leaves no half-written model
-            merged.denoiser.save_pretrained(folder)
+        merged.save_merged(weights, args.save_merged)
         print(f"saved the merged {merged.backbone.denoiser_name} to {args.save_merged}")
     if args.no_render:
         return None

@@ -99,6 +99,16 @@ class MergedPipeline:
         """The weight-folding ``Merger`` of strategies that fold (None for K-LoRA's live switch)."""
         return self.strategy.merger
 
+    def save_merged(self, weights: list[float], folder: str | Path) -> Path:
+        """The strategy's own merge (TIES / DARE trim or drop, ZipLoRA scales: what ``render`` would use) folded into
+        the weights, even bf16 ones (a saved checkpoint is plain weights), and the denoiser written to ``folder`` in
+        the diffusers layout, atomically (a full disk leaves no half-written model). The CLI and the UI save here."""
+        with self.merger.folding():
+            self.strategy.apply(weights, self.render_settings.num_inference_steps)
+        with atomic_output(folder, folder=True) as tmp:
+            self.denoiser.save_pretrained(tmp)
+        return Path(folder)
+
     def render(self, weights: list[float], render: RenderSettings | None = None) -> Image.Image:
         """One image at these adapter weights (``render``: this pipeline's settings unless given); the seed fixes the
         starting noise, so only the weights differ."""

@@ -20,7 +20,7 @@ from PIL import Image
 
 from ..errors import UserError
 from ..files.checkpoint import ADAPTER_FILENAME, AdapterFile, load_adapter
-from ..files.outputs import atomic_output, check_writable
+from ..files.outputs import check_writable
 from ..files.runs import Run, find_runs
 from ..merging.inference import MergedPipeline, label_grid, merged_size_estimate
 from ..merging.settings import RenderSettings, StrategySettings
@@ -215,11 +215,8 @@ class Explorer:
             raise UserError(f"save: {saved} exists and is not an empty folder; choose a new folder")
         check_writable(saved.parent, "save", merged_size_estimate(request.model_path))
         merged = self.pipeline(request)
-        # The strategy sets the weights it renders with (TIES / DARE their combined dW, not a plain sum).
-        merged.strategy.apply([request.content_weight, request.style_weight], request.render.num_inference_steps)
-        try:
-            with atomic_output(saved, folder=True) as tmp:
-                merged.denoiser.save_pretrained(tmp)
+        try:  # the CLI's --save_merged: the strategy's own merge, folded, written atomically
+            merged.save_merged([request.content_weight, request.style_weight], saved)
         finally:
             self._key = None  # the denoiser now holds the folded weights: the next render rebuilds the pipeline
         return saved
