@@ -35,7 +35,7 @@ from ..files.hub import push_run_folder
 from ..core.inject import inject_adapters, trainable_parameters
 from .launch import check_launch
 from ..core.layers import adapter_layers, apply_constraints_, cast_base_model_
-from ..core.methods import METHODS, AdapterConfig
+from ..core.methods import METHODS
 from ..files.model_card import card_snippet_settings, write_model_card
 from ..core.objective import step_generator
 from .prior import generate_class_images
@@ -129,6 +129,7 @@ def train(settings: TrainSettings, command: str) -> Path:
     shard_plan = fsdp_launch(settings)  # an FSDP launch: checked, then run by accelerate as data parallel (training/sharding.py)
     check_launch()  # several processes that accelerate would each run alone: stop before any of them writes
     backbone = detect_backbone(settings.pretrained_model_name_or_path, settings.backbone)
+    settings = settings.for_backbone(backbone)  # its resolution and run folder where the settings left them open
     max_sequence_length = settings.max_sequence_length or backbone.default_max_sequence_length
     scheduler = backbone.load_scheduler(settings.pretrained_model_name_or_path)
     objective = backbone.objective(
@@ -139,9 +140,7 @@ def train(settings: TrainSettings, command: str) -> Path:
     schedule = backbone.noise_schedule(scheduler)
     targets = settings.lora_layers.split(",") if settings.lora_layers else list(backbone.default_targets)
     blocks = settings.lora_blocks.split(",") if settings.lora_blocks else None
-    config = AdapterConfig(method=settings.lora_init_method, rank=settings.rank, alpha=settings.lora_alpha, use_zero_init=settings.use_zero_init,
-                           delta_scale=settings.delta_scale, num_experts=settings.moe_num_experts, seed=settings.seed,
-                           basis=settings.qr_basis, basis_offset=settings.qr_basis_offset, basis_seed=settings.qr_basis_seed)
+    config = settings.adapter_config()
     output_dir = Path(settings.output_dir)
     base_dtype(settings)  # fail now, not after loading, when fp8 / nf4 cannot work here
     check_blocks_to_swap(settings.blocks_to_swap, backbone.count_transformer_blocks(settings.pretrained_model_name_or_path),
