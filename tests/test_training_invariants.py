@@ -225,6 +225,7 @@ def test_sdxl_trains_at_1024_px_from_the_wrapper_and_from_qrlora_train_alike(tin
     def stop(folder, **kwargs):
         seen.update(kwargs)
         raise RuntimeError("stop")
+    monkeypatch.setattr(trainer, "folder_examples", lambda folder, rules: [])
     monkeypatch.setattr(trainer, "DreamBoothDataset", stop)
     with pytest.raises(RuntimeError, match="stop"):
         trainer.train(TrainSettings(pretrained_model_name_or_path=str(tiny_sdxl), instance_data_dir="d", instance_prompt="p"), "")
@@ -281,7 +282,7 @@ def test_cached_latents_are_a_distribution_sampled_every_step(tiny_sd3):
 
     vae = AutoencoderKL.from_pretrained(tiny_sd3, subfolder="vae")
     data = DreamBoothDataset(REPO / "assets/cnt/cat", resolution=64, seed=0)
-    data.cache(lambda px: vae.encode(px).latent_dist.parameters)
+    data.cache(lambda px, **key: vae.encode(px).latent_dist.parameters)
     batch = collate([data[0]])
     assert batch["latent_params"].shape[1] == 2 * vae.config.latent_channels
     sd3 = BACKBONES["sd3"]

@@ -71,7 +71,17 @@ class TrainSettings:
         choices=("fp32", "bf16", "fp16", "fp8", "nf4"))
     # ---- data
     instance_data_dir: str | None = data(None, "folder of the instance (training) images (required)")
-    instance_prompt: str | None = data(None, "prompt of every instance image, with the trigger (e.g. 'a photo of a <c> cat') (required)")
+    instance_prompt: str | None = data(
+        None, "prompt of every instance image without a caption of its own, with the trigger (e.g. 'a photo of a <c> "
+              "cat'); required unless every image has a caption")
+    caption_extension: str = data(
+        ".txt", "sidecar caption files: img0.png trains on the text of img0.txt (kohya's flag; UTF-8)")
+    caption_prefix: str | None = data(
+        None, "put this (a trigger word) and a space in front of every caption read from the data (not the "
+              "--instance_prompt, used as typed)")
+    require_captions: bool = data(
+        False, "refuse a dataset where some images have no caption (default: they train on --instance_prompt, "
+               "counted in one warning)")
     with_prior_preservation: bool = data(False, "add the class images' loss (DreamBooth prior preservation)")
     class_data_dir: str | None = data(None, "folder of class images; missing ones are generated with the base pipeline")
     class_prompt: str | None = data(None, "prompt of the class images (e.g. 'a photo of a cat')")
@@ -226,7 +236,7 @@ class TrainSettings:
 
 
 DEFAULT_RUN_NAME = "qrlora-run"
-REQUIRED = ("pretrained_model_name_or_path", "instance_data_dir", "instance_prompt")
+REQUIRED = ("pretrained_model_name_or_path", "instance_data_dir")
 FLOAT32_MAX = 3.4028234663852886e38  # torch.finfo(torch.float32).max: the optimizer's parameters are float32
 # Flags that must be at least 1 (a 0 divides by zero or trains nothing) and at least 0.
 AT_LEAST_ONE = ("rank", "train_batch_size", "gradient_accumulation_steps", "max_train_steps", "num_train_epochs",
@@ -274,6 +284,10 @@ def flag_problem(args) -> str | None:
     for flag in ("instance_data_dir", "class_data_dir"):
         if getattr(args, flag) and Path(getattr(args, flag)).is_file():
             return f"--{flag} {getattr(args, flag)} is a file; give the folder that holds the images"
+    if not args.caption_extension.startswith(".") or len(args.caption_extension) < 2:
+        return f"--caption_extension must be a file extension such as .txt or .caption, got {args.caption_extension!r}"
+    if args.instance_prompt is not None and not args.instance_prompt.strip():
+        return "--instance_prompt is empty; give the prompt, or leave the flag out when every image has a caption"
     if args.with_prior_preservation and not (args.class_data_dir and args.class_prompt):
         return "--with_prior_preservation needs --class_data_dir and --class_prompt"
     if args.report_to in ("tensorboard", "wandb") and importlib.util.find_spec(args.report_to) is None:

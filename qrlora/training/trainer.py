@@ -27,11 +27,13 @@ from .blockswap import attach_block_swap, check_blocks_to_swap
 from .cache import DiskCache
 from ..files.checkpoint import ADAPTER_FILENAME, adapter_from_model, adapter_metadata, base_fingerprint, load_adapter, save_adapter
 from .data import DreamBoothDataset, collate
+from .sources import FROM_INSTANCE_PROMPT, CaptionRules, Example, folder_examples
 from ..core.devices import DTYPES, MIXED_PRECISION_DTYPES
 from .encoders import Encoders
 from ..errors import UserError
 from ..files.export import export_lora, kohya_path
 from ..files.hub import push_run_folder
+from ..files.outputs import atomic_output
 from ..core.inject import inject_adapters, trainable_parameters
 from .launch import check_launch
 from ..core.layers import adapter_layers, apply_constraints_, cast_base_model_
@@ -148,12 +150,14 @@ def train(settings: TrainSettings, command: str) -> Path:
     if settings.output_kohya_format:
         METHODS[settings.lora_init_method].require_weight_change("--output_kohya_format", "a kohya LoRA file is a weight change",
                                                              "leave out --output_kohya_format and merge the run live")
-    dataset = DreamBoothDataset(settings.instance_data_dir, resolution=settings.resolution, center_crop=settings.center_crop,
+    examples = folder_examples(settings.instance_data_dir, CaptionRules.of(settings))  # each image's caption
+    dataset = DreamBoothDataset(examples, resolution=settings.resolution, center_crop=settings.center_crop,
                                 random_flip=settings.random_flip, repeats=settings.repeats, seed=settings.seed)
     metadata = adapter_metadata(config, component=backbone.denoiser_name, backbone=backbone.name,
                                 base_model=settings.pretrained_model_name_or_path, targets=targets,
-                                extra={"lora_blocks": json.dumps(blocks or []), "instance_prompt": settings.instance_prompt})
-    check_prompt_lengths(settings.pretrained_model_name_or_path, max_sequence_length, settings.instance_prompt,
+                                extra={"lora_blocks": json.dumps(blocks or []),
+                                       "instance_prompt": settings.instance_prompt or most_common_caption(examples)})
+    check_prompt_lengths(settings.pretrained_model_name_or_path, max_sequence_length, trained_prompts(examples),
                          {"--class_prompt": settings.class_prompt, "--validation_prompt": settings.validation_prompt})
     # One run per folder: the main process holds the folder's lock for the whole run (the kernel drops it on exit).
     run_lock = RunLock(output_dir).acquire() if PartialState().is_main_process else None
@@ -186,17 +190,19 @@ def train(settings: TrainSettings, command: str) -> Path:
         if accelerator.is_main_process:
             generate_class_images(backbone, settings, device, weight_dtype)
         accelerator.wait_for_everyone()
-        dataset = DreamBoothDataset(settings.instance_data_dir, resolution=settings.resolution, center_crop=settings.center_crop,
+        dataset = DreamBoothDataset(examples, resolution=settings.resolution, center_crop=settings.center_crop,
                                     random_flip=settings.random_flip, repeats=settings.repeats, seed=settings.seed,
-                                    class_dir=settings.class_data_dir, num_class_images=settings.num_class_images)
+                                    class_dir=settings.class_data_dir, num_class_images=settings.num_class_images,
+                                    class_prompt=settings.class_prompt)
+    if accelerator.is_main_process:
+        write_dataset_record(output_dir, dataset)
 
     # ---- 4. Encode every prompt once and free the text encoders (--cache_dir: from disk, nothing loaded) --
     encoders = Encoders(backbone, settings.pretrained_model_name_or_path, vae_path=settings.pretrained_vae_model_name_or_path,
                         device=device, text_dtype=weight_dtype, vae_dtype=torch.float32 if backbone.vae_in_float32 else weight_dtype,
                         max_sequence_length=max_sequence_length,
                         cache=DiskCache(settings.cache_dir, write=accelerator.is_main_process) if settings.cache_dir else None)
-    prompts = [settings.instance_prompt] + ([settings.class_prompt] if settings.with_prior_preservation else [])
-    cond_table = cast_floating(encoders.prompts(prompts), model_dtype)
+    cond_table = cast_floating(encoders.prompts(dataset.prompts), model_dtype)  # row i: dataset.prompts[i]
     validation_cond = (encoders.prompts([settings.validation_prompt]), encoders.negative()) if settings.validation_prompt else None
     encoders.free_text()
     if settings.cache_latents or settings.cache_dir:
@@ -331,6 +337,34 @@ def train(settings: TrainSettings, command: str) -> Path:
     if run_lock is not None:
         run_lock.release()
     return final
+
+
+def trained_prompts(examples: list[Example]) -> dict[str, str]:
+    """``{where it came from: caption}`` of every distinct caption the run trains on (the prompt length check
+    names the caption file, or the flag, of a caption a text encoder would cut)."""
+    found: dict[str, str] = {}
+    for example in examples:
+        where = "--instance_prompt" if example.caption_source == FROM_INSTANCE_PROMPT else f"{example.caption_source} of {example.name}"
+        if example.caption not in found.values():
+            found[where] = example.caption
+    return found
+
+
+def most_common_caption(examples: list[Example]) -> str:
+    """The caption most images share (the adapter file's ``instance_prompt`` when there is no instance prompt)."""
+    captions = [e.caption for e in examples]
+    return max(dict.fromkeys(captions), key=captions.count)
+
+
+def write_dataset_record(output_dir: Path, dataset: DreamBoothDataset) -> Path:
+    """``dataset.json`` in the run folder: every image, its caption as used, its repeats and bucket, the counts."""
+    path = output_dir / DATASET_RECORD
+    with atomic_output(path) as tmp:
+        tmp.write_text(json.dumps(dataset.record(), indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+    return path
+
+
+DATASET_RECORD = "dataset.json"
 
 
 def cast_floating(table: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:

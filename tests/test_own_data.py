@@ -1,0 +1,122 @@
+"""Training on one's own captioned data (issue 29): sidecar captions, the caption prefix, dataset.json, cache keys
+on caption and bucket, and the bad inputs of a captioned folder, on every backbone."""
+from __future__ import annotations
+
+import json
+import warnings
+
+import pytest
+import torch
+from PIL import Image
+
+from conftest import one_error
+from qrlora.backbones import BACKBONES
+from qrlora.files.checkpoint import load_adapter
+
+SIZES = [(96, 64), (64, 96), (80, 80), (128, 72)]  # (width, height): the issue's mixed folder
+
+
+def captioned_folder(folder, captions=("a red <c> box", "a green <c> box", "a blue <c> box", None)):
+    """Images of mixed sizes; image i gets the sidecar caption ``captions[i]`` (None: no caption file)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, ((w, h), caption) in enumerate(zip(SIZES, captions)):
+        Image.new("RGB", (w, h), (60 * i, 120, 200 - 40 * i)).save(folder / f"img{i}.png")
+        if caption is not None:
+            (folder / f"img{i}.txt").write_text(caption + "\n", encoding="utf-8")
+    return folder
+
+
+def train(model, data, out, *extra, cache=None):
+    from qrlora.cli.train import main
+
+    flags = ["--pretrained_model_name_or_path", str(model), "--instance_data_dir", str(data), "--resolution", "64",
+             "--max_train_steps", "2", "--max_sequence_length", "48", "--output_dir", str(out), *extra]
+    return main(flags + (["--cache_dir", str(cache)] if cache else []))
+
+
+def cache_keys(cache, kind):
+    return [json.loads(p.read_text())["key"] for p in sorted(cache.glob("*.json"))
+            if p.name != "file_hashes.json" and json.loads(p.read_text())["key"]["kind"] == kind]
+
+
+@pytest.mark.parametrize("name", ["sd3", "flux", "sdxl"])
+def test_sidecar_captions_reach_the_text_encoders_and_the_run_records_them(name, request, tmp_path, monkeypatch):
+    model = request.getfixturevalue(f"tiny_{name}")
+    backbone_class = type(BACKBONES[name])
+    encoded = []
+    real = backbone_class.encode_prompts
+
+    def spy(self, pipe, prompts, *args, **kwargs):
+        encoded.append(list(prompts))
+        return real(self, pipe, prompts, *args, **kwargs)
+    monkeypatch.setattr(backbone_class, "encode_prompts", spy)
+    data = captioned_folder(tmp_path / "data")
+    (data / "notes.md").write_text("not a caption")
+    with pytest.warns(UserWarning) as caught:
+        train(model, data, tmp_path / "run", "--instance_prompt", "a <c> box", "--caption_prefix", "zxq,",
+              cache=tmp_path / "cache")
+    said = [str(w.message) for w in caught]
+    assert any("1 of 4 image(s)" in m and "img3.png" in m and "--instance_prompt 'a <c> box'" in m for m in said), said
+    assert any("ignored 1 file(s)" in m and "nor captions (*.txt): notes.md" in m for m in said), said
+    assert not any("unreadable" in m for m in said), said
+    used = ["zxq, a red <c> box", "zxq, a green <c> box", "zxq, a blue <c> box", "a <c> box"]
+    assert encoded == [used]  # every distinct caption, prefix applied, once; the fallback as typed
+    record = json.loads((tmp_path / "run" / "dataset.json").read_text())
+    assert [(i["image"], i["caption"], i["repeats"], i["bucket"]) for i in record["images"]] == [
+        (f"img{i}.png", caption, 1, [64, 64]) for i, caption in enumerate(used)]
+    assert record["caption_sources"] == {"caption file": 3, "instance prompt": 1} and record["buckets"] == {"64x64": 4}
+    assert [k["prompts"] for k in cache_keys(tmp_path / "cache", "prompts")] == [used]
+    latents = cache_keys(tmp_path / "cache", "latents")
+    assert sorted((k["caption"], tuple(k["bucket"])) for k in latents) == sorted((c, (64, 64)) for c in used)
+
+
+def test_captions_change_what_is_learned_and_a_changed_caption_is_encoded_again(tiny_sd3, tmp_path):
+    """The issue's finding: adapters from a captioned folder and from one prompt were bit-identical."""
+    plain = captioned_folder(tmp_path / "plain", captions=(None,) * 4)
+    captioned = captioned_folder(tmp_path / "captioned")
+    one = load_adapter(train(tiny_sd3, plain, tmp_path / "one", "--instance_prompt", "a <c> box"))
+    own = load_adapter(train(tiny_sd3, captioned, tmp_path / "own", "--instance_prompt", "a <c> box", cache=tmp_path / "cache"))
+    assert any(not torch.equal(one.layers[p]["delta_r"], own.layers[p]["delta_r"]) for p in one.layers)
+    before = len(cache_keys(tmp_path / "cache", "latents"))
+    (captioned / "img0.txt").write_text("a striped <c> box")
+    train(tiny_sd3, captioned, tmp_path / "again", "--instance_prompt", "a <c> box", cache=tmp_path / "cache")
+    keys = cache_keys(tmp_path / "cache", "latents")
+    assert len(keys) == before + 1 and any(k["caption"] == "a striped <c> box" for k in keys)
+    assert len(cache_keys(tmp_path / "cache", "prompts")) == 2  # the new caption set is a new prompt entry
+
+
+def test_instance_prompt_is_optional_when_every_image_has_a_caption(tiny_sd3, tmp_path):
+    data = captioned_folder(tmp_path / "data", captions=("a red <c> box", "a green <c> box", "a blue <c> box", "a <c> box"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nothing to warn about: every image has its caption
+        final = train(tiny_sd3, data, tmp_path / "run")
+    assert load_adapter(final).metadata["instance_prompt"] in {"a red <c> box", "a green <c> box", "a blue <c> box", "a <c> box"}
+
+
+@pytest.mark.parametrize("case,expect", [
+    ("no_prompt", "--instance_prompt is required: 1 of 4 image(s) in {data} have no caption (*.txt): img3.png"),
+    ("require", "--require_captions: 1 of 4 image(s) in {data} have no caption (*.txt): img3.png"),
+    ("not_utf8", "caption file {data}/img0.txt is not UTF-8 text (byte 2); save it as UTF-8"),
+    ("empty", "caption file {data}/img1.txt is empty"),
+    ("too_long", "caption file of img2.png 'a blue <c> box"),
+    ("bad_extension", "--caption_extension must be a file extension such as .txt or .caption, got 'txt'"),
+])
+def test_bad_captions_are_one_line_and_train_nothing(case, expect, tiny_sd3, tmp_path, capsys):
+    data = captioned_folder(tmp_path / "data")
+    extra = {"require": ["--require_captions", "--instance_prompt", "p"], "bad_extension": ["--caption_extension", "txt"]}.get(case, [])
+    if case not in ("no_prompt", "require", "bad_extension"):
+        extra = ["--instance_prompt", "p"]
+    if case == "not_utf8":
+        (data / "img0.txt").write_bytes(b"a \xff\xfe box")
+    elif case == "empty":
+        (data / "img1.txt").write_text(" \n\t")
+    elif case == "too_long":
+        (data / "img2.txt").write_text("a blue <c> box " + "with many more words " * 12)
+    out = tmp_path / "run"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        line = one_error(capsys, lambda: train(tiny_sd3, data, out, *extra))
+    assert expect.format(data=data) in line, line
+    if case == "too_long":
+        assert "tokens and would drop" in line and "token(s))" in line and "...'" in line, line
+    assert not out.exists()
