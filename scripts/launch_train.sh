@@ -14,7 +14,7 @@ RANK_ARG="$2"; shift 2
 # Published settings: batch 1 with 4 micro-batches per update, lr 1e-4 constant (the trainer's defaults), a
 # checkpoint every 250 steps, bf16. The backbone's own defaults (model id, resolution, run root, run-name layout)
 # are filled by the trainer from the backbone class, their one owner; MODEL_NAME, RESOLUTION and OUTPUT_DIR
-# are passed only when set.
+# are passed only when set, CONFIG as below.
 # Published defaults: a style image (trigger <s>) and a content subject (trigger <c>) from assets/.
 case "$TASK" in
   sty) DEFAULT_INSTANCE_DIR="$REPO_ROOT/assets/sty/swirl_painting"; TRIGGER="s"
@@ -50,18 +50,19 @@ if (( NUM_PROCESSES > 1 )); then
   LAUNCH=(python -m accelerate.commands.launch "${ACCELERATE_DEVICE_FLAGS[@]}" --num_processes "$NUM_PROCESSES"
           --num_machines 1 --mixed_precision "$MIXED_PRECISION" --dynamo_backend no)
 fi
+# The wrapper's published defaults; with CONFIG=run.toml (or .yaml) the file's settings stand in their place
+# (the backbone, method, rank and run folder stay the wrapper's), and flags after RANK override the file.
+PUBLISHED=(--instance_data_dir "$INSTANCE_DIR" --instance_prompt "$PROMPT" --validation_prompt "$VALIDATION"
+           --gradient_accumulation_steps 4 --max_train_steps "$MAX_TRAIN_STEPS" --checkpointing_steps 250
+           --validation_epochs 250 --mixed_precision "$MIXED_PRECISION")
+if [[ -n "${CONFIG:-}" ]]; then
+  PUBLISHED=(--config "$CONFIG")
+fi
 COMMAND=("${LAUNCH[@]}" -m qrlora.train \
   --backbone "$BACKBONE" \
-  --instance_data_dir "$INSTANCE_DIR" \
-  --instance_prompt "$PROMPT" \
-  --validation_prompt "$VALIDATION" \
   --rank "$RANK_ARG" \
   --lora_init_method "$METHOD" \
-  --gradient_accumulation_steps 4 \
-  --max_train_steps "$MAX_TRAIN_STEPS" \
-  --checkpointing_steps 250 \
-  --validation_epochs 250 \
-  --mixed_precision "$MIXED_PRECISION" \
+  "${PUBLISHED[@]}" \
   "${OPTIONAL[@]}" \
   ${METHOD_FLAGS:-} \
   "$@")

@@ -244,7 +244,7 @@ def test_second_run_in_one_folder_is_refused_naming_the_holder(tiny_sd3, tmp_pat
         holder.wait()
     assert f"{tmp_path / 'run'} is in use by another training run (pid {holder.pid})" in line
     main(train_args(tiny_sd3, tmp_path / "run", 1))  # the holder is gone: the kernel dropped its lock
-    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["README.md", "dataset.json", ADAPTER_FILENAME]  # + model card, data record
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["README.md", "config.toml", "dataset.json", ADAPTER_FILENAME]  # + card, settings, data record
 
 
 def test_resume_refuses_changed_settings(tiny_sd3, tmp_path, capsys):

@@ -120,3 +120,79 @@ def test_bad_captions_are_one_line_and_train_nothing(case, expect, tiny_sd3, tmp
     if case == "too_long":
         assert "tokens and would drop" in line and "token(s))" in line and "...'" in line, line
     assert not out.exists()
+
+
+# ---- config files ------------------------------------------------------------------------------------------------
+def test_config_file_sets_flags_the_command_line_overrides(tmp_path):
+    from qrlora.cli.train import parse_args
+
+    toml = tmp_path / "run.toml"
+    toml.write_text('pretrained_model_name_or_path = "m"\n[data]\ninstance_data_dir = "d"\ninstance_prompt = "p"\n'
+                    '[adapter]\nrank = 8\nuse_zero_init = false\nlearning_rate = 3e-4\n')
+    yaml_file = tmp_path / "run.yaml"
+    yaml_file.write_text("pretrained_model_name_or_path: m\ndata:\n  instance_data_dir: d\n  instance_prompt: p\n"
+                         "rank: 8\nuse_zero_init: false\nlearning_rate: 3e-4\n")  # YAML 1.1 reads 3e-4 as text
+    for path in (toml, yaml_file):
+        settings = parse_args(["--config", str(path)])
+        assert (settings.rank, settings.use_zero_init, settings.learning_rate, settings.instance_prompt) == (8, False, 3e-4, "p")
+        assert parse_args(["--rank", "16", "--config", str(path), "--use_zero_init"]).rank == 16  # the command line wins
+        assert parse_args(["--config", str(path), "--use_zero_init"]).use_zero_init
+
+
+@pytest.mark.parametrize("text,expect", [
+    ('rnak = 8', "unknown key 'rnak'; did you mean rank (--rank)?"),
+    ('rank = "big"', "rank = 'big' must be an integer"),
+    ('use_zero_init = "yes"', "use_zero_init = 'yes' must be true or false"),
+    ('rank = ', "does not parse"),
+    ('rank = 8\n[x]\nrank = 4', "sets rank twice"),
+])
+def test_bad_config_file_is_one_line_naming_file_and_key(text, expect, tmp_path, capsys):
+    from qrlora.cli.train import main
+
+    path = tmp_path / "run.toml"
+    path.write_text(text + "\n")
+    line = one_error(capsys, lambda: main(["--config", str(path), "--output_dir", str(tmp_path / "run")]))
+    assert str(path) in line and expect in line, line
+    assert not (tmp_path / "run").exists()
+
+
+def test_training_again_from_the_written_config_gives_the_same_adapter(tiny_sd3, tmp_path):
+    data = captioned_folder(tmp_path / "data")
+    first = train(tiny_sd3, data, tmp_path / "a", "--instance_prompt", "a <c> box", "--rank", "2", "--random_flip",
+                  "--lora_init_method", "triu_deltaR", "--learning_rate", "1e-3", "--hub_token", "hf_secret")
+    config = (tmp_path / "a" / "config.toml").read_text()
+    assert "hf_secret" not in config and "hub_token =" not in config and 'lora_init_method = "triu_deltaR"' in config
+    from qrlora.cli.train import main
+
+    second = main(["--config", str(tmp_path / "a" / "config.toml"), "--output_dir", str(tmp_path / "b")])
+    one, two = load_adapter(first), load_adapter(second)
+    assert set(one.layers) == set(two.layers)
+    assert all(torch.equal(one.layers[p][k], two.layers[p][k]) for p in one.layers for k in one.layers[p])
+    assert any(torch.count_nonzero(one.layers[p]["delta_r"]) for p in one.layers)  # it trained
+
+
+@pytest.mark.parametrize("example", ["sd3.toml", "flux.toml", "sdxl.yaml"])
+def test_example_configs_parse_for_their_backbone(example):
+    from qrlora.cli.train import parse_args
+    from conftest import REPO
+
+    settings = parse_args(["--config", str(REPO / "configs" / example)])
+    backbone = BACKBONES[example.split(".")[0]]
+    assert settings.backbone == backbone.name and settings.pretrained_model_name_or_path == backbone.default_model
+    assert settings.output_dir.startswith(backbone.run_root + "/")
+
+
+def test_wrapper_takes_config_in_place_of_its_defaults():
+    import shlex
+
+    from conftest import REPO, run_script
+
+    proc = run_script(["bash", "SD3_dir/train_deltaR_sty.sh", "cpu", "4", "--seed", "3"],
+                      env={"DRY_RUN": "1", "CONFIG": str(REPO / "configs/sd3.toml")})
+    command = shlex.split(proc.stdout)
+    assert command[command.index("--config") + 1] == str(REPO / "configs/sd3.toml")
+    assert "--instance_prompt" not in command and "--max_train_steps" not in command  # the file's, not the wrapper's
+    from qrlora.cli.train import parse_args
+
+    settings = parse_args(command[3:])
+    assert (settings.rank, settings.seed, settings.caption_prefix) == (4, 3, "<c>")  # RANK and later flags win

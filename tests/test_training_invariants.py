@@ -363,7 +363,7 @@ def test_train_settings_are_typed_frozen_and_checked_naming_the_flag():
     from qrlora.errors import UserError
     from qrlora.training.settings import TrainSettings
 
-    actions = {a.dest: a for a in build_parser()._actions if a.dest != "help"}
+    actions = {a.dest: a for a in build_parser()._actions if a.dest not in ("help", "config")}  # --config: a file of them
     assert set(actions) == {f.name for f in dataclasses.fields(TrainSettings)}
     assert {f.name: f.default for f in dataclasses.fields(TrainSettings)} == {n: a.default for n, a in actions.items()}
     settings = parse_args(["--pretrained_model_name_or_path", "x", "--instance_data_dir", "x", "--instance_prompt", "x",
@@ -390,7 +390,7 @@ def test_the_parser_is_built_from_the_settings_fields(monkeypatch):
     from qrlora.training import settings as settings_module
 
     parser = build_parser()
-    actions = {a.dest: a for a in parser._actions if a.dest != "help"}
+    actions = {a.dest: a for a in parser._actions if a.dest not in ("help", "config")}
     groups = {a.dest: g.title for g in parser._action_groups for a in g._group_actions}
     for f in dataclasses.fields(TrainSettings):
         assert actions[f.name].help == f.metadata["help"] and groups[f.name] == f.metadata["group"], f.name

@@ -12,6 +12,7 @@ from ..backbones import BACKBONES, detect_backbone
 from ..errors import UserError, cli_entry
 from ..toy.world.world import WORLD_FILE, load_world
 from ..training import trainer
+from ..training.config_file import config_argv
 from ..training.settings import TrainSettings
 from .arguments import ArgumentParser, settings_from
 
@@ -39,7 +40,18 @@ def build_parser() -> argparse.ArgumentParser:
         else:
             options["type"] = meta.pop("type", TYPES[kind])
         groups[group].add_argument(f"--{f.name}", **options, **meta)
+    p.add_argument_group("settings file").add_argument(
+        "--config", help="a .toml or .yaml file of settings (keys: these flags' names); flags on the command line "
+                         "override it; every run writes its resolved settings to <output_dir>/config.toml")
     return p
+
+
+def expand_config(argv: list[str]) -> list[str]:
+    """``argv`` with ``--config FILE`` replaced by the file's flags, put first so the command line overrides them."""
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--config")
+    known, rest = pre.parse_known_args(argv)
+    return rest if known.config is None else config_argv(known.config, TrainSettings) + rest
 
 
 def parse_args(argv=None) -> TrainSettings:
@@ -47,7 +59,11 @@ def parse_args(argv=None) -> TrainSettings:
     then the detected backbone's resolution and run folder), and build the typed settings, whose check runs
     once (a bad value is one ``error:`` line naming its flag)."""
     p = build_parser()
-    args = p.parse_args(argv)
+    try:
+        expanded = expand_config(sys.argv[1:] if argv is None else list(argv))
+    except UserError as err:
+        p.error(str(err))
+    args = p.parse_args(expanded)
     try:
         if args.pretrained_model_name_or_path is None and args.backbone is not None:
             args.pretrained_model_name_or_path = BACKBONES[args.backbone].default_model

@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 from ..backbones import detect_backbone
 from .blockswap import attach_block_swap, check_blocks_to_swap
 from .cache import DiskCache
+from .config_file import write_config
 from ..files.checkpoint import ADAPTER_FILENAME, adapter_from_model, adapter_metadata, base_fingerprint, load_adapter, save_adapter
 from .data import DreamBoothDataset, collate
 from .sources import FROM_INSTANCE_PROMPT, CaptionRules, Example, folder_examples
@@ -196,6 +197,7 @@ def train(settings: TrainSettings, command: str) -> Path:
                                     class_prompt=settings.class_prompt)
     if accelerator.is_main_process:
         write_dataset_record(output_dir, dataset)
+        write_config(settings, output_dir)  # the resolved settings: --config of it trains this run again
 
     # ---- 4. Encode every prompt once and free the text encoders (--cache_dir: from disk, nothing loaded) --
     encoders = Encoders(backbone, settings.pretrained_model_name_or_path, vae_path=settings.pretrained_vae_model_name_or_path,
