@@ -52,7 +52,9 @@ if (( NUM_PROCESSES > 1 )); then
 fi
 # The wrapper's published defaults; with CONFIG=run.toml (or .yaml) the file's settings stand in their place
 # (the backbone, method, rank and run folder stay the wrapper's), and flags after RANK override the file.
-PUBLISHED=(--instance_data_dir "$INSTANCE_DIR" --instance_prompt "$PROMPT" --validation_prompt "$VALIDATION"
+DATA=(--instance_data_dir "$INSTANCE_DIR")
+if [[ -n "${DATASET_NAME:-}" ]]; then DATA=(--dataset_name "$DATASET_NAME"); fi  # a datasets dataset instead
+PUBLISHED=("${DATA[@]}" --instance_prompt "$PROMPT" --validation_prompt "$VALIDATION"
            --gradient_accumulation_steps 4 --max_train_steps "$MAX_TRAIN_STEPS" --checkpointing_steps 250
            --validation_epochs 250 --mixed_precision "$MIXED_PRECISION")
 if [[ -n "${CONFIG:-}" ]]; then

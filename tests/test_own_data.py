@@ -26,10 +26,10 @@ def captioned_folder(folder, captions=("a red <c> box", "a green <c> box", "a bl
     return folder
 
 
-def train(model, data, out, *extra, cache=None):
+def train(model, data, out, *extra, cache=None, flag="--instance_data_dir"):
     from qrlora.cli.train import main
 
-    flags = ["--pretrained_model_name_or_path", str(model), "--instance_data_dir", str(data), "--resolution", "64",
+    flags = ["--pretrained_model_name_or_path", str(model), flag, str(data), "--resolution", "64",
              "--max_train_steps", "2", "--max_sequence_length", "48", "--output_dir", str(out), *extra]
     return main(flags + (["--cache_dir", str(cache)] if cache else []))
 
@@ -196,3 +196,126 @@ def test_wrapper_takes_config_in_place_of_its_defaults():
 
     settings = parse_args(command[3:])
     assert (settings.rank, settings.seed, settings.caption_prefix) == (4, 3, "<c>")  # RANK and later flags win
+
+
+# ---- kohya folders, datasets, caption dropout ----------------------------------------------------------------------
+def spy_prompts(monkeypatch, name="sd3"):
+    backbone_class = type(BACKBONES[name])
+    encoded, real = [], backbone_class.encode_prompts
+
+    def spy(self, pipe, prompts, *args, **kwargs):
+        encoded.append(list(prompts))
+        return real(self, pipe, prompts, *args, **kwargs)
+    monkeypatch.setattr(backbone_class, "encode_prompts", spy)
+    return encoded
+
+
+def test_kohya_folders_give_repeats_and_their_name_as_caption(tiny_sd3, tmp_path, monkeypatch):
+    encoded = spy_prompts(monkeypatch)
+    root = tmp_path / "train"
+    captioned_folder(root / "3_zxq box", captions=("a red zxq box", None, None, None))
+    captioned_folder(root / "1_qxz style", captions=(None,) * 4)
+    (root / "notes").mkdir()
+    with pytest.warns(UserWarning, match="ignored 1 subfolder.*notes"):
+        train(tiny_sd3, root, tmp_path / "run", "--repeats", "2")
+    record = json.loads((tmp_path / "run" / "dataset.json").read_text())
+    by_name = {i["image"]: i for i in record["images"]}
+    assert by_name["3_zxq box/img0.png"]["caption"] == "a red zxq box" and by_name["3_zxq box/img0.png"]["repeats"] == 6
+    assert by_name["3_zxq box/img1.png"]["caption"] == "zxq box" and by_name["3_zxq box/img1.png"]["caption_source"] == "folder name"
+    assert by_name["1_qxz style/img2.png"]["caption"] == "qxz style" and by_name["1_qxz style/img2.png"]["repeats"] == 2
+    assert record["items_per_epoch"] == 4 * 6 + 4 * 2
+    assert encoded == [["qxz style", "a red zxq box", "zxq box"]]  # distinct captions, first seen first (folders in name order)
+
+
+def imagefolder(folder, lines=None):
+    captioned_folder(folder, captions=(None,) * 4)
+    rows = lines or [json.dumps({"file_name": f"img{i}.png", "text": f"a zxq box number {i}"}) for i in range(4)]
+    (folder / "metadata.jsonl").write_text("\n".join(rows) + "\n")
+    return folder
+
+
+def test_a_datasets_imagefolder_and_a_saved_dataset_train_on_their_captions(tiny_sd3, tmp_path, monkeypatch):
+    datasets = pytest.importorskip("datasets")
+    encoded = spy_prompts(monkeypatch)
+    folder = imagefolder(tmp_path / "hf")
+    train(tiny_sd3, folder, tmp_path / "run", flag="--dataset_name")
+    captions = [f"a zxq box number {i}" for i in range(4)]
+    record = json.loads((tmp_path / "run" / "dataset.json").read_text())
+    assert [(i["image"], i["caption"], i["caption_source"]) for i in record["images"]] == [
+        (f"img{i}.png", c, "caption column") for i, c in enumerate(captions)]
+    saved = tmp_path / "saved"
+    rows = [{"picture": Image.new("RGB", (64, 80), (40 * i, 0, 0)), "words": f"row {i}"} for i in range(3)]
+    datasets.Dataset.from_list(rows).cast_column("picture", datasets.Image()).save_to_disk(str(saved))
+    train(tiny_sd3, saved, tmp_path / "run2", "--image_column", "picture", "--caption_column", "words", flag="--dataset_name")
+    assert encoded == [captions, ["row 0", "row 1", "row 2"]]
+    # the same folder as --instance_data_dir says what its metadata file is for
+    with pytest.warns(UserWarning, match="metadata.jsonl \\(an imagefolder's captions: pass the folder as --dataset_name\\)"):
+        train(tiny_sd3, folder, tmp_path / "run3", "--instance_prompt", "p")
+
+
+@pytest.mark.parametrize("case,expect", [
+    ("bad_line", "metadata.jsonl line 2 is not JSON"),
+    ("missing_file", "metadata.jsonl line 1: file_name 'gone.png' does not exist"),
+    ("missing_column", "--caption_column 'caption': {folder}/metadata.jsonl line 1 has no such key"),
+    ("no_image_column", "--image_column 'photo': dataset {folder} has no such column"),
+    ("both", "--instance_data_dir and --dataset_name both name the training images"),
+])
+def test_bad_datasets_are_one_line(case, expect, tiny_sd3, tmp_path, capsys):
+    pytest.importorskip("datasets")
+    folder = tmp_path / "hf"
+    rows = {"bad_line": ['{"file_name": "img0.png", "text": "a"}', '{"file_name": img1.png}'],
+            "missing_file": ['{"file_name": "gone.png", "text": "a"}']}.get(case)
+    imagefolder(folder, rows)
+    extra = {"missing_column": ["--caption_column", "caption"], "no_image_column": ["--image_column", "photo"],
+             "both": ["--instance_data_dir", str(folder)]}.get(case, [])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        line = one_error(capsys, lambda: train(tiny_sd3, folder, tmp_path / "run", *extra, flag="--dataset_name"))
+    assert expect.format(folder=folder) in line, line
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_hub_dataset_without_network_is_one_line(tiny_sd3, tmp_path):
+    pytest.importorskip("datasets")
+    import os
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    proc = subprocess.run([sys.executable, "-m", "qrlora.train", "--pretrained_model_name_or_path", str(tiny_sd3),
+                           "--dataset_name", "someone/my-dogs", "--output_dir", str(tmp_path / "run")],
+                          cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"},
+                          capture_output=True, text=True, timeout=120)
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert proc.returncode == 2 and len(errors) == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert "--dataset_name someone/my-dogs: cannot load it (not a local folder; the hub could not be reached" in errors[0]
+
+
+def test_caption_dropout_is_seeded_per_step_and_leaves_class_images_alone():
+    from qrlora.training.data import drop_captions
+
+    ids = torch.tensor([0, 1, 2, 3, 7, 7])  # 4 instance images, then 2 class images (prompt 7)
+    draws = [drop_captions(ids, 4, 0.5, 9, seed=0, step=s, micro=0, process=0) for s in range(40)]
+    assert all(torch.equal(d, drop_captions(ids, 4, 0.5, 9, seed=0, step=s, micro=0, process=0)) for s, d in enumerate(draws))
+    dropped = torch.stack([d[:4] == 9 for d in draws]).float().mean().item()
+    assert 0.3 < dropped < 0.7 and all(torch.equal(d[4:], ids[4:]) for d in draws)
+    assert torch.equal(drop_captions(ids, 4, 1.0, 9, 0, 0, 0, 0)[:4], torch.full((4,), 9))
+    assert torch.equal(drop_captions(ids, 4, 0.0, 9, 0, 0, 0, 0), ids)
+
+
+def test_caption_dropout_trains_on_the_empty_prompt_and_resumes_exactly(tiny_sd3, tmp_path, monkeypatch):
+    import shutil
+
+    encoded = spy_prompts(monkeypatch)
+    data = captioned_folder(tmp_path / "data", captions=("a red <c> box",) * 4)
+    flags = ["--proportion_empty_prompts", "0.5", "--max_train_steps", "4", "--checkpointing_steps", "2"]
+    straight = train(tiny_sd3, data, tmp_path / "a", *flags)
+    assert encoded[0] == ["a red <c> box", ""]
+    (tmp_path / "b").mkdir()
+    shutil.copytree(tmp_path / "a" / "checkpoint-2", tmp_path / "b" / "checkpoint-2")
+    resumed = train(tiny_sd3, data, tmp_path / "b", *flags, "--resume_from_checkpoint", "latest")
+    plain = train(tiny_sd3, data, tmp_path / "c", "--max_train_steps", "4")
+    a, b, c = load_adapter(straight), load_adapter(resumed), load_adapter(plain)
+    assert all(torch.equal(a.layers[p]["delta_r"], b.layers[p]["delta_r"]) for p in a.layers)
+    assert any(not torch.equal(a.layers[p]["delta_r"], c.layers[p]["delta_r"]) for p in a.layers)  # it dropped some

@@ -167,7 +167,7 @@ def test_two_processes_on_cpu(tiny_sd3, tmp_path):
 
     plain = launch(tmp_path / "ddp")
     files = sorted(p.name for p in (tmp_path / "ddp").iterdir())
-    assert files == ["README.md", ADAPTER_FILENAME]  # one writer (adapter + model card), no stray temporary files
+    assert files == ["README.md", "config.toml", "dataset.json", ADAPTER_FILENAME]  # one writer (adapter, card, settings, data record), no stray temporary files
     check_adapter_file(plain, tiny_sd3, "ica", 4, "sd3")
     validated = launch(tmp_path / "ddp_validated", "--validation_prompt", "a <c> cat", "--validation_epochs", "1",
                        "--num_validation_images", "1", "--validation_inference_steps", "2")

@@ -39,7 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
             options["action"] = argparse.BooleanOptionalAction if f.default else "store_true"
         else:
             options["type"] = meta.pop("type", TYPES[kind])
-        groups[group].add_argument(f"--{f.name}", **options, **meta)
+        aliases = meta.pop("aliases", ())  # another script's name for the same flag
+        groups[group].add_argument(f"--{f.name}", *aliases, **options, **meta)
     p.add_argument_group("settings file").add_argument(
         "--config", help="a .toml or .yaml file of settings (keys: these flags' names); flags on the command line "
                          "override it; every run writes its resolved settings to <output_dir>/config.toml")

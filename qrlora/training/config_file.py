@@ -20,7 +20,7 @@ from ..files.outputs import atomic_output
 NOT_RECORDED = ("hub_token", "resume_from_checkpoint")
 CONFIG_NAME = "config.toml"
 #: Settings that name local files or folders (written absolute where they exist).
-PATHS = ("pretrained_model_name_or_path", "pretrained_vae_model_name_or_path", "instance_data_dir", "class_data_dir",
+PATHS = ("pretrained_model_name_or_path", "pretrained_vae_model_name_or_path", "instance_data_dir", "dataset_name", "class_data_dir",
          "cache_dir", "output_dir")
 
 

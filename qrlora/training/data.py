@@ -18,6 +18,7 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 from torch.utils.data import Dataset
 
+from ..core.objective import step_generator
 from ..errors import UserError
 from .sources import IMAGE_EXTENSIONS, CaptionRules, Example, folder_examples, scan_folder
 
@@ -186,6 +187,12 @@ class DreamBoothDataset(Dataset):
             image.latent_params = encode(image.pixels.unsqueeze(0), caption=caption, bucket=list(image.target_size))[0].cpu()
             image.pixels = None
 
+    def prompt_id(self, prompt: str) -> int:
+        """The id of ``prompt`` in ``prompts``, appended when new (the empty prompt of caption dropout)."""
+        if prompt not in self.prompts:
+            self.prompts.append(prompt)
+        return self.prompts.index(prompt)
+
     def bucket_counts(self) -> dict[str, int]:
         """Training items (repeats included) per bucket, ``"<width>x<height>"`` (``dataset.json``)."""
         counts: dict[str, int] = {}
@@ -210,6 +217,19 @@ class DreamBoothDataset(Dataset):
             sources[example.caption_source] = sources.get(example.caption_source, 0) + 1
         return {"images": images, "items_per_epoch": len(self.instance), "buckets": self.bucket_counts(),
                 "caption_sources": sources, "class_images": len(self.klass)}
+
+
+def drop_captions(prompt_ids: torch.Tensor, instances: int, rate: float, empty_id: int, seed: int, step: int,
+                  micro: int, process: int) -> torch.Tensor:
+    """Caption dropout: each of the first ``instances`` prompt ids (the instance half; class images keep theirs)
+    becomes ``empty_id`` with probability ``rate``. The draws come from their own generator seeded by (seed, update
+    step, micro-batch, process), so they repeat exactly on resume and take nothing from the training draws."""
+    # step_generator's mixing of the same four numbers, on a CPU generator of its own (+1: not the same stream)
+    generator = step_generator(seed + 1, step, micro, process, "cpu")
+    drop = torch.rand(instances, generator=generator) < rate
+    ids = prompt_ids.clone()
+    ids[:instances][drop] = empty_id
+    return ids
 
 
 def collate(examples: list[dict]) -> dict:

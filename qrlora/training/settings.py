@@ -70,7 +70,16 @@ class TrainSettings:
         None, "load the frozen base weights in this dtype (default: as stored, then cast to the mixed precision)",
         choices=("fp32", "bf16", "fp16", "fp8", "nf4"))
     # ---- data
-    instance_data_dir: str | None = data(None, "folder of the instance (training) images (required)")
+    instance_data_dir: str | None = data(
+        None, "folder of the instance (training) images, with img.txt caption files where wanted; kohya's "
+              "<repeats>_<name>/ subfolders too (this or --dataset_name is required)")
+    dataset_name: str | None = data(
+        None, "a datasets dataset instead of --instance_data_dir: an imagefolder (images + metadata.jsonl / .csv), "
+              "a save_to_disk folder, or a hub id; its train split")
+    image_column: str = data("image", "the dataset's image column")
+    caption_column: str | None = data(
+        None, "the dataset's caption column (default: text, where the dataset has it; rows without a caption use "
+              "--instance_prompt)")
     instance_prompt: str | None = data(
         None, "prompt of every instance image without a caption of its own, with the trigger (e.g. 'a photo of a <c> "
               "cat'); required unless every image has a caption")
@@ -82,6 +91,9 @@ class TrainSettings:
     require_captions: bool = data(
         False, "refuse a dataset where some images have no caption (default: they train on --instance_prompt, "
                "counted in one warning)")
+    caption_dropout_rate: float = data(
+        0.0, "train this fraction of the instance images' steps on the empty prompt (seeded per step, so a resumed "
+             "run draws the same); diffusers' --proportion_empty_prompts", aliases=("--proportion_empty_prompts",))
     with_prior_preservation: bool = data(False, "add the class images' loss (DreamBooth prior preservation)")
     class_data_dir: str | None = data(None, "folder of class images; missing ones are generated with the base pipeline")
     class_prompt: str | None = data(None, "prompt of the class images (e.g. 'a photo of a cat')")
@@ -236,7 +248,7 @@ class TrainSettings:
 
 
 DEFAULT_RUN_NAME = "qrlora-run"
-REQUIRED = ("pretrained_model_name_or_path", "instance_data_dir")
+REQUIRED = ("pretrained_model_name_or_path",)
 FLOAT32_MAX = 3.4028234663852886e38  # torch.finfo(torch.float32).max: the optimizer's parameters are float32
 # Flags that must be at least 1 (a 0 divides by zero or trains nothing) and at least 0.
 AT_LEAST_ONE = ("rank", "train_batch_size", "gradient_accumulation_steps", "max_train_steps", "num_train_epochs",
@@ -284,6 +296,12 @@ def flag_problem(args) -> str | None:
     for flag in ("instance_data_dir", "class_data_dir"):
         if getattr(args, flag) and Path(getattr(args, flag)).is_file():
             return f"--{flag} {getattr(args, flag)} is a file; give the folder that holds the images"
+    if not (args.instance_data_dir or args.dataset_name):
+        return "--instance_data_dir (a folder of images) or --dataset_name (a dataset) is required"
+    if args.instance_data_dir and args.dataset_name:
+        return "--instance_data_dir and --dataset_name both name the training images; give one"
+    if not 0 <= args.caption_dropout_rate <= 1:
+        return f"--caption_dropout_rate must be in [0, 1], got {args.caption_dropout_rate}"
     if not args.caption_extension.startswith(".") or len(args.caption_extension) < 2:
         return f"--caption_extension must be a file extension such as .txt or .caption, got {args.caption_extension!r}"
     if args.instance_prompt is not None and not args.instance_prompt.strip():

@@ -27,8 +27,8 @@ from .blockswap import attach_block_swap, check_blocks_to_swap
 from .cache import DiskCache
 from .config_file import write_config
 from ..files.checkpoint import ADAPTER_FILENAME, adapter_from_model, adapter_metadata, base_fingerprint, load_adapter, save_adapter
-from .data import DreamBoothDataset, collate
-from .sources import FROM_INSTANCE_PROMPT, CaptionRules, Example, folder_examples
+from .data import DreamBoothDataset, collate, drop_captions
+from .sources import FROM_INSTANCE_PROMPT, CaptionRules, Example, dataset_examples, folder_examples
 from ..core.devices import DTYPES, MIXED_PRECISION_DTYPES
 from .encoders import Encoders
 from ..errors import UserError
@@ -151,7 +151,10 @@ def train(settings: TrainSettings, command: str) -> Path:
     if settings.output_kohya_format:
         METHODS[settings.lora_init_method].require_weight_change("--output_kohya_format", "a kohya LoRA file is a weight change",
                                                              "leave out --output_kohya_format and merge the run live")
-    examples = folder_examples(settings.instance_data_dir, CaptionRules.of(settings))  # each image's caption
+    if settings.dataset_name:  # each image with its caption
+        examples = dataset_examples(settings.dataset_name, CaptionRules.of(settings), settings.image_column, settings.caption_column)
+    else:
+        examples = folder_examples(settings.instance_data_dir, CaptionRules.of(settings))
     dataset = DreamBoothDataset(examples, resolution=settings.resolution, center_crop=settings.center_crop,
                                 random_flip=settings.random_flip, repeats=settings.repeats, seed=settings.seed)
     metadata = adapter_metadata(config, component=backbone.denoiser_name, backbone=backbone.name,
@@ -204,6 +207,7 @@ def train(settings: TrainSettings, command: str) -> Path:
                         device=device, text_dtype=weight_dtype, vae_dtype=torch.float32 if backbone.vae_in_float32 else weight_dtype,
                         max_sequence_length=max_sequence_length,
                         cache=DiskCache(settings.cache_dir, write=accelerator.is_main_process) if settings.cache_dir else None)
+    empty_id = dataset.prompt_id("") if settings.caption_dropout_rate > 0 else None  # caption dropout's prompt
     cond_table = cast_floating(encoders.prompts(dataset.prompts), model_dtype)  # row i: dataset.prompts[i]
     validation_cond = (encoders.prompts([settings.validation_prompt]), encoders.negative()) if settings.validation_prompt else None
     encoders.free_text()
@@ -286,6 +290,9 @@ def train(settings: TrainSettings, command: str) -> Path:
                 # Every draw of this micro-batch (timesteps, noise, latent sample) comes from its own generator.
                 generator = step_generator(settings.seed, global_step, micro, accelerator.process_index, device)
                 batch = collate([dataset[i] for i in indices])
+                if empty_id is not None:
+                    batch["prompt_ids"] = drop_captions(batch["prompt_ids"], len(indices), settings.caption_dropout_rate,
+                                                        empty_id, settings.seed, global_step, micro, accelerator.process_index)
                 last = micro == len(group) - 1
                 with contextlib.nullcontext() if last or world == 1 else accelerator.no_sync(denoiser):
                     latents = batch_latents(backbone, encoders, batch, generator, model_dtype)
