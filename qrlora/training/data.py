@@ -153,6 +153,7 @@ class DreamBoothDataset(Dataset):
             return [to_training_tensor(img, resolution, center_crop, random_flip and rng.random() < 0.5, rng) for img in images]
 
         images = [load_image(example.image, resolution) for example in instance]
+        warn_framing([e.name for e in instance], images, resolution)
         copies = [max(1, repeats) * example.repeats for example in instance]
         # Round k holds every image with more than k copies: with equal repeats, the folder k times over (the
         # order the crops and flips are drawn in).
@@ -217,6 +218,23 @@ class DreamBoothDataset(Dataset):
             sources[example.caption_source] = sources.get(example.caption_source, 0) + 1
         return {"images": images, "items_per_epoch": len(self.instance), "buckets": self.bucket_counts(),
                 "caption_sources": sources, "class_images": len(self.klass)}
+
+
+def warn_framing(names: list[str], images: list[Image.Image], resolution: int) -> None:
+    """One warning naming the images the square crop treats badly: upscaled more than 2x (their short side below
+    half the resolution) or losing more than a quarter of their long side to the crop (aspect beyond 4:3)."""
+    upscaled = [f"{n} ({im.width}x{im.height})" for n, im in zip(names, images) if min(im.size) * 2 < resolution]
+    cropped = [f"{n} ({im.width}x{im.height}, {1 - min(im.size) / max(im.size):.0%})" for n, im in zip(names, images)
+               if min(im.size) / max(im.size) < 0.75]
+    parts = []
+    if upscaled:
+        parts.append(f"{len(upscaled)} upscaled more than 2x to {resolution} px (use larger images or lower "
+                     f"--resolution): {', '.join(upscaled)}")
+    if cropped:
+        parts.append(f"{len(cropped)} losing more than a quarter of their long side to the square crop (crop them "
+                     f"yourself to keep what matters): {', '.join(cropped)}")
+    if parts:
+        warnings.warn(f"training images at {resolution}x{resolution}: " + "; ".join(parts), stacklevel=3)
 
 
 def drop_captions(prompt_ids: torch.Tensor, instances: int, rate: float, empty_id: int, seed: int, step: int,
