@@ -338,3 +338,57 @@ def test_square_crops_that_lose_much_or_upscale_much_are_named_in_one_warning(tm
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # 80 px at 64: shrunk, nothing cropped, no warning
         DreamBoothDataset(square, resolution=64, instance_prompt="p")
+
+
+# ---- validation loss -------------------------------------------------------------------------------------------------
+def test_validation_loss_falls_is_recorded_and_costs_no_training_randomness(tiny_sd3, tmp_path):
+    data = captioned_folder(tmp_path / "data", captions=("a red <c> box",) * 4)
+    held = captioned_folder(tmp_path / "held", captions=("a red <c> box",) * 4)  # the same look: the loss must fall
+    flags = ["--max_train_steps", "6", "--learning_rate", "1e-2", "--lora_init_method", "triu_deltaR"]
+    plain = train(tiny_sd3, data, tmp_path / "plain", *flags)
+    validated = train(tiny_sd3, data, tmp_path / "val", *flags, "--validation_data_dir", str(held), "--validation_steps", "4")
+    a, b = load_adapter(plain), load_adapter(validated)
+    assert all(torch.equal(a.layers[p]["delta_r"], b.layers[p]["delta_r"]) for p in a.layers)
+    record = json.loads((tmp_path / "val" / "validation_loss.json").read_text())
+    assert list(record["losses"]) == ["0", "4", "6"] and record["images"] == 4
+    losses = record["losses"]
+    assert losses["6"] < losses["0"], losses  # it learned the held-out images' look
+    assert record["best_loss"] == min(losses.values()) and str(record["best_step"]) in losses
+    assert losses[str(record["best_step"])] == record["best_loss"]
+
+
+def test_validation_split_holds_images_out_of_training(tiny_sd3, tmp_path, capsys):
+    data = captioned_folder(tmp_path / "data", captions=("a red <c> box",) * 4)
+    train(tiny_sd3, data, tmp_path / "run", "--validation_split", "0.25")
+    trained = json.loads((tmp_path / "run" / "dataset.json").read_text())["images"]
+    assert len(trained) == 3 and json.loads((tmp_path / "run" / "validation_loss.json").read_text())["images"] == 1
+    line = one_error(capsys, lambda: train(tiny_sd3, data, tmp_path / "bad", "--validation_split", "0.5",
+                                           "--validation_data_dir", str(data)))
+    assert "--validation_split and --validation_data_dir both name held-out images" in line and not (tmp_path / "bad").exists()
+
+
+def test_the_validation_loss_is_the_same_number_for_the_same_model(tiny_sd3, tmp_path):
+    import contextlib
+
+    from qrlora.backbones import detect_backbone
+    from qrlora.training.encoders import Encoders
+    from qrlora.training.settings import TrainSettings
+    from qrlora.training.sources import CaptionRules, folder_examples
+    from qrlora.training.validation_loss import ValidationLoss
+
+    data = captioned_folder(tmp_path / "data")
+    backbone = detect_backbone(str(tiny_sd3))
+    settings = TrainSettings(pretrained_model_name_or_path=str(tiny_sd3), instance_data_dir=str(data), resolution=64,
+                             instance_prompt="p", train_batch_size=3)
+    encoders = Encoders(backbone, str(tiny_sd3), vae_path=None, device="cpu", text_dtype=torch.float32,
+                        vae_dtype=torch.float32, max_sequence_length=48)
+    loss = ValidationLoss(backbone, folder_examples(data, CaptionRules(instance_prompt="p")), settings, encoders, torch.float32)
+    scheduler = backbone.load_scheduler(str(tiny_sd3))
+    objective, schedule = backbone.objective(scheduler), backbone.noise_schedule(scheduler)
+    model = backbone.load_denoiser(str(tiny_sd3))
+    torch.manual_seed(0)
+    state = torch.random.get_rng_state()
+    first = loss(model, schedule, objective, contextlib.nullcontext)
+    assert torch.equal(state, torch.random.get_rng_state())  # no global draws
+    assert first == loss(model, schedule, objective, contextlib.nullcontext) and first > 0
+    assert [len(latents) for latents, _ in loss.batches] == [3, 1]

@@ -177,6 +177,12 @@ class TrainSettings:
     run_name: str | None = validation(
         None, "the run folder's name under the backbone's run root when --output_dir is not given; the SD3 and SDXL "
               "layouts append -<method> (default: qrlora-run)")
+    validation_data_dir: str | None = validation(
+        None, "held-out images (with caption files, like --instance_data_dir) whose loss is reported every "
+              "--validation_steps at fixed noise and timesteps; costs no training randomness")
+    validation_split: float = validation(
+        0.0, "hold out this fraction of the training images (a seeded choice) for the validation loss instead")
+    validation_steps: int = validation(100, "report the validation loss every this many updates, and at the end")
     validation_prompt: str | None = validation(None, "render this prompt during and after training (default: no validation)")
     num_validation_images: int = validation(4, "images per validation")
     validation_epochs: int = validation(50, "validate every this many epochs, and at the end")
@@ -252,7 +258,7 @@ REQUIRED = ("pretrained_model_name_or_path",)
 FLOAT32_MAX = 3.4028234663852886e38  # torch.finfo(torch.float32).max: the optimizer's parameters are float32
 # Flags that must be at least 1 (a 0 divides by zero or trains nothing) and at least 0.
 AT_LEAST_ONE = ("rank", "train_batch_size", "gradient_accumulation_steps", "max_train_steps", "num_train_epochs",
-                "checkpointing_steps", "checkpoints_total_limit", "validation_epochs", "num_validation_images",
+                "checkpointing_steps", "checkpoints_total_limit", "validation_epochs", "validation_steps", "num_validation_images",
                 "validation_inference_steps", "repeats", "moe_num_experts", "max_sequence_length", "lr_num_cycles")
 AT_LEAST_ZERO = ("num_class_images", "lr_warmup_steps", "learning_rate", "delta_scale", "max_grad_norm",
                  "adam_weight_decay", "adam_epsilon", "prior_loss_weight", "logit_std", "lr_power", "snr_gamma")
@@ -300,6 +306,10 @@ def flag_problem(args) -> str | None:
         return "--instance_data_dir (a folder of images) or --dataset_name (a dataset) is required"
     if args.instance_data_dir and args.dataset_name:
         return "--instance_data_dir and --dataset_name both name the training images; give one"
+    if not 0 <= args.validation_split < 1:
+        return f"--validation_split must be in [0, 1), got {args.validation_split}"
+    if args.validation_split and args.validation_data_dir:
+        return "--validation_split and --validation_data_dir both name held-out images; give one"
     if not 0 <= args.caption_dropout_rate <= 1:
         return f"--caption_dropout_rate must be in [0, 1], got {args.caption_dropout_rate}"
     if not args.caption_extension.startswith(".") or len(args.caption_extension) < 2:

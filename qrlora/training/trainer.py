@@ -49,6 +49,7 @@ from ..files.run_folder import (RunLock, check_finite, check_resume_matches, com
 from .settings import TrainSettings
 from .sharding import fsdp_launch, prepare_sharded, shard_base
 from .tracking import log_validation_images
+from .validation_loss import ValidationLoss, held_out
 
 logger = logging.getLogger("qrlora.train")
 
@@ -155,13 +156,14 @@ def train(settings: TrainSettings, command: str) -> Path:
         examples = dataset_examples(settings.dataset_name, CaptionRules.of(settings), settings.image_column, settings.caption_column)
     else:
         examples = folder_examples(settings.instance_data_dir, CaptionRules.of(settings))
+    examples, held_out_examples = held_out(settings, examples)  # --validation_data_dir / --validation_split
     dataset = DreamBoothDataset(examples, resolution=settings.resolution, center_crop=settings.center_crop,
                                 random_flip=settings.random_flip, repeats=settings.repeats, seed=settings.seed)
     metadata = adapter_metadata(config, component=backbone.denoiser_name, backbone=backbone.name,
                                 base_model=settings.pretrained_model_name_or_path, targets=targets,
                                 extra={"lora_blocks": json.dumps(blocks or []),
                                        "instance_prompt": settings.instance_prompt or most_common_caption(examples)})
-    check_prompt_lengths(settings.pretrained_model_name_or_path, max_sequence_length, trained_prompts(examples),
+    check_prompt_lengths(settings.pretrained_model_name_or_path, max_sequence_length, trained_prompts(examples + held_out_examples),
                          {"--class_prompt": settings.class_prompt, "--validation_prompt": settings.validation_prompt})
     # One run per folder: the main process holds the folder's lock for the whole run (the kernel drops it on exit).
     run_lock = RunLock(output_dir).acquire() if PartialState().is_main_process else None
@@ -210,6 +212,8 @@ def train(settings: TrainSettings, command: str) -> Path:
     empty_id = dataset.prompt_id("") if settings.caption_dropout_rate > 0 else None  # caption dropout's prompt
     cond_table = cast_floating(encoders.prompts(dataset.prompts), model_dtype)  # row i: dataset.prompts[i]
     validation_cond = (encoders.prompts([settings.validation_prompt]), encoders.negative()) if settings.validation_prompt else None
+    validation_loss = (ValidationLoss(backbone, held_out_examples, settings, encoders, model_dtype)
+                       if held_out_examples and accelerator.is_main_process else None)
     encoders.free_text()
     if settings.cache_latents or settings.cache_dir:
         dataset.cache(encoders.latent_params)
@@ -280,6 +284,8 @@ def train(settings: TrainSettings, command: str) -> Path:
 
     # ---- 8. Train: one optimizer update per group of micro-batches ----------------------------------
     progress = tqdm(total=max_steps, initial=global_step, desc="steps", disable=not accelerator.is_local_main_process)
+    if validation_loss is not None and global_step == 0:  # the base model's point: where the curve starts
+        validation_loss.record(0, validation_loss(model, schedule, objective, accelerator.autocast), output_dir)
     denoiser.train()
     first_epoch, skip = divmod(global_step, updates_per_epoch)
     for epoch in range(first_epoch, num_epochs):
@@ -322,6 +328,12 @@ def train(settings: TrainSettings, command: str) -> Path:
             logs = {"loss": reduced.item(), "lr": lr_scheduler.get_last_lr()[0]}
             progress.set_postfix(**logs)
             accelerator.log(logs, step=global_step)
+            if validation_loss is not None and (global_step % settings.validation_steps == 0 or global_step >= max_steps):
+                value = validation_loss(model, schedule, objective, accelerator.autocast)
+                record = validation_loss.record(global_step, value, output_dir)
+                logger.info("step %d: validation loss %.6f (best %.6f at step %d)", global_step, value,
+                            record["best_loss"], record["best_step"])
+                accelerator.log({"validation_loss": value}, step=global_step)
             if global_step % settings.checkpointing_steps == 0 and global_step < max_steps:
                 save_checkpoint(global_step)
             if global_step >= max_steps:
