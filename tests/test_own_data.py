@@ -328,9 +328,10 @@ def test_square_crops_that_lose_much_or_upscale_much_are_named_in_one_warning(tm
     data = captioned_folder(tmp_path / "data")  # 96x64, 64x96, 80x80, 128x72 (the last loses 44 % of its width)
     with pytest.warns(UserWarning) as caught:
         DreamBoothDataset(data, resolution=160, instance_prompt="p")
-    said = [str(w.message) for w in caught if "square crop" in str(w.message) or "upscaled" in str(w.message)]
+    said = [str(w.message) for w in caught if "to the crop" in str(w.message) or "upscaled" in str(w.message)]
     assert len(said) == 1, said
-    assert "3 upscaled more than 2x to 160 px (use larger images or lower --resolution): img0.png (96x64), img1.png (64x96), img3.png (128x72)" in said[0]
+    assert ("3 upscaled more than 2x (use larger images or lower --resolution): img0.png (96x64 -> 160x160), "
+            "img1.png (64x96 -> 160x160), img3.png (128x72 -> 160x160)") in said[0]
     assert "img3.png (128x72, 44%)" in said[0] and "img2.png (80x80, " not in said[0]  # a square loses nothing
     square = tmp_path / "square"
     square.mkdir()
@@ -392,3 +393,57 @@ def test_the_validation_loss_is_the_same_number_for_the_same_model(tiny_sd3, tmp
     assert torch.equal(state, torch.random.get_rng_state())  # no global draws
     assert first == loss(model, schedule, objective, contextlib.nullcontext) and first > 0
     assert [len(latents) for latents, _ in loss.batches] == [3, 1]
+
+
+# ---- aspect-ratio buckets --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", ["sd3", "flux", "sdxl"])
+def test_bucketing_trains_each_image_at_its_aspect_with_one_bucket_per_batch(name, request, tmp_path, monkeypatch):
+    model = request.getfixturevalue(f"tiny_{name}")
+    backbone_class = type(BACKBONES[name])
+    shapes, conds = [], []
+    real_loss, real_cond = backbone_class.training_loss, backbone_class.batch_cond
+
+    def loss_spy(self, denoiser, latents, *args, **kwargs):
+        shapes.append(tuple(latents.shape))
+        return real_loss(self, denoiser, latents, *args, **kwargs)
+
+    def cond_spy(self, table, batch):
+        conds.append({k: batch[k].tolist() for k in ("original_size", "crop_top_left", "target_size")})
+        return real_cond(self, table, batch)
+    monkeypatch.setattr(backbone_class, "training_loss", loss_spy)
+    monkeypatch.setattr(backbone_class, "batch_cond", cond_spy)
+    encoded = spy_prompts(monkeypatch, name)
+    data = captioned_folder(tmp_path / "data", captions=("a red <c> box", "a green <c> box", "a blue <c> box", "a <c> box"))
+    train(model, data, tmp_path / "run", "--enable_bucket", "--train_batch_size", "2", "--max_train_steps", "6",
+          cache=tmp_path / "cache")
+    record = json.loads((tmp_path / "run" / "dataset.json").read_text())
+    buckets = {i["image"]: tuple(i["bucket"]) for i in record["images"]}  # (width, height)
+    assert buckets == {"img0.png": (80, 48), "img1.png": (48, 80), "img2.png": (64, 64), "img3.png": (80, 48)}
+    assert record["buckets"] == {"80x48": 2, "48x80": 1, "64x64": 1}
+    vae_factor = 8
+    seen = {(h * vae_factor, w * vae_factor) for _, _, h, w in shapes}  # the latents follow the bucket's shape
+    assert seen == {(48, 80), (80, 48), (64, 64)}, seen
+    for cond in conds:  # one bucket per batch; SDXL's size conditioning: the true source size, a rounding-only crop
+        assert len({tuple(t) for t in cond["target_size"]}) == 1
+        for original, crop, target in zip(cond["original_size"], cond["crop_top_left"], cond["target_size"]):
+            assert tuple(original) in {(64, 96), (96, 64), (80, 80), (72, 128)}
+            scale = max(target[0] / original[0], target[1] / original[1])
+            assert crop[0] <= original[0] * scale - target[0] + 1 and crop[1] <= original[1] * scale - target[1] + 1
+    assert encoded[0] == ["a red <c> box", "a green <c> box", "a blue <c> box", "a <c> box"]
+    latents = cache_keys(tmp_path / "cache", "latents")
+    assert sorted(tuple(k["bucket"]) for k in latents) == sorted(buckets.values())
+
+
+def test_bucket_batches_are_seeded_and_one_bucket_each():
+    from qrlora.training.buckets import bucket_batches, make_buckets, nearest_bucket
+
+    buckets = make_buckets(512, 64)
+    assert all(h % 64 == 0 and w % 64 == 0 and 0.7 * 512**2 < h * w < 1.3 * 512**2 for h, w in buckets)
+    assert (512, 512) in buckets and nearest_bucket(720, 1280, buckets)[1] > nearest_bucket(720, 1280, buckets)[0]
+    sizes = [(64, 64)] * 5 + [(48, 80)] * 3
+    one = bucket_batches(sizes, 2, 0, 0, 0, 1)
+    assert one == bucket_batches(sizes, 2, 0, 0, 0, 1) and one != bucket_batches(sizes, 2, 0, 1, 0, 1)
+    assert all(len({sizes[i] for i in batch}) == 1 and len(batch) == 2 for batch in one)
+    assert {i for batch in one for i in batch} == set(range(8))
+    ranks = [bucket_batches(sizes, 2, 0, 0, r, 2) for r in (0, 1)]
+    assert len(ranks[0]) == len(ranks[1])

@@ -19,6 +19,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from torch.utils.data import Dataset
 
 from ..core.objective import step_generator
+from .buckets import nearest_bucket
 from ..errors import UserError
 from .sources import IMAGE_EXTENSIONS, CaptionRules, Example, folder_examples, scan_folder
 
@@ -92,28 +93,31 @@ def _to_8bit(image: Image.Image) -> Image.Image:
     return Image.fromarray(np.clip(np.round(values * (255.0 / full)), 0, 255).astype(np.uint8))
 
 
-def to_training_tensor(image: Image.Image, resolution: int, center_crop: bool, flip: bool, rng: random.Random) -> TrainingImage:
-    """Resize the short side to ``resolution``, crop a square (center or seeded random), optionally mirror.
+def to_training_tensor(image: Image.Image, resolution: int, center_crop: bool, flip: bool, rng: random.Random,
+                       size: tuple[int, int] | None = None) -> TrainingImage:
+    """Resize to cover ``size`` (h, w; default the ``resolution`` square), crop it (center or seeded random; for
+    a bucket of the image's aspect only the rounding is cropped), optionally mirror.
 
-    Returns the (3, resolution, resolution) float tensor in [-1, 1] with SDXL's micro-conditioning facts: the
-    source size (h, w) before resizing and the crop's top-left (y, x) in the resized image, as diffusers' SDXL
-    DreamBooth script records them.
+    Returns the (3, h, w) float tensor in [-1, 1] with SDXL's micro-conditioning facts: the source size (h, w)
+    before resizing and the crop's top-left (y, x) in the resized image, as diffusers' SDXL DreamBooth script
+    records them.
     """
+    target_h, target_w = size or (resolution, resolution)
     original_size = image.info.get("original_size", (image.height, image.width))
     w, h = image.size
-    scale = resolution / min(w, h)
-    image = image.resize((max(resolution, round(w * scale)), max(resolution, round(h * scale))), Image.BICUBIC)
+    scale = max(target_w / w, target_h / h)
+    image = image.resize((max(target_w, round(w * scale)), max(target_h, round(h * scale))), Image.BICUBIC)
     w, h = image.size
     if center_crop:
-        left, top = (w - resolution) // 2, (h - resolution) // 2
+        left, top = (w - target_w) // 2, (h - target_h) // 2
     else:
-        left, top = rng.randint(0, w - resolution), rng.randint(0, h - resolution)
-    image = image.crop((left, top, left + resolution, top + resolution))
+        left, top = rng.randint(0, w - target_w), rng.randint(0, h - target_h)
+    image = image.crop((left, top, left + target_w, top + target_h))
     if flip:
         image = ImageOps.mirror(image)
     array = np.asarray(image, dtype=np.float32) / 127.5 - 1.0  # (H, W, 3)
     pixels = torch.from_numpy(array).permute(2, 0, 1).contiguous()
-    return TrainingImage(pixels, original_size, (top, left), (resolution, resolution))
+    return TrainingImage(pixels, original_size, (top, left), (target_h, target_w))
 
 
 @dataclass
@@ -141,7 +145,8 @@ class DreamBoothDataset(Dataset):
 
     def __init__(self, instance, *, resolution: int, center_crop: bool = False, random_flip: bool = False,
                  repeats: int = 1, class_dir=None, num_class_images: int = 0, seed: int = 0,
-                 instance_prompt: str | None = None, class_prompt: str | None = None):
+                 instance_prompt: str | None = None, class_prompt: str | None = None,
+                 buckets: list[tuple[int, int]] | None = None):
         rng = random.Random(seed)
         if not isinstance(instance, list):
             instance = folder_examples(instance, CaptionRules(instance_prompt=instance_prompt if instance_prompt is not None else ""))
@@ -149,16 +154,19 @@ class DreamBoothDataset(Dataset):
         self.prompts: list[str] = list(dict.fromkeys(e.caption for e in instance))
         ids = {caption: i for i, caption in enumerate(self.prompts)}
 
-        def prepare(images):
-            return [to_training_tensor(img, resolution, center_crop, random_flip and rng.random() < 0.5, rng) for img in images]
+        def prepare(images, sizes=None):
+            return [to_training_tensor(img, resolution, center_crop, random_flip and rng.random() < 0.5, rng,
+                                       None if sizes is None else sizes[i]) for i, img in enumerate(images)]
 
         images = [load_image(example.image, resolution) for example in instance]
-        warn_framing([e.name for e in instance], images, resolution)
+        # --enable_bucket: each image's nearest bucket (h, w) by aspect ratio; else every image the square
+        self.sizes = [nearest_bucket(im.height, im.width, buckets) if buckets else (resolution, resolution) for im in images]
+        warn_framing([e.name for e in instance], images, self.sizes)
         copies = [max(1, repeats) * example.repeats for example in instance]
         # Round k holds every image with more than k copies: with equal repeats, the folder k times over (the
         # order the crops and flips are drawn in).
         self.example_of = [i for k in range(max(copies)) for i in range(len(instance)) if copies[i] > k]
-        self.instance = prepare([images[i] for i in self.example_of])
+        self.instance = prepare([images[i] for i in self.example_of], [self.sizes[i] for i in self.example_of])
         self.prompt_ids = [ids[instance[i].caption] for i in self.example_of]
         self.klass = []
         if class_dir is not None:
@@ -180,12 +188,12 @@ class DreamBoothDataset(Dataset):
     @torch.no_grad()
     def cache(self, encode: Callable[..., torch.Tensor]) -> None:
         """Replace every image's pixels by its latent distribution's parameters (``encode(pixels, caption=,
-        bucket=)``: (1, 3, H, W) -> (1, 2C, h, w), mean and log-variance; the caption and the (h, w) bucket go
+        bucket=)``: (1, 3, H, W) -> (1, 2C, h, w), mean and log-variance; the caption and the [w, h] bucket go
         into a disk cache's key), computed once; each step then samples its own latent from it."""
         captioned = [(image, self.prompts[i]) for image, i in zip(self.instance, self.prompt_ids)]
         captioned += [(image, self.prompts[self.class_prompt_id]) for image in self.klass]
         for image, caption in captioned:
-            image.latent_params = encode(image.pixels.unsqueeze(0), caption=caption, bucket=list(image.target_size))[0].cpu()
+            image.latent_params = encode(image.pixels.unsqueeze(0), caption=caption, bucket=[image.target_size[1], image.target_size[0]])[0].cpu()
             image.pixels = None
 
     def prompt_id(self, prompt: str) -> int:
@@ -220,21 +228,25 @@ class DreamBoothDataset(Dataset):
                 "caption_sources": sources, "class_images": len(self.klass)}
 
 
-def warn_framing(names: list[str], images: list[Image.Image], resolution: int) -> None:
-    """One warning naming the images the square crop treats badly: upscaled more than 2x (their short side below
-    half the resolution) or losing more than a quarter of their long side to the crop (aspect beyond 4:3)."""
-    upscaled = [f"{n} ({im.width}x{im.height})" for n, im in zip(names, images) if min(im.size) * 2 < resolution]
-    cropped = [f"{n} ({im.width}x{im.height}, {1 - min(im.size) / max(im.size):.0%})" for n, im in zip(names, images)
-               if min(im.size) / max(im.size) < 0.75]
+def warn_framing(names: list[str], images: list[Image.Image], sizes: list[tuple[int, int]]) -> None:
+    """One warning naming the images their training size (h, w) treats badly: upscaled more than 2x, or losing
+    more than a quarter of one side to the crop (a square crop of an image beyond 4:3)."""
+    upscaled, cropped = [], []
+    for name, image, (h, w) in zip(names, images, sizes):
+        scale = max(w / image.width, h / image.height)  # the cover resize of to_training_tensor
+        if scale > 2:
+            upscaled.append(f"{name} ({image.width}x{image.height} -> {w}x{h})")
+        lost = max(1 - w / (image.width * scale), 1 - h / (image.height * scale))
+        if lost > 0.25:
+            cropped.append(f"{name} ({image.width}x{image.height}, {lost:.0%})")
     parts = []
     if upscaled:
-        parts.append(f"{len(upscaled)} upscaled more than 2x to {resolution} px (use larger images or lower "
-                     f"--resolution): {', '.join(upscaled)}")
+        parts.append(f"{len(upscaled)} upscaled more than 2x (use larger images or lower --resolution): {', '.join(upscaled)}")
     if cropped:
-        parts.append(f"{len(cropped)} losing more than a quarter of their long side to the square crop (crop them "
-                     f"yourself to keep what matters): {', '.join(cropped)}")
+        parts.append(f"{len(cropped)} losing more than a quarter of one side to the crop (crop them yourself to keep "
+                     f"what matters, or --enable_bucket): {', '.join(cropped)}")
     if parts:
-        warnings.warn(f"training images at {resolution}x{resolution}: " + "; ".join(parts), stacklevel=3)
+        warnings.warn("training images: " + "; ".join(parts), stacklevel=3)
 
 
 def drop_captions(prompt_ids: torch.Tensor, instances: int, rate: float, empty_id: int, seed: int, step: int,

@@ -102,6 +102,9 @@ class TrainSettings:
     resolution: int | None = data(
         None, "training image size in pixels, a multiple of 8 (default: the backbone's, 512 SD3 and FLUX, 1024 SDXL; "
               "a CPU world's own size)")
+    enable_bucket: bool = data(
+        False, "aspect-ratio buckets (kohya's flag): each image trains at the bucket of about --resolution squared "
+               "pixels nearest its aspect ratio (crops only the rounding); every batch draws from one bucket")
     center_crop: bool = data(False, "crop the centre square (default: a seeded random crop)")
     random_flip: bool = data(False, "mirror a seeded half of the images")
     repeats: int = data(1, "copies of every instance image per epoch, each cropped and flipped on its own")
@@ -306,6 +309,8 @@ def flag_problem(args) -> str | None:
         return "--instance_data_dir (a folder of images) or --dataset_name (a dataset) is required"
     if args.instance_data_dir and args.dataset_name:
         return "--instance_data_dir and --dataset_name both name the training images; give one"
+    if args.enable_bucket and args.with_prior_preservation:
+        return "--enable_bucket with --with_prior_preservation is not supported (class images are square); use one"
     if not 0 <= args.validation_split < 1:
         return f"--validation_split must be in [0, 1), got {args.validation_split}"
     if args.validation_split and args.validation_data_dir:

@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 
 from ..backbones import detect_backbone
 from .blockswap import attach_block_swap, check_blocks_to_swap
+from .buckets import bucket_batches, make_buckets, side_multiple
 from .cache import DiskCache
 from .config_file import write_config
 from ..files.checkpoint import ADAPTER_FILENAME, adapter_from_model, adapter_metadata, base_fingerprint, load_adapter, save_adapter
@@ -157,8 +158,10 @@ def train(settings: TrainSettings, command: str) -> Path:
     else:
         examples = folder_examples(settings.instance_data_dir, CaptionRules.of(settings))
     examples, held_out_examples = held_out(settings, examples)  # --validation_data_dir / --validation_split
+    buckets = (make_buckets(settings.resolution, side_multiple(settings.pretrained_model_name_or_path, backbone.denoiser_name))
+               if settings.enable_bucket else None)
     dataset = DreamBoothDataset(examples, resolution=settings.resolution, center_crop=settings.center_crop,
-                                random_flip=settings.random_flip, repeats=settings.repeats, seed=settings.seed)
+                                random_flip=settings.random_flip, repeats=settings.repeats, seed=settings.seed, buckets=buckets)
     metadata = adapter_metadata(config, component=backbone.denoiser_name, backbone=backbone.name,
                                 base_model=settings.pretrained_model_name_or_path, targets=targets,
                                 extra={"lora_blocks": json.dumps(blocks or []),
@@ -239,7 +242,12 @@ def train(settings: TrainSettings, command: str) -> Path:
 
     # ---- 6. Optimizer and schedule: exactly max_steps updates, ceil(batches / accumulation) per epoch --
     world = accelerator.num_processes
-    batches_per_epoch = len(epoch_batches(len(dataset), settings.train_batch_size, settings.seed, 0, 0, world))
+    def batches_of(epoch: int, rank: int) -> list[list[int]]:  # --enable_bucket: each batch from one bucket
+        if buckets is None:
+            return epoch_batches(len(dataset), settings.train_batch_size, settings.seed, epoch, rank, world)
+        return bucket_batches([im.target_size for im in dataset.instance], settings.train_batch_size, settings.seed,
+                              epoch, rank, world)
+    batches_per_epoch = len(batches_of(0, 0))
     updates_per_epoch = math.ceil(batches_per_epoch / settings.gradient_accumulation_steps)
     max_steps = settings.max_train_steps or settings.num_train_epochs * updates_per_epoch
     num_epochs = math.ceil(max_steps / updates_per_epoch)
@@ -289,7 +297,7 @@ def train(settings: TrainSettings, command: str) -> Path:
     denoiser.train()
     first_epoch, skip = divmod(global_step, updates_per_epoch)
     for epoch in range(first_epoch, num_epochs):
-        batches = epoch_batches(len(dataset), settings.train_batch_size, settings.seed, epoch, accelerator.process_index, world)
+        batches = batches_of(epoch, accelerator.process_index)
         for group in update_groups(batches, settings.gradient_accumulation_steps)[skip:]:
             losses = []
             for micro, indices in enumerate(group):
