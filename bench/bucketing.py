@@ -2,13 +2,13 @@
 count, the real trainer on the tiny SD3 pipeline (CPU), a folder of mixed-aspect images (96x64, 64x96, 80x80,
 128x72, each twice).
 
-Both variants run in this process, interleaved (so a burst of load on the machine hits both), each at two step
-counts: images per second is the extra images of the longer run over its extra time, which cancels model loading,
-decomposition and the final save. Reported: each variant's images/s (median over rounds) and their ratio (goal: no
-slower than 0.95x).
+Both variants run in this process, interleaved round by round (so a burst of load on the machine hits both).
+A run's images per second is the batch over its median time between consecutive steps (data, forward, backward,
+optimizer; model loading and saving excluded). Reported: each variant's images/s (median over rounds) and their
+ratio (goal: no slower than 0.95x).
 
-    python -m bench.bucketing            # 3 rounds of 10 and 50 steps (~3 minutes on 2 cores)
-    python -m bench.bucketing --smoke    # 1 round of 2 and 6 steps
+    python -m bench.bucketing            # 3 rounds of 40 steps per variant (~2 minutes on 2 cores)
+    python -m bench.bucketing --smoke    # 1 round of 4 steps
 """
 from __future__ import annotations
 
@@ -36,27 +36,36 @@ def make_folder(folder: Path) -> Path:
     return folder
 
 
-def run(model: Path, data: Path, out: Path, steps: int, bucket: bool, batch: int) -> float:
-    """Seconds of one whole trainer run (quiet)."""
+def run(model: Path, data: Path, out: Path, steps: int, bucket: bool, batch: int) -> list[float]:
+    """Seconds between consecutive training steps of one quiet trainer run (each step collates one batch)."""
     from qrlora.cli.train import main
+    from qrlora.training import trainer
 
     flags = ["--pretrained_model_name_or_path", str(model), "--instance_data_dir", str(data), "--resolution", "64",
              "--max_train_steps", str(steps), "--train_batch_size", str(batch), "--output_dir", str(out),
              "--max_sequence_length", "48", "--checkpointing_steps", "100000"] + (["--enable_bucket"] if bucket else [])
-    start = time.perf_counter()
-    with warnings.catch_warnings(), contextlib.redirect_stderr(io.StringIO()):
-        warnings.simplefilter("ignore")
-        main(flags)
-    return time.perf_counter() - start
+    stamps, collate = [], trainer.collate
+
+    def stamped(items):
+        stamps.append(time.perf_counter())
+        return collate(items)
+    trainer.collate = stamped
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stderr(io.StringIO()):
+            warnings.simplefilter("ignore")
+            main(flags)
+    finally:
+        trainer.collate = collate
+    return [b - a for a, b in zip(stamps, stamps[1:])]
 
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--smoke", action="store_true")
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--output", default=str(C.default_output("bucketing")))
+    parser.add_argument("--output", default=str(C.REPO_ROOT / "bench" / "reports" / "bucketing.json"))
     args = parser.parse_args(argv)
-    short, long, rounds = (2, 6, 1) if args.smoke else (10, 50, args.rounds)
+    steps, rounds = (4, 1) if args.smoke else (40, args.rounds)
     batch = 2
     from qrlora.toy.tiny import build_tiny_pipeline
 
@@ -65,16 +74,14 @@ def main(argv=None) -> None:
         model = build_tiny_pipeline("sd3", tmp / "tiny-sd3")
         data = make_folder(tmp / "data")
         rates = {"square": [], "buckets": []}
-        for r in range(rounds):
+        for r in range(rounds):  # interleaved, so a burst of load on the machine hits both
             for name in ("square", "buckets"):
-                bucket = name == "buckets"
-                t_short = run(model, data, tmp / f"{name}{r}s", short, bucket, batch)
-                t_long = run(model, data, tmp / f"{name}{r}l", long, bucket, batch)
-                rates[name].append((long - short) * batch / max(t_long - t_short, 1e-9))
+                intervals = run(model, data, tmp / f"{name}{r}", steps, name == "buckets", batch)
+                rates[name].append(batch / C.median(intervals))  # the median step: robust to load bursts
     square, buckets = C.median(rates["square"]), C.median(rates["buckets"])
     payload = {"benchmark": "bucketing", "mode": "smoke" if args.smoke else "full", "machine": C.machine_info(),
                "setup": {"pipeline": "tiny sd3 (qrlora.toy.tiny)", "resolution": 64, "batch": batch,
-                         "images": [f"{w}x{h}" for w, h in SIZES], "steps": [short, long], "rounds": rounds},
+                         "images": [f"{w}x{h}" for w, h in SIZES], "steps": steps, "rounds": rounds},
                "images_per_second": {"square_crops": square, "buckets": buckets, "per_round": rates},
                "ratio_buckets_to_square": buckets / square, "target_ratio": TARGET_RATIO,
                "meets_target": buckets / square >= TARGET_RATIO}
