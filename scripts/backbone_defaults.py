@@ -1,12 +1,11 @@
-"""Print a backbone's wrapper defaults as shell assignments, for scripts/launch_train.sh and launch_inference.sh:
+"""Print a backbone's rendering defaults as shell assignments, for scripts/launch_inference.sh and the residual
+wrapper (the training wrappers need none: the trainer fills the backbone's model, resolution and run folder itself):
 
     python scripts/backbone_defaults.py flux
-    DEFAULT_MODEL=black-forest-labs/FLUX.1-dev DEFAULT_RESOLUTION=512 EXP_ROOT=exps_flux RUN_NAME_HAS_METHOD=0 \
-    DEFAULT_INFERENCE_STEPS=28 DEFAULT_SIZE=1024
+    DEFAULT_MODEL=black-forest-labs/FLUX.1-dev DEFAULT_INFERENCE_STEPS=28 DEFAULT_SIZE=1024
 
 The one owner of these facts is the backbone's class in ``qrlora/backbones/`` (``default_model``,
-``default_resolution``, ``run_root``, ``run_name_has_method``, ``default_inference_steps``, ``default_image_size``;
-docs/ARCHITECTURE.md s. 3). This script reads
+``default_inference_steps``, ``default_image_size``; docs/ARCHITECTURE.md s. 3). This script reads
 them from the source with ``ast`` instead of importing the package: importing the registry imports torch and
 diffusers (about 10 s on 2 cores), and a wrapper should start at once. A class attribute a subclass does not set is
 taken from its base classes, as Python would. The attributes must stay literals; a test compares every output with
@@ -23,9 +22,6 @@ BACKBONES_DIR = Path(__file__).resolve().parent.parent / "qrlora" / "backbones"
 #: shell variable -> Backbone class attribute
 FIELDS = {
     "DEFAULT_MODEL": "default_model",
-    "DEFAULT_RESOLUTION": "default_resolution",
-    "EXP_ROOT": "run_root",
-    "RUN_NAME_HAS_METHOD": "run_name_has_method",
     "DEFAULT_INFERENCE_STEPS": "default_inference_steps",
     "DEFAULT_SIZE": "default_image_size",
 }

@@ -15,7 +15,7 @@ ENTRY="$1"; shift
 (( $# >= 1 )) || die "usage: bash <wrapper> GPU_ID [extra flags...]"
 select_devices "$1"; shift
 BACKBONE_DEFAULTS="$("${PYTHON:-python}" "$REPO_ROOT/scripts/backbone_defaults.py" "${BACKBONE:-}")" || exit 2
-eval "$BACKBONE_DEFAULTS"   # DEFAULT_MODEL, DEFAULT_INFERENCE_STEPS, DEFAULT_SIZE (and the training ones)
+eval "$BACKBONE_DEFAULTS"   # DEFAULT_MODEL, DEFAULT_INFERENCE_STEPS, DEFAULT_SIZE
 if [[ -z "${STYLE_LORA:-}" || -z "${CONTENT_LORA:-}" ]]; then
   # shellcheck disable=SC2086  # RUN_FILTER is a list of flags
   find_pair "set STYLE_LORA and CONTENT_LORA to adapter files, or train a pair with ${RUN_HINT:-the training wrappers}" \

@@ -149,3 +149,13 @@ def test_readme_tables_are_the_committed_reports():
     block = readme.split(readme_table.START, 1)[1].split(readme_table.END, 1)[0]
     assert readme_table.START + block + readme_table.END == readme_table.render(), \
         "docs/benchmarks.md tables differ from bench/reports: run python -m bench.readme_table --write"
+
+
+def test_bucketing_smoke(tmp_path):
+    out = tmp_path / "bucketing.json"
+    _run(["-m", "bench.bucketing", "--smoke", "--output", str(out)])
+    payload = json.loads(out.read_text())
+    assert payload["benchmark"] == "bucketing" and payload["mode"] == "smoke"
+    _machine_fields(payload)
+    assert set(payload["images_per_second"]) == {"square_crops", "buckets", "per_round"}
+    assert payload["target_ratio"] == 0.95 and "ratio_buckets_to_square" in payload

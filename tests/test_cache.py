@@ -82,14 +82,16 @@ def test_changed_prompt_or_image_is_a_miss(tiny_sd3, tmp_path, images, loads):
     run(tiny_sd3, tmp_path / "a", cache, images)
     latents = len(entries(cache, "latents"))
     run(tiny_sd3, tmp_path / "b", cache, images, "a photo of a <c> kitten")
-    assert loads["text"] == 2 and loads["vae"] == 1  # new prompt: text encoders again; same images: no VAE
-    assert len(entries(cache, "prompts")) == 2 and len(entries(cache, "latents")) == latents
+    # A new caption: text encoders again, and each image's latents again (entries are keyed on the caption and
+    # the bucket too, so an entry records what it was encoded for and is never reused for another caption).
+    assert loads["text"] == 2 and loads["vae"] == 2
+    assert len(entries(cache, "prompts")) == 2 and len(entries(cache, "latents")) == 2 * latents
     first = sorted(images.iterdir())[0]
     with Image.open(first) as img:
         img.convert("RGB").transpose(Image.Transpose.FLIP_TOP_BOTTOM).save(first)
     run(tiny_sd3, tmp_path / "c", cache, images, "a photo of a <c> kitten")
-    assert loads["text"] == 2 and loads["vae"] == 2  # one changed image: the VAE again, one more latent entry
-    assert len(entries(cache, "latents")) == latents + 1
+    assert loads["text"] == 2 and loads["vae"] == 3  # one changed image: the VAE again, one more latent entry
+    assert len(entries(cache, "latents")) == 2 * latents + 1
 
 
 @pytest.mark.parametrize("damage", ["tensors", "json"])

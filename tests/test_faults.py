@@ -246,7 +246,7 @@ def test_second_run_in_one_folder_is_refused_naming_the_holder(tiny_sd3, tmp_pat
         holder.wait()
     assert f"{tmp_path / 'run'} is in use by another training run (pid {holder.pid})" in line
     main(train_args(tiny_sd3, tmp_path / "run", 1))  # the holder is gone: the kernel dropped its lock
-    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["README.md", ADAPTER_FILENAME]  # + model card
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["README.md", "config.toml", "dataset.json", ADAPTER_FILENAME]  # + card, settings, data record
 
 
 def test_resume_refuses_changed_settings(tiny_sd3, tmp_path, capsys):
@@ -349,7 +349,7 @@ def test_odd_images(tmp_path, monkeypatch):
     Image.new("RGB", (2600, 2100), "red").save(tmp_path / "b_large.jpg")
     Image.new("L", (3000, 3000)).save(tmp_path / "c_bomb.png")
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 4_000_000)  # PIL refuses > 2x this: 9 M pixels is a bomb here
-    with pytest.warns(UserWarning, match="skipped 1 unreadable file\\(s\\).*c_bomb.png"):
+    with pytest.warns(UserWarning, match="skipped 1 image file\\(s\\).*c_bomb.png \\(larger than PIL allows\\)"):
         grey, large = list_images(tmp_path, "--instance_data_dir", resolution=64)
     values = np.asarray(grey)[..., 0]
     assert np.array_equal(values, np.round(ramp * (255 / 65535)).astype(np.uint8))  # the ramp, not uniform white

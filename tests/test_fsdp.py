@@ -166,7 +166,7 @@ def test_sharded_training_on_two_cpu_processes(tiny_sd3, tmp_path):
     check_adapter_file(final, tiny_sd3, "triu_deltaR", 4, "sd3")
     ckpt = tmp_path / "fsdp" / "checkpoint-2"
     assert sorted(p.name for p in ckpt.iterdir()) == sorted(p.name for p in (tmp_path / "ddp" / "checkpoint-2").iterdir())
-    assert sorted(p.name for p in (tmp_path / "fsdp").iterdir()) == ["README.md", "checkpoint-2", ADAPTER_FILENAME]
+    assert sorted(p.name for p in (tmp_path / "fsdp").iterdir()) == ["README.md", "checkpoint-2", "config.toml", "dataset.json", ADAPTER_FILENAME]
 
     # Only the main process writes: process 1 wrote its own RNG state into the checkpoint and nothing else.
     other = {path for _, path in sharded[1]["writes"]}

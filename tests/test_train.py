@@ -167,7 +167,7 @@ def test_two_processes_on_cpu(tiny_sd3, tmp_path):
 
     plain = launch(tmp_path / "ddp")
     files = sorted(p.name for p in (tmp_path / "ddp").iterdir())
-    assert files == ["README.md", ADAPTER_FILENAME]  # one writer (adapter + model card), no stray temporary files
+    assert files == ["README.md", "config.toml", "dataset.json", ADAPTER_FILENAME]  # one writer (adapter, card, settings, data record), no stray temporary files
     check_adapter_file(plain, tiny_sd3, "ica", 4, "sd3")
     validated = launch(tmp_path / "ddp_validated", "--validation_prompt", "a <c> cat", "--validation_epochs", "1",
                        "--num_validation_images", "1", "--validation_inference_steps", "2")
@@ -251,14 +251,18 @@ def test_prior_preservation_generates_missing_class_images(tiny_sd3, tmp_path):
     assert any(torch.count_nonzero(t["delta_r"]) for t in load_adapter(final).layers.values())
 
 
-def test_unreadable_files_are_skipped_with_one_warning(tmp_path):
+def test_broken_images_and_other_files_are_named_in_one_warning_each(tmp_path):
     from qrlora.training.data import list_images
 
     shutil.copy(REPO / "assets/cnt/cat/cat_0.jpg", tmp_path / "good.jpg")
     (tmp_path / "broken.png").write_bytes(b"nope")
     (tmp_path / "notes.txt").write_text("hello")
-    with pytest.warns(UserWarning, match="skipped 2 unreadable file\\(s\\).*broken.png, notes.txt"):
+    with pytest.warns(UserWarning) as caught:
         assert len(list_images(tmp_path, "--instance_data_dir")) == 1
+    said = [str(w.message) for w in caught]
+    assert len(said) == 2 and not any("unreadable" in m for m in said), said  # a text file is not "unreadable"
+    assert "skipped 1 image file(s)" in said[0] and "broken.png (not a readable image)" in said[0]
+    assert "ignored 1 file(s)" in said[1] and "that are neither images" in said[1] and said[1].endswith(": notes.txt")
 
 
 def test_non_finite_loss_stops_and_keeps_last_checkpoint(tiny_sd3, tmp_path, monkeypatch):

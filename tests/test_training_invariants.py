@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import re
+import shlex
 import shutil
 import sys
 import types
@@ -24,6 +25,7 @@ from qrlora.training.data import DreamBoothDataset, collate
 from qrlora.core.inject import inject_adapters
 from qrlora.core.layers import AdapterState, adapter_layers
 from qrlora.core.methods import METHODS, AdapterConfig, get_method
+from qrlora.training.settings import TrainSettings
 
 
 def run_trainer(model, out, *extra, steps=4, images=REPO / "assets/cnt/cat"):
@@ -204,13 +206,30 @@ def test_sdxl_validation_negative_is_zeros_as_the_pipeline_draws(tiny_sdxl):
     assert negative["prompt_embeds"].shape[1] == 77
 
 
-def test_sdxl_wrappers_default_to_1024_px():
-    proc = run_script(["bash", "SDXL_dir/train_deltaR_sty.sh", "cpu", "4"], env={"DRY_RUN": "1", "MODEL_NAME": "x"})
-    command = proc.stdout.split()
-    assert command[command.index("--resolution") + 1] == "1024"
-    proc = run_script(["bash", "SD3_dir/train_deltaR_sty.sh", "cpu", "4"], env={"DRY_RUN": "1", "MODEL_NAME": "x"})
-    command = proc.stdout.split()
-    assert command[command.index("--resolution") + 1] == "512"
+def test_sdxl_trains_at_1024_px_from_the_wrapper_and_from_qrlora_train_alike(tiny_sdxl, tiny_sd3, monkeypatch):
+    """The backbone fills the resolution in Python, for the CLI and the wrappers alike (qrlora-train used to train
+    SDXL at its own 512 px while the SDXL wrapper used 1024)."""
+    from qrlora.cli.train import parse_args
+    from qrlora.training import trainer
+
+    flags = ["--instance_data_dir", "d", "--instance_prompt", "p"]
+    assert parse_args(["--pretrained_model_name_or_path", str(tiny_sdxl), *flags]).resolution == 1024
+    assert parse_args(["--pretrained_model_name_or_path", str(tiny_sd3), *flags]).resolution == 512
+    assert parse_args(["--pretrained_model_name_or_path", str(tiny_sdxl), *flags, "--resolution", "64"]).resolution == 64
+    for wrapper, size in (("SDXL_dir/train_deltaR_sty.sh", 1024), ("SD3_dir/train_deltaR_sty.sh", 512)):
+        command = shlex.split(run_script(["bash", wrapper, "cpu", "4"], env={"DRY_RUN": "1", "MODEL_NAME": "x"}).stdout)
+        assert "--resolution" not in command and parse_args(command[3:]).resolution == size
+    # Settings built by a program (no parser) get the same default when the trainer detects the backbone.
+    seen = {}
+
+    def stop(folder, **kwargs):
+        seen.update(kwargs)
+        raise RuntimeError("stop")
+    monkeypatch.setattr(trainer, "folder_examples", lambda folder, rules: [])
+    monkeypatch.setattr(trainer, "DreamBoothDataset", stop)
+    with pytest.raises(RuntimeError, match="stop"):
+        trainer.train(TrainSettings(pretrained_model_name_or_path=str(tiny_sdxl), instance_data_dir="d", instance_prompt="p"), "")
+    assert seen["resolution"] == 1024
 
 
 def test_prodigy_gets_the_recommended_flags_and_a_low_lr_warning(monkeypatch, caplog):
@@ -263,7 +282,7 @@ def test_cached_latents_are_a_distribution_sampled_every_step(tiny_sd3):
 
     vae = AutoencoderKL.from_pretrained(tiny_sd3, subfolder="vae")
     data = DreamBoothDataset(REPO / "assets/cnt/cat", resolution=64, seed=0)
-    data.cache(lambda px: vae.encode(px).latent_dist.parameters)
+    data.cache(lambda px, **key: vae.encode(px).latent_dist.parameters)
     batch = collate([data[0]])
     assert batch["latent_params"].shape[1] == 2 * vae.config.latent_channels
     sd3 = BACKBONES["sd3"]
@@ -284,17 +303,22 @@ def test_masks_never_reach_files():
 @pytest.mark.parametrize("wrapper", sorted(str(p.relative_to(REPO)) for d in ("SD3_dir", "flux_dir", "SDXL_dir")
                                            for p in (REPO / d).glob("train_*.sh")))
 def test_wrapper_defaults_come_from_the_backbone_registry(wrapper):
-    """Shell defaults (model id, resolution, run root, run-name layout) are the backbone class's, their one owner."""
+    """Shell defaults (model id, resolution, run root, run-name layout) are the backbone class's, their one owner:
+    the wrapper passes none of them, the trainer's parser fills them from the backbone."""
+    from qrlora.cli.train import parse_args
+
     proc = run_script(["bash", wrapper, "cpu", "8"], env={"DRY_RUN": "1", "MODEL_NAME": "", "RESOLUTION": "", "OUTPUT_DIR": ""})
-    command = proc.stdout.split()
-    backbone = BACKBONES[command[command.index("--backbone") + 1]]
-    method = command[command.index("--lora_init_method") + 1]
-    assert command[command.index("--pretrained_model_name_or_path") + 1] == backbone.default_model
-    assert int(command[command.index("--resolution") + 1]) == backbone.default_resolution
-    root, name = command[command.index("--output_dir") + 1].split("/")
+    command = shlex.split(proc.stdout)
+    for flag in ("--pretrained_model_name_or_path", "--resolution", "--output_dir", "--learning_rate", "--seed"):
+        assert flag not in command, flag  # the trainer's defaults, not repeated in the shell
+    settings = parse_args(command[3:])
+    backbone = BACKBONES[settings.backbone]
+    assert settings.pretrained_model_name_or_path == backbone.default_model
+    assert settings.resolution == backbone.default_resolution
+    root, name = settings.output_dir.split("/")
     assert root == backbone.run_root
-    method_part = f"-{re.escape(method)}" if backbone.run_name_has_method else ""
-    assert re.fullmatch(rf"\d{{8}}-\d{{6}}-[sc]-8{method_part}-p\d+", name), name
+    method_part = f"-{re.escape(settings.lora_init_method)}" if backbone.run_name_has_method else ""
+    assert re.fullmatch(rf"\d{{8}}-\d{{6}}-[sc]-8-p\d+{method_part}", name), name
 
 
 @pytest.mark.parametrize("wrapper", sorted(str(p.relative_to(REPO)) for d in ("SD3_dir", "flux_dir", "SDXL_dir")
@@ -321,8 +345,7 @@ def test_the_wrappers_read_every_backbone_s_defaults_from_its_class():
     for name, backbone in BACKBONES.items():
         proc = run_script([sys.executable, script, name])
         values = dict(item.split("=", 1) for item in shlex.split(proc.stdout))
-        assert values == {"DEFAULT_MODEL": backbone.default_model, "DEFAULT_RESOLUTION": str(backbone.default_resolution),
-                          "EXP_ROOT": backbone.run_root, "RUN_NAME_HAS_METHOD": str(int(backbone.run_name_has_method)),
+        assert values == {"DEFAULT_MODEL": backbone.default_model,
                           "DEFAULT_INFERENCE_STEPS": str(backbone.default_inference_steps),
                           "DEFAULT_SIZE": str(backbone.default_image_size)}
     residual = run_script(["bash", "flux_dir/save_flux_residual.sh", "cpu"], env={"DRY_RUN": "1", "MODEL_NAME": ""}).stdout.split()
@@ -340,7 +363,7 @@ def test_train_settings_are_typed_frozen_and_checked_naming_the_flag():
     from qrlora.errors import UserError
     from qrlora.training.settings import TrainSettings
 
-    actions = {a.dest: a for a in build_parser()._actions if a.dest != "help"}
+    actions = {a.dest: a for a in build_parser()._actions if a.dest not in ("help", "config")}  # --config: a file of them
     assert set(actions) == {f.name for f in dataclasses.fields(TrainSettings)}
     assert {f.name: f.default for f in dataclasses.fields(TrainSettings)} == {n: a.default for n, a in actions.items()}
     settings = parse_args(["--pretrained_model_name_or_path", "x", "--instance_data_dir", "x", "--instance_prompt", "x",
@@ -356,3 +379,31 @@ def test_train_settings_are_typed_frozen_and_checked_naming_the_flag():
     # A program's run records the command line that gives its settings, and that line parses back to them.
     line = dataclasses.replace(settings, use_zero_init=False, rank=8).command()
     assert parse_args(line.split()[3:]) == dataclasses.replace(settings, use_zero_init=False, rank=8)
+
+
+def test_the_parser_is_built_from_the_settings_fields(monkeypatch):
+    """One source per setting: each flag's help, choices and group are its field's metadata; the adapter fields'
+    defaults are AdapterConfig's; one method makes the AdapterConfig; the value check runs once per parse."""
+    import dataclasses
+
+    from qrlora.cli.train import build_parser, parse_args
+    from qrlora.training import settings as settings_module
+
+    parser = build_parser()
+    actions = {a.dest: a for a in parser._actions if a.dest not in ("help", "config")}
+    groups = {a.dest: g.title for g in parser._action_groups for a in g._group_actions}
+    for f in dataclasses.fields(TrainSettings):
+        assert actions[f.name].help == f.metadata["help"] and groups[f.name] == f.metadata["group"], f.name
+    assert actions["lora_init_method"].choices == list(METHODS) and actions["backbone"].choices == list(BACKBONES)
+    assert build_parser().parse_args(["--optimizer", "Prodigy"]).optimizer == "prodigy"
+    flags = ["--pretrained_model_name_or_path", "x", "--instance_data_dir", "x", "--instance_prompt", "x"]
+    assert parse_args(flags).adapter_config() == AdapterConfig()
+    custom = parse_args(flags + ["--rank", "8", "--lora_alpha", "4", "--moe_num_experts", "4", "--seed", "3",
+                                 "--lora_init_method", "triu_deltaR", "--qr_basis", "random", "--qr_basis_seed", "2"])
+    assert custom.adapter_config() == AdapterConfig(method="triu_deltaR", rank=8, alpha=4.0, num_experts=4, seed=3,
+                                                    basis="random", basis_seed=2)
+    calls = []
+    real = settings_module.flag_problem
+    monkeypatch.setattr(settings_module, "flag_problem", lambda args: calls.append(1) or real(args))
+    parse_args(flags)
+    assert len(calls) == 1

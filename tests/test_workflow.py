@@ -11,6 +11,7 @@ published default is the FLUX.1-dev hub id) and small-run flags after the GPU an
 with no environment variable at all and finds the runs, and the base model they recorded, by itself.
 """
 import os
+import shlex
 import shutil
 import subprocess
 import time
@@ -140,7 +141,8 @@ def test_wrapper_typo_leaves_no_run_folder_and_each_launch_gets_its_own(tiny_flu
     def planned_output_dir():  # DRY_RUN=1: the command the wrapper would run, nothing created
         command = user(flux_dir, "bash", "train_deltaR_sty.sh", "cpu", "4", DRY_RUN="1", MODEL_NAME=str(tiny_flux))
         assert command.returncode == 0, command.stderr
-        words = command.stdout.split()
-        return words[words.index("--output_dir") + 1]
+        from qrlora.cli.train import parse_args
+
+        return parse_args(shlex.split(command.stdout)[3:]).output_dir
     first, second = planned_output_dir(), planned_output_dir()  # a sweep starting two runs within one second
     assert first != second and first.startswith("exps_flux/") and second.startswith("exps_flux/")

@@ -101,10 +101,10 @@ class Backbone:
     pipeline_class: str = ""  # diffusers pipeline class name, as in model_index.json
     denoiser_name: str = "transformer"  # folder and component name of the trained network
     denoiser_class: str = ""
-    # The wrappers' defaults: scripts/launch_train.sh and scripts/launch_inference.sh read these literals with
-    # scripts/backbone_defaults.py, without importing this package, so keep them literals. Training: the model id,
-    # the image size, the folder runs go in, and whether a run's folder name ends in its method
-    # (``<date-time>-<s|c>-<rank>[-<method>]``).
+    # Training defaults the trainer fills (``TrainSettings.for_backbone``): the model id, the image size, the
+    # folder runs go in, and whether a run's folder name ends in its method (``<run_name>[-<method>]``). The
+    # inference wrappers read default_model and the two below with scripts/backbone_defaults.py, without
+    # importing this package, so keep them literals.
     default_model: str = ""
     default_resolution: int = 512
     run_root: str = ""

@@ -43,7 +43,7 @@ class Flux(FlowMatchingBackbone):
         "joint_attention_dim": 4096, "num_attention_heads": 24, "num_layers": 19, "num_single_layers": 38,
         "patch_size": 1, "pooled_projection_dim": 768,
     }
-    default_resolution = 512  # the wrappers' defaults (read by scripts/backbone_defaults.py)
+    default_resolution = 512  # the training default (TrainSettings.for_backbone)
     run_root = "exps_flux"
     run_name_has_method = False  # the published FLUX scripts name runs <date-time>-<trigger>-<rank>
     # As published for FLUX: attention and feed-forward of both streams; names match in double and single blocks.

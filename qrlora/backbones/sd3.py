@@ -17,7 +17,7 @@ class SD3(FlowMatchingBackbone):
         "num_attention_heads": 24, "num_layers": 24, "out_channels": 16, "patch_size": 2, "pooled_projection_dim": 2048,
         "pos_embed_max_size": 192, "sample_size": 128,
     }
-    default_resolution = 512  # the wrappers' defaults (read by scripts/backbone_defaults.py)
+    default_resolution = 512  # the training default (TrainSettings.for_backbone)
     run_root = "exps_SD3"
     # The eight attention projections of every joint block (image and context streams), as published.
     default_targets = (

@@ -43,7 +43,7 @@ class SDXL(Backbone):
         "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"], "upcast_attention": None,
         "use_linear_projection": True,
     }
-    default_resolution = 1024  # the wrappers' defaults (read by scripts/backbone_defaults.py)
+    default_resolution = 1024  # the training default (TrainSettings.for_backbone)
     run_root = "exps_SDXL"
     default_inference_steps = 30  # the published SDXL inference script's
     # The four attention projections of self- (attn1) and cross-attention (attn2) in every transformer block of

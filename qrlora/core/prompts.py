@@ -41,12 +41,14 @@ def lost_words(tokenizer, prompt: str, max_sequence_length: int) -> str | None:
     return tokenizer.decode(ids[keep:]).strip() if len(ids) > keep else None
 
 
-def check_prompt_lengths(model_path: str, max_sequence_length: int, instance_prompt: str,
+def check_prompt_lengths(model_path: str, max_sequence_length: int, trained: dict[str, str],
                          other_prompts: dict[str, str | None]) -> None:
-    """Refuse an instance prompt a tokenizer truncates; warn once for each other prompt (``{flag: prompt}``) it does.
+    """Refuse a trained prompt a tokenizer truncates (``trained``: ``{where it comes from: prompt}``, the instance
+    prompt and every caption); warn once for each other prompt (``{flag: prompt}``) it does.
 
     Raises:
-        UserError: naming the tokenizer, its limit and the words the instance prompt would lose.
+        UserError: naming where the prompt comes from (the flag or the caption file), the tokenizer, its limit,
+            and the words and number of tokens it would drop.
     """
     tokenizers = load_tokenizers(model_path)
 
@@ -54,14 +56,17 @@ def check_prompt_lengths(model_path: str, max_sequence_length: int, instance_pro
         return next(((name, tok, lost) for name, tok in tokenizers.items()
                      if (lost := lost_words(tok, prompt, max_sequence_length))), None)
 
-    found = cut(instance_prompt)
-    if found:
-        name, tok, lost = found
-        raise UserError(f"--instance_prompt {instance_prompt!r}: {type(tok).__name__} ({model_path}/{name}) keeps "
-                        f"{_limit(tok, max_sequence_length)} tokens and would drop {lost!r}, so the adapter would "
-                        "learn a shorter prompt than the one typed; shorten it"
-                        + (" or raise --max_sequence_length" if "T5" in type(tok).__name__ else "")
-                        + " (a word the tokenizer does not know takes several tokens)")
+    for where, prompt in trained.items():
+        found = cut(prompt)
+        if found:
+            name, tok, lost = found
+            dropped = len(tok(lost, add_special_tokens=False, verbose=False).input_ids)
+            shown = prompt if len(prompt) <= 80 else prompt[:77] + "..."
+            raise UserError(f"{where} {shown!r}: {type(tok).__name__} ({model_path}/{name}) keeps "
+                            f"{_limit(tok, max_sequence_length)} tokens and would drop {lost!r} ({dropped} token(s)), "
+                            "so the adapter would learn a shorter prompt than the one typed; shorten it"
+                            + (" or raise --max_sequence_length" if "T5" in type(tok).__name__ else "")
+                            + " (a word the tokenizer does not know takes several tokens)")
     for flag, prompt in other_prompts.items():
         warn_truncated(tokenizers, prompt, max_sequence_length, flag)
 

@@ -33,10 +33,10 @@ class FitProbe:
         self.objective = self.backbone.objective(parts.scheduler, guidance_scale=guidance_scale)
         self.schedule = self.backbone.noise_schedule(parts.scheduler)
         length = max_sequence_length or self.backbone.default_max_sequence_length
-        dataset = DreamBoothDataset(image_dir, resolution=resolution, center_crop=center_crop, seed=seed)
+        dataset = DreamBoothDataset(image_dir, resolution=resolution, center_crop=center_crop, seed=seed, instance_prompt=prompt)
         batch = collate([dataset[0]])
         with torch.no_grad():
-            table = self.backbone.encode_prompts(parts.text_pipeline, [prompt], "cpu", length)
+            table = self.backbone.encode_prompts(parts.text_pipeline, dataset.prompts, "cpu", length)  # caption files win
             vae = parts.vae.float()
             raw = vae.encode(batch["pixels"]).latent_dist.mode()  # the mean: no sampling noise in the score
             self.latents = self.backbone.normalize_latents(vae.config, raw)

@@ -121,7 +121,11 @@ class Encoders:
                             lambda: self.backbone.negative_cond(self.text_pipeline(), self.device, self.max_sequence_length))
 
     @torch.no_grad()
-    def latent_params(self, pixels: torch.Tensor) -> torch.Tensor:
-        """The latent distribution's parameters (1, 2C, h, w) (mean and log-variance) of (1, 3, H, W) pixels."""
-        return self._cached("latents", "vae", {"pixels": tensor_digest(pixels)},
+    def latent_params(self, pixels: torch.Tensor, caption: str | None = None, bucket: list[int] | None = None) -> torch.Tensor:
+        """The latent distribution's parameters (1, 2C, h, w) (mean and log-variance) of (1, 3, H, W) pixels.
+
+        A disk cache keys the entry on the pixels, the image's caption and its [width, height] bucket too, so an entry
+        of a changed caption or resolution is never reused for another (and reads as what it is).
+        """
+        return self._cached("latents", "vae", {"pixels": tensor_digest(pixels), "caption": caption, "bucket": bucket},
                             lambda: {"parameters": self.encode(pixels).latent_dist.parameters})["parameters"]

@@ -25,18 +25,22 @@ from tqdm.auto import tqdm
 
 from ..backbones import detect_backbone
 from .blockswap import attach_block_swap, check_blocks_to_swap
+from .buckets import bucket_batches, make_buckets, side_multiple
 from .cache import DiskCache
+from .config_file import write_config
 from ..files.checkpoint import ADAPTER_FILENAME, adapter_from_model, adapter_metadata, base_fingerprint, load_adapter, save_adapter
-from .data import DreamBoothDataset, collate
+from .data import DreamBoothDataset, collate, drop_captions
+from .sources import FROM_INSTANCE_PROMPT, CaptionRules, Example, dataset_examples, folder_examples
 from ..core.devices import DTYPES, MIXED_PRECISION_DTYPES
 from .encoders import Encoders
 from ..errors import UserError
 from ..files.export import export_lora, kohya_path
 from ..files.hub import push_run_folder
+from ..files.outputs import atomic_output
 from ..core.inject import inject_adapters, trainable_parameters
 from .launch import check_launch
 from ..core.layers import adapter_layers, apply_constraints_, cast_base_model_
-from ..core.methods import METHODS, AdapterConfig
+from ..core.methods import METHODS
 from ..files.model_card import card_snippet_settings, write_model_card
 from ..core.objective import step_generator
 from .prior import generate_class_images
@@ -47,6 +51,7 @@ from ..files.run_folder import (RunLock, check_finite, check_resume_matches, com
 from .settings import TrainSettings
 from .sharding import fsdp_launch, prepare_sharded, shard_base
 from .tracking import log_validation_images
+from .validation_loss import ValidationLoss, held_out
 
 logger = logging.getLogger("qrlora.train")
 
@@ -130,6 +135,7 @@ def train(settings: TrainSettings, command: str) -> Path:
     shard_plan = fsdp_launch(settings)  # an FSDP launch: checked, then run by accelerate as data parallel (training/sharding.py)
     check_launch()  # several processes that accelerate would each run alone: stop before any of them writes
     backbone = detect_backbone(settings.pretrained_model_name_or_path, settings.backbone)
+    settings = settings.for_backbone(backbone)  # its resolution and run folder where the settings left them open
     max_sequence_length = settings.max_sequence_length or backbone.default_max_sequence_length
     scheduler = backbone.load_scheduler(settings.pretrained_model_name_or_path)
     objective = backbone.objective(
@@ -140,9 +146,7 @@ def train(settings: TrainSettings, command: str) -> Path:
     schedule = backbone.noise_schedule(scheduler)
     targets = settings.lora_layers.split(",") if settings.lora_layers else list(backbone.default_targets)
     blocks = settings.lora_blocks.split(",") if settings.lora_blocks else None
-    config = AdapterConfig(method=settings.lora_init_method, rank=settings.rank, alpha=settings.lora_alpha, use_zero_init=settings.use_zero_init,
-                           delta_scale=settings.delta_scale, num_experts=settings.moe_num_experts, seed=settings.seed,
-                           basis=settings.qr_basis, basis_offset=settings.qr_basis_offset, basis_seed=settings.qr_basis_seed)
+    config = settings.adapter_config()
     output_dir = Path(settings.output_dir)
     base_dtype(settings)  # fail now, not after loading, when fp8 / nf4 cannot work here
     check_blocks_to_swap(settings.blocks_to_swap, backbone.count_transformer_blocks(settings.pretrained_model_name_or_path),
@@ -150,12 +154,20 @@ def train(settings: TrainSettings, command: str) -> Path:
     if settings.output_kohya_format:
         METHODS[settings.lora_init_method].require_weight_change("--output_kohya_format", "a kohya LoRA file is a weight change",
                                                              "leave out --output_kohya_format and merge the run live")
-    dataset = DreamBoothDataset(settings.instance_data_dir, resolution=settings.resolution, center_crop=settings.center_crop,
-                                random_flip=settings.random_flip, repeats=settings.repeats, seed=settings.seed)
+    if settings.dataset_name:  # each image with its caption
+        examples = dataset_examples(settings.dataset_name, CaptionRules.of(settings), settings.image_column, settings.caption_column)
+    else:
+        examples = folder_examples(settings.instance_data_dir, CaptionRules.of(settings))
+    examples, held_out_examples = held_out(settings, examples)  # --validation_data_dir / --validation_split
+    buckets = (make_buckets(settings.resolution, side_multiple(settings.pretrained_model_name_or_path, backbone.denoiser_name))
+               if settings.enable_bucket else None)
+    dataset = DreamBoothDataset(examples, resolution=settings.resolution, center_crop=settings.center_crop,
+                                random_flip=settings.random_flip, repeats=settings.repeats, seed=settings.seed, buckets=buckets)
     metadata = adapter_metadata(config, component=backbone.denoiser_name, backbone=backbone.name,
                                 base_model=settings.pretrained_model_name_or_path, targets=targets,
-                                extra={"lora_blocks": json.dumps(blocks or []), "instance_prompt": settings.instance_prompt})
-    check_prompt_lengths(settings.pretrained_model_name_or_path, max_sequence_length, settings.instance_prompt,
+                                extra={"lora_blocks": json.dumps(blocks or []),
+                                       "instance_prompt": settings.instance_prompt or most_common_caption(examples)})
+    check_prompt_lengths(settings.pretrained_model_name_or_path, max_sequence_length, trained_prompts(examples + held_out_examples),
                          {"--class_prompt": settings.class_prompt, "--validation_prompt": settings.validation_prompt})
     # One run per folder: the main process holds the folder's lock for the whole run (the kernel drops it on exit).
     run_lock = RunLock(output_dir).acquire() if PartialState().is_main_process else None
@@ -188,18 +200,24 @@ def train(settings: TrainSettings, command: str) -> Path:
         if accelerator.is_main_process:
             generate_class_images(backbone, settings, device, weight_dtype)
         accelerator.wait_for_everyone()
-        dataset = DreamBoothDataset(settings.instance_data_dir, resolution=settings.resolution, center_crop=settings.center_crop,
+        dataset = DreamBoothDataset(examples, resolution=settings.resolution, center_crop=settings.center_crop,
                                     random_flip=settings.random_flip, repeats=settings.repeats, seed=settings.seed,
-                                    class_dir=settings.class_data_dir, num_class_images=settings.num_class_images)
+                                    class_dir=settings.class_data_dir, num_class_images=settings.num_class_images,
+                                    class_prompt=settings.class_prompt)
+    if accelerator.is_main_process:
+        write_dataset_record(output_dir, dataset)
+        write_config(settings, output_dir)  # the resolved settings: --config of it trains this run again
 
     # ---- 4. Encode every prompt once and free the text encoders (--cache_dir: from disk, nothing loaded) --
     encoders = Encoders(backbone, settings.pretrained_model_name_or_path, vae_path=settings.pretrained_vae_model_name_or_path,
                         device=device, text_dtype=weight_dtype, vae_dtype=torch.float32 if backbone.vae_in_float32 else weight_dtype,
                         max_sequence_length=max_sequence_length,
                         cache=DiskCache(settings.cache_dir, write=accelerator.is_main_process) if settings.cache_dir else None)
-    prompts = [settings.instance_prompt] + ([settings.class_prompt] if settings.with_prior_preservation else [])
-    cond_table = cast_floating(encoders.prompts(prompts), model_dtype)
+    empty_id = dataset.prompt_id("") if settings.caption_dropout_rate > 0 else None  # caption dropout's prompt
+    cond_table = cast_floating(encoders.prompts(dataset.prompts), model_dtype)  # row i: dataset.prompts[i]
     validation_cond = (encoders.prompts([settings.validation_prompt]), encoders.negative()) if settings.validation_prompt else None
+    validation_loss = (ValidationLoss(backbone, held_out_examples, settings, encoders, model_dtype)
+                       if held_out_examples and accelerator.is_main_process else None)
     encoders.free_text()
     if settings.cache_latents or settings.cache_dir:
         dataset.cache(encoders.latent_params)
@@ -225,7 +243,12 @@ def train(settings: TrainSettings, command: str) -> Path:
 
     # ---- 6. Optimizer and schedule: exactly max_steps updates, ceil(batches / accumulation) per epoch --
     world = accelerator.num_processes
-    batches_per_epoch = len(epoch_batches(len(dataset), settings.train_batch_size, settings.seed, 0, 0, world))
+    def batches_of(epoch: int, rank: int) -> list[list[int]]:  # --enable_bucket: each batch from one bucket
+        if buckets is None:
+            return epoch_batches(len(dataset), settings.train_batch_size, settings.seed, epoch, rank, world)
+        return bucket_batches([im.target_size for im in dataset.instance], settings.train_batch_size, settings.seed,
+                              epoch, rank, world)
+    batches_per_epoch = len(batches_of(0, 0))
     updates_per_epoch = math.ceil(batches_per_epoch / settings.gradient_accumulation_steps)
     max_steps = settings.max_train_steps or settings.num_train_epochs * updates_per_epoch
     num_epochs = math.ceil(max_steps / updates_per_epoch)
@@ -274,16 +297,21 @@ def train(settings: TrainSettings, command: str) -> Path:
 
     # ---- 8. Train: one optimizer update per group of micro-batches ----------------------------------
     progress = tqdm(total=max_steps, initial=global_step, desc="steps", disable=not accelerator.is_local_main_process)
+    if validation_loss is not None and global_step == 0:  # the base model's point: where the curve starts
+        validation_loss.record(0, validation_loss(model, schedule, objective, accelerator.autocast), output_dir)
     denoiser.train()
     first_epoch, skip = divmod(global_step, updates_per_epoch)
     for epoch in range(first_epoch, num_epochs):
-        batches = epoch_batches(len(dataset), settings.train_batch_size, settings.seed, epoch, accelerator.process_index, world)
+        batches = batches_of(epoch, accelerator.process_index)
         for group in update_groups(batches, settings.gradient_accumulation_steps)[skip:]:
             losses = []
             for micro, indices in enumerate(group):
                 # Every draw of this micro-batch (timesteps, noise, latent sample) comes from its own generator.
                 generator = step_generator(settings.seed, global_step, micro, accelerator.process_index, device)
                 batch = collate([dataset[i] for i in indices])
+                if empty_id is not None:
+                    batch["prompt_ids"] = drop_captions(batch["prompt_ids"], len(indices), settings.caption_dropout_rate,
+                                                        empty_id, settings.seed, global_step, micro, accelerator.process_index)
                 last = micro == len(group) - 1
                 with contextlib.nullcontext() if last or world == 1 else accelerator.no_sync(denoiser):
                     latents = batch_latents(backbone, encoders, batch, generator, model_dtype)
@@ -313,6 +341,12 @@ def train(settings: TrainSettings, command: str) -> Path:
             logs = {"loss": reduced.item(), "lr": lr_scheduler.get_last_lr()[0]}
             progress.set_postfix(**logs)
             accelerator.log(logs, step=global_step)
+            if validation_loss is not None and (global_step % settings.validation_steps == 0 or global_step >= max_steps):
+                value = validation_loss(model, schedule, objective, accelerator.autocast)
+                record = validation_loss.record(global_step, value, output_dir)
+                logger.info("step %d: validation loss %.6f (best %.6f at step %d)", global_step, value,
+                            record["best_loss"], record["best_step"])
+                accelerator.log({"validation_loss": value}, step=global_step)
             if global_step % settings.checkpointing_steps == 0 and global_step < max_steps:
                 save_checkpoint(global_step)
             if global_step >= max_steps:
@@ -337,6 +371,34 @@ def train(settings: TrainSettings, command: str) -> Path:
     if run_lock is not None:
         run_lock.release()
     return final
+
+
+def trained_prompts(examples: list[Example]) -> dict[str, str]:
+    """``{where it came from: caption}`` of every distinct caption the run trains on (the prompt length check
+    names the caption file, or the flag, of a caption a text encoder would cut)."""
+    found: dict[str, str] = {}
+    for example in examples:
+        where = "--instance_prompt" if example.caption_source == FROM_INSTANCE_PROMPT else f"{example.caption_source} of {example.name}"
+        if example.caption not in found.values():
+            found[where] = example.caption
+    return found
+
+
+def most_common_caption(examples: list[Example]) -> str:
+    """The caption most images share (the adapter file's ``instance_prompt`` when there is no instance prompt)."""
+    captions = [e.caption for e in examples]
+    return max(dict.fromkeys(captions), key=captions.count)
+
+
+def write_dataset_record(output_dir: Path, dataset: DreamBoothDataset) -> Path:
+    """``dataset.json`` in the run folder: every image, its caption as used, its repeats and bucket, the counts."""
+    path = output_dir / DATASET_RECORD
+    with atomic_output(path) as tmp:
+        tmp.write_text(json.dumps(dataset.record(), indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+    return path
+
+
+DATASET_RECORD = "dataset.json"
 
 
 def cast_floating(table: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:
