@@ -22,7 +22,7 @@ from ..toy.world.world import World, write_instance_images
 from .arguments import ArgumentParser, number_list, positive, report_name, seed, seed_list
 from .world_runs import render_settings, train_adapter
 
-EXPERIMENT_STEPS = 100  # trainer steps per adapter (a sweep on the shipped world: README "The CPU world")
+EXPERIMENT_STEPS = 100  # trainer steps per adapter (a sweep on the shipped world: docs/world.md)
 EXPERIMENT_LR = 1e-2
 
 
@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None) -> None:
     i.add_argument("--seed", type=seed, default=0, help="seed of position, size and background")
     i.add_argument("--output", required=True, help="folder to write into (created)")
     st = sub.add_parser("study", help="the seeded disentanglement study: conditions x seeds, rates with 95%% intervals, "
-                                      "the mechanism (README: Does QR-LoRA disentangle?); resumes where it stopped")
+                                      "the mechanism (docs/world.md: Does QR-LoRA disentangle?); resumes where it stopped")
     st.add_argument("--output", required=True, help="study folder (created; run the same command again to resume)")
     st.add_argument("--world", default=None, help="built world folder (default: the shipped assets/world)")
     st.add_argument("--conditions", default="all",

@@ -1,4 +1,4 @@
-"""``python -m qrlora.world study``: the disentanglement study's run (README "Does QR-LoRA disentangle?").
+"""``python -m qrlora.world study``: the disentanglement study's run (docs/world.md, "Does QR-LoRA disentangle?").
 
 Per (condition, seed) of ``qrlora.toy.world.study.CONDITIONS``: train the content and the style adapter through the real
 trainer (``qrlora.cli.world_runs.train_adapter``; conditions that differ only in the merge share one trained pair), merge

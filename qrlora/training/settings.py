@@ -120,7 +120,7 @@ class TrainSettings:
     lora_layers: str | None = adapter(None, "comma-separated target suffixes (default: the backbone's published set)")
     lora_blocks: str | None = adapter(
         None, "comma-separated block names to restrict targets to (e.g. up_blocks.0.attentions.0)")
-    lora_init_method: str = adapter(ADAPTER_DEFAULTS.method, "the adapter method (README: The method)", choices=_method_names)
+    lora_init_method: str = adapter(ADAPTER_DEFAULTS.method, "the adapter method (docs/method.md)", choices=_method_names)
     use_zero_init: bool = adapter(ADAPTER_DEFAULTS.use_zero_init, "zero coefficients at init (identity)")
     delta_scale: float = adapter(ADAPTER_DEFAULTS.delta_scale, "std of the coefficients with --no-use_zero_init")
     moe_num_experts: int = adapter(ADAPTER_DEFAULTS.num_experts,

@@ -102,7 +102,7 @@ def _at(entry: dict, weights=(1.0, 1.0)) -> dict | None:
 
 
 def markdown(results: dict) -> str:
-    """The README table: one row per method x strategy, the (1, 1) cell and the best cell of the grid."""
+    """The docs/world.md table: one row per method x strategy, the (1, 1) cell and the best cell of the grid."""
     pct = lambda x: "-" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * x:.0f}%"  # noqa: E731
     base = results.get("base", {})
     lines = [f"`{results['command']}` ({results['seconds'] / 60:.0f} min)  ",

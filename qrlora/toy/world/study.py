@@ -311,7 +311,7 @@ def spread(rate: dict) -> str:
 
 
 def markdown(report: dict) -> str:
-    """The README table: one row per condition, pooled rates with 95% Wilson intervals and the per-seed rates."""
+    """The docs/world.md table: one row per condition, pooled rates with 95% Wilson intervals and the per-seed rates."""
     s = report["settings"]
     lines = [f"`{report['command']}` on `{report['world']}` ({report['seconds'] / 60:.0f} core-min)  ",
              f"prompt `{report['prompt']}`; {s['samples']} samples per cell and seed; weight grid "
