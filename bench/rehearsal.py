@@ -695,7 +695,7 @@ def render_table(reports: dict[str, dict]) -> str:
                      s.get("kohya_matches_block_counts")])
     headers = ["backbone", "denoiser", "targeted layers", "decomposition (the trainer's, every layer)", "worst angle (deg)", "step (256 px)",
                "training peak (GiB, measured)", "estimate (GiB)", "estimate / measured", "resume bit-exact",
-               "diffusers export vs ours", "kohya names at real block counts"]
+               "diffusers export vs ours (relative to the change)", "kohya names at real block counts"]
     machine = next(iter(reports.values()))["machine"] if reports else {}
     return (f"Measured on {machine.get('cpu', 'this CPU')} ({machine.get('logical_cpus', '?')} logical CPUs, load "
             f"average {machine.get('load_average_at_start')} at the start: other jobs shared the cores), rank {RANK}, "
