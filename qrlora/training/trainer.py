@@ -204,9 +204,6 @@ def train(settings: TrainSettings, command: str) -> Path:
                                     random_flip=settings.random_flip, repeats=settings.repeats, seed=settings.seed,
                                     class_dir=settings.class_data_dir, num_class_images=settings.num_class_images,
                                     class_prompt=settings.class_prompt)
-    if accelerator.is_main_process:
-        write_dataset_record(output_dir, dataset)
-        write_config(settings, output_dir)  # the resolved settings: --config of it trains this run again
 
     # ---- 4. Encode every prompt once and free the text encoders (--cache_dir: from disk, nothing loaded) --
     encoders = Encoders(backbone, settings.pretrained_model_name_or_path, vae_path=settings.pretrained_vae_model_name_or_path,
@@ -294,6 +291,11 @@ def train(settings: TrainSettings, command: str) -> Path:
         check_finite(params, f"checkpoint-{step}", output_dir)
         write_checkpoint(output_dir, step, lambda folder: accelerator.save_state(str(folder)), is_main=accelerator.is_main_process,
                          barrier=accelerator.wait_for_everyone, keep=settings.checkpoints_total_limit)
+
+    # The run's records, once every input (the base weights too) checked out: a refused run leaves no folder.
+    if accelerator.is_main_process:
+        write_dataset_record(output_dir, dataset)
+        write_config(settings, output_dir)  # the resolved settings: --config of it trains this run again
 
     # ---- 8. Train: one optimizer update per group of micro-batches ----------------------------------
     progress = tqdm(total=max_steps, initial=global_step, desc="steps", disable=not accelerator.is_local_main_process)
