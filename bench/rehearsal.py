@@ -535,7 +535,7 @@ def merge_export_part(args) -> dict:
     exports["diffusers"] = {"file": diffusers_file.name, "loaded_by": f"{backbone.pipeline_class}.load_lora_weights",
                             "relative_difference": loaded_back(diffusers_file)}
     kohya_file = export_lora(second, Path(args.workdir) / "export_kohya.safetensors", "kohya", backbone.name)
-    exports["kohya"] = kohya_check(backbone, kohya_file, folder)
+    exports["kohya"] = kohya_check(backbone, kohya_file, folder, len(second.layers))
     # diffusers reads kohya's FLUX layout too (the strongest check of the names); its converter hard-codes FLUX.1's
     # 3072 width, so only the real width can be loaded that way.
     if backbone.name == "flux" and backbone.published_config["num_attention_heads"] == \
@@ -546,8 +546,9 @@ def merge_export_part(args) -> dict:
     return out
 
 
-def kohya_check(backbone, path: Path, folder: str) -> dict:
-    """Module names of the kohya file against the original layout's blocks at this model's real block counts."""
+def kohya_check(backbone, path: Path, folder: str, adapted_layers: int) -> dict:
+    """Module names of the kohya file against the original layout's blocks at this model's real block counts; a
+    family that keeps diffusers' names (SDXL: no original layout) has one kohya module per adapted layer."""
     import diffusers
     from safetensors import safe_open
 
@@ -564,9 +565,10 @@ def kohya_check(backbone, path: Path, folder: str) -> dict:
             indices.setdefault(match.group(1), set()).add(int(match.group(2)))
     counts = {name: len(found) for name, found in indices.items()}
     complete = {name: found == set(range(max(found) + 1)) for name, found in indices.items()}
-    return {"file": path.name, "modules": len(modules), "blocks_per_prefix": counts, "contiguous": complete,
-            "denoiser_block_counts": expected_blocks,
-            "matches_block_counts": sorted(counts.values()) == sorted(expected_blocks.values()) if expected_blocks else None,
+    matches = (sorted(counts.values()) == sorted(expected_blocks.values()) if backbone.original_layout
+               else len(modules) == adapted_layers)
+    return {"file": path.name, "modules": len(modules), "adapted_layers": adapted_layers, "blocks_per_prefix": counts,
+            "contiguous": complete, "denoiser_block_counts": expected_blocks, "matches_block_counts": matches,
             "example": sorted(modules)[:3]}
 
 

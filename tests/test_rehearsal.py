@@ -39,7 +39,7 @@ def test_the_gpu_check_runs_its_code_on_the_cpu(tmp_path):
 
 
 # The real-size runs committed so far (each takes 20-60 minutes on 2 shared cores; see docs/real-size.md).
-COMMITTED = ["sd3", "flux"]
+COMMITTED = ["sd3", "sdxl", "flux"]
 
 
 @pytest.mark.parametrize("backbone", COMMITTED)
