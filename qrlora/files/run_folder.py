@@ -212,13 +212,18 @@ def write_checkpoint(output_dir: Path, step: int, save: Callable[[Path], None], 
 
 
 def remove_partials(output_dir: Path) -> list[str]:
-    """Delete temporary checkpoint folders an interrupted run left behind (call only while holding the lock)."""
+    """Delete temporary checkpoint folders and the temporary files of interrupted atomic writes (``.NAME.*.tmp*``:
+    the adapter, the run's records, the model card) an interrupted run left behind (call only while holding the
+    lock, so no other writer owns them)."""
     removed = []
     for folder in Path(output_dir).glob(f".{CHECKPOINT_PREFIX}*{PARTIAL_SUFFIX}"):
         shutil.rmtree(folder, ignore_errors=True)
         removed.append(folder.name)
-    for stale in Path(output_dir).glob(f".{ADAPTER_FILENAME}.*.tmp*"):
-        stale.unlink(missing_ok=True)
+    for stale in Path(output_dir).glob(".*.tmp*"):
+        if stale.is_dir():
+            shutil.rmtree(stale, ignore_errors=True)
+        else:
+            stale.unlink(missing_ok=True)
         removed.append(stale.name)
     return removed
 
