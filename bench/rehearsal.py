@@ -444,16 +444,8 @@ def estimate_part(args) -> dict:
 # ---------------------------------------------------------------------------------------------------------
 # 5. Merge and exports, loaded back
 # ---------------------------------------------------------------------------------------------------------
-def denoiser_inputs(backbone, pipe_folder: str, resolution: int):
-    """Fixed (noisy latents, timesteps, cond) for one denoiser call at the trainer's resolution."""
-    import torch
-
-    cond, latents = step_inputs(backbone, pipe_folder, resolution)
-    return latents, torch.tensor([500.0]), cond
-
-
-def relative(a, b) -> float:
-    return float((a.float() - b.float()).norm() / b.float().norm())
+def norm_ratio(num, den) -> float:
+    return float(num.float().norm() / den.float().norm())
 
 
 def merge_export_part(args) -> dict:
@@ -482,7 +474,8 @@ def merge_export_part(args) -> dict:
     save_adapter(second_path, dataclasses.replace(first, layers=moved))
     second = load_adapter(second_path)
     objective = backbone.objective(backbone.load_scheduler(folder))
-    latents, timesteps, cond = denoiser_inputs(backbone, folder, args.resolution)
+    cond, latents = step_inputs(backbone, folder, args.resolution)  # one fixed denoiser call at t = 500
+    timesteps = torch.tensor([500.0])
     out: dict = {}
 
     def call(model, dtype=torch.bfloat16):
@@ -514,22 +507,22 @@ def merge_export_part(args) -> dict:
     truth = call(model, torch.float32)
     change = truth - base32
     out["merge"] = {"weights": [1.0, 0.8], "dtype": "bfloat16",
-                    "pair_change_relative_to_output": float(change.norm() / base32.norm()),
-                    "merged_bf16_error_relative_to_change": float((merged_out - truth).norm() / change.norm()),
-                    "live_bf16_error_relative_to_change": float((live_out - truth).norm() / change.norm())}
+                    "pair_change_relative_to_output": norm_ratio(change, base32),
+                    "merged_bf16_error_relative_to_change": norm_ratio(merged_out - truth, change),
+                    "live_bf16_error_relative_to_change": norm_ratio(live_out - truth, change)}
     # Exports of the second adapter, loaded back, compared in float32 with the trainer's model: the base plus the
     # adapter file attached.
     set_adapter_weights(model, {"a": 0.0, "b": 1.0})
     ours = call(model, torch.float32)
     del model
-    exports = {"adapter_change_relative_to_output": float((ours - base32).norm() / base32.norm())}
+    exports = {"adapter_change_relative_to_output": norm_ratio(ours - base32, base32)}
 
     def loaded_back(path: Path) -> float:
         pipe = backbone.pipeline_cls().from_pretrained(folder, torch_dtype=torch.float32)
         pipe.load_lora_weights(str(path))
         got = call(getattr(pipe, backbone.denoiser_name), torch.float32)
         del pipe
-        return relative(got - base32, ours - base32)  # relative to the adapter's change, not to the output
+        return norm_ratio(got - ours, ours - base32)  # relative to the adapter's change, not to the output
 
     diffusers_file = export_lora(second, Path(args.workdir) / "export_diffusers.safetensors", "diffusers")
     exports["diffusers"] = {"file": diffusers_file.name, "loaded_by": f"{backbone.pipeline_class}.load_lora_weights",

@@ -3,6 +3,7 @@ stored in bf16 load as stored, validation with a bf16 base and no mixed precisio
 host before the move, merges into bf16 weights that keep the change, the ``qr`` method under bf16 autocast."""
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -118,10 +119,11 @@ def test_a_merge_into_bf16_weights_keeps_the_change(strategy, tiny_sd3, tmp_path
     def error(fold: bool) -> float:
         model = sd3.load_denoiser(str(tiny_sd3), torch.bfloat16)
         merger = Merger(model, [adapter])
-        if strategy == "direct":
-            merger.merge([1.0], fold=fold)
-        else:
-            merger.merge_combined([1.0], lambda p, deltas, w: ties(torch.stack(deltas), torch.tensor(w), 0.999), fold=fold)
+        with merger.folding() if fold else contextlib.nullcontext():
+            if strategy == "direct":
+                merger.merge([1.0])
+            else:
+                merger.merge_combined([1.0], lambda p, deltas, w: ties(torch.stack(deltas), torch.tensor(w), 0.999))
         with torch.no_grad():
             got = model.get_submodule(path)(x).float()
         restored = merger.restore().get_submodule(path)

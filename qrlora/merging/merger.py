@@ -13,8 +13,8 @@ Low-precision bases (bf16 / fp16 weights, as FLUX and SD3 ship) are merged live:
 mantissa, so ``W + dW`` rounded back into it keeps little of a change of 1 % of ``||W||`` (23 % error on ``dW``) and
 almost nothing of 0.1 % (164 %) (issue 28). There the weight stays the original and the merged change is an added
 path on the layer (``LiveDelta``): the low-rank factors of the static adapters, or the dense combined change of a
-TIES / DARE merge, so the rounding error is relative to ``dW``, not to ``W``. ``fold=True`` folds it anyway (a merged
-checkpoint written to disk is a plain set of weights).
+TIES / DARE merge, so the rounding error is relative to ``dW``, not to ``W``. Inside ``Merger.folding()`` every
+merge folds anyway (a merged checkpoint written to disk is a plain set of weights).
 """
 from __future__ import annotations
 
@@ -201,12 +201,12 @@ class Merger:
         finally:
             self.always_fold = previous
 
-    def _live(self, path: str, fold: bool) -> AdapterLinear | None:
+    def _live(self, path: str) -> AdapterLinear | None:
         """The adapter wrapper that carries ``path``'s merged change live, or None where it is folded into the weight
-        (a float32 weight, or ``fold``). The wrapper is the model's own (MoE merges, training) or a new one."""
+        (a float32 weight, or inside ``folding()``). The wrapper is the model's own (MoE merges, training) or a new one."""
         module = self.model.get_submodule(path)
         base = getattr(module, "base_layer", module)
-        if fold or self.always_fold or base.weight.dtype in FOLD_DTYPES:
+        if self.always_fold or base.weight.dtype in FOLD_DTYPES:
             if isinstance(module, AdapterLinear):
                 _drop_live(module)
             return None
@@ -217,16 +217,16 @@ class Merger:
         return module
 
     @torch.no_grad()
-    def merge(self, weights: Sequence[float], fold: bool = False) -> nn.Module:
+    def merge(self, weights: Sequence[float]) -> nn.Module:
         """Set the model to ``W + sum_i w_i dW_i`` (one weight per adapter, in the order given); on low-precision
-        layers the sum is a live path unless ``fold`` (module docstring)."""
+        layers the sum is a live path outside ``folding()`` (module docstring)."""
         if len(weights) != len(self.adapters):
             raise UserError(f"{len(weights)} weights for {len(self.adapters)} adapters")
         for p, original in self._originals.items():
             layer = self._linear(p, "")
             device = layer.weight.device
             terms = [(weights[i], *self._factors[i][p]) for i in self.static if p in self._factors[i] and weights[i] != 0]
-            live = self._live(p, fold)
+            live = self._live(p)
             if live is not None:
                 # The weight keeps its start value; the change runs as [w_i B_i] (out x sum k) times [A_i] (sum k x in).
                 start = self._start(p, original, device)
@@ -246,7 +246,7 @@ class Merger:
         return self.model
 
     @torch.no_grad()
-    def merge_combined(self, weights: Sequence[float], combine, fold: bool = False) -> nn.Module:
+    def merge_combined(self, weights: Sequence[float], combine) -> nn.Module:
         """Set each layer to ``W + combine(p, [dW_i], weights)``: a merge rule over the static adapters' dense
         weight changes (one layer at a time, float32), e.g. PEFT's TIES or DARE. Adapters that do not adapt layer
         ``p`` contribute a zero ``dW``."""
@@ -259,7 +259,7 @@ class Merger:
             deltas = [self._factors[i][p][0].to(device) @ self._factors[i][p][1].to(device) if p in self._factors[i]
                       else torch.zeros_like(merged) for i in self.static]
             change = combine(p, deltas, [float(weights[i]) for i in self.static])
-            live = self._live(p, fold)
+            live = self._live(p)
             if live is not None:  # the dense combined change, live in the weight's dtype (module docstring)
                 layer.weight.copy_(merged)
                 live.add_adapter(LIVE_DELTA, LiveDelta(dense=change.to(layer.weight.dtype)))
