@@ -65,8 +65,8 @@ def test_aggregate_reads_the_headline_cell_the_best_per_seed_and_the_best_fixed_
 # ---- the condition table ----------------------------------------------------------------------------------
 def test_the_table_declares_what_the_issue_asks():
     names = set(CONDITIONS)
-    static = [m for m, method in METHODS.items() if method.static and m != "lora_frozen_b"]
-    assert set(static) <= {c.method for c in CONDITIONS.values() if c.group == "method"}
+    static = [m for m, method in METHODS.items() if method.static]
+    assert set(static) <= {c.method for c in CONDITIONS.values() if c.group in ("method", "basis", "frozen side")}
     assert {c.rank for c in CONDITIONS.values() if c.method == "triu_deltaR"} >= {4, 8, 16}
     assert len({c.learning_rate for c in CONDITIONS.values() if c.method == "triu_deltaR" and c.group in ("method", "learning rate")}) >= 3
     assert {c.steps for c in CONDITIONS.values() if c.method == "triu_deltaR"} >= {40, 100, 300, 1000}
@@ -76,6 +76,31 @@ def test_the_table_declares_what_the_issue_asks():
     headline = [c for c in CONDITIONS.values() if c.headline]
     assert {c.method for c in headline} == {"triu_deltaR", "lora"} and all(len(c.seeds()) == 5 for c in headline)
     assert all(len(c.seeds()) >= 3 for c in CONDITIONS.values())
+
+
+def test_the_frozen_side_conditions_of_issue_32():
+    """Input-frozen conditions with >= 5 seeds; each adapter pair's frozen input bases are what the name says."""
+    side = {c.name: c for c in CONDITIONS.values() if c.group == "frozen side"}
+    assert set(side) == {"ortho_adapt", "ortho_adapt_shared", "ortho_adapt_gaussian", "qr_input_frozen",
+                         "qr_input_frozen_disjoint", "triu_qr_input_frozen"}
+    assert all(len(c.seeds()) >= 5 for c in side.values())
+    w = torch.randn(24, 16, generator=torch.Generator().manual_seed(0))
+
+    def input_bases(name):
+        c = side[name]
+        out = []
+        for overrides in (dict(c.overrides), {**dict(c.overrides), **dict(c.style_overrides)}):
+            cfg = AdapterConfig(method=c.method, rank=c.rank, basis=overrides.get("qr_basis"),
+                                basis_offset=overrides.get("qr_basis_offset", 0),
+                                basis_seed=overrides.get("qr_basis_seed", 0))
+            d = METHODS[c.method].lora_factors(METHODS[c.method].initialize(w, cfg, "blk.lin"), 1.0)[1]  # A (r x in)
+            out.append(torch.linalg.qr(d.T)[0])
+        return out
+
+    for name, expected in (("ortho_adapt", 0.0), ("ortho_adapt_shared", 1.0), ("qr_input_frozen", 1.0),
+                           ("qr_input_frozen_disjoint", 0.0), ("triu_qr_input_frozen", 1.0)):
+        assert subspace_overlap(*input_bases(name)) == pytest.approx(expected, abs=1e-4), name
+    assert 0.05 < subspace_overlap(*input_bases("ortho_adapt_gaussian")) < 0.9  # independent, neither equal nor disjoint
 
 
 def test_merge_only_conditions_share_the_trained_pair():

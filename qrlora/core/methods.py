@@ -18,7 +18,7 @@ from . import decompose
 from ..errors import UserError
 
 Tensors = Mapping[str, torch.Tensor]
-BASES = ("top", "random")
+BASES = ("top", "random", "gaussian")  # every frozen-basis kind a method may draw (Method.bases: which ones)
 # Where the AdapterConfig being built comes from: None for flags (errors name the flag), else a file (errors name it).
 _CONFIG_SOURCE: contextvars.ContextVar[str | None] = contextvars.ContextVar("adapter_config_source", default=None)
 
@@ -34,10 +34,12 @@ class AdapterConfig:
     delta_scale: float = 0.01  # std of the coefficients when use_zero_init is off (published default)
     num_experts: int = 8  # moe only
     seed: int = 0  # seeds ica, moe gates, lora A and non-zero coefficient init, per layer
-    # Research controls of the frozen output basis (methods with ``chooses_basis``; the disentanglement study):
-    # "top" = the paper's top-r singular directions of W; "random" = a seeded random orthonormal Q (basis_seed),
-    # with R = Q^T W / s so that W - s Q R stays the residual. basis_offset k uses singular directions k+1..k+r.
-    basis: str = "top"
+    # The frozen basis (methods with ``Method.bases``; the disentanglement study's controls and Orthogonal
+    # Adaptation): "top" = the paper's top-r singular directions of W; "random" = a seeded random orthonormal basis
+    # (basis_seed; for deltaR/svd R = Q^T W / s so that W - s Q R stays the residual); "gaussian" = independent
+    # N(0, 1/in) directions. basis_offset k uses directions k+1..k+r (singular ones, or columns of the seeded draw).
+    # None = the method's own default (Method.bases[0]; "top" for methods without a basis to choose).
+    basis: str | None = None
     basis_offset: int = 0
     basis_seed: int = 0
 
@@ -72,13 +74,18 @@ class AdapterConfig:
                                 f"(each expert owns rank / experts directions)")
         if not (math.isfinite(self.delta_scale) and self.delta_scale >= 0):
             raise UserError(f"{n('--delta_scale', 'delta_scale')} must be a non-negative number, got {self.delta_scale!r}")
+        if self.basis is None:  # frozen dataclass: the one place a field is filled in after construction
+            object.__setattr__(self, "basis", method.bases[0] if method.bases else "top")
         if self.basis not in BASES:
             raise UserError(f"{n('--qr_basis', 'basis')} must be one of {', '.join(BASES)}, got {self.basis!r}")
         if isinstance(self.basis_offset, bool) or not isinstance(self.basis_offset, int) or self.basis_offset < 0:
             raise UserError(f"{n('--qr_basis_offset', 'basis_offset')} must be a non-negative integer, got {self.basis_offset!r}")
-        if (self.basis != "top" or self.basis_offset) and not method.chooses_basis:
-            raise UserError(f"{n('--qr_basis / --qr_basis_offset', 'basis')}: {self.method} has no frozen Q basis to choose "
+        if not method.chooses_basis and (self.basis != "top" or self.basis_offset):
+            raise UserError(f"{n('--qr_basis / --qr_basis_offset', 'basis')}: {self.method} has no frozen basis to choose "
                             f"(methods that have one: {', '.join(m.name for m in METHODS.values() if m.chooses_basis)})")
+        if method.chooses_basis and self.basis not in method.bases:
+            raise UserError(f"{n('--qr_basis', 'basis')} {self.basis}: {self.method} draws its frozen basis as "
+                            f"{' or '.join(method.bases)}")
 
     @property
     def lora_alpha(self) -> float:
@@ -119,7 +126,13 @@ class Method:
     # q / base_r / delta_r layout): what plots and reports call them.
     math_names: Mapping[str, str] = {}
     display_name: str = ""  # how reports label an adapter of this method
-    chooses_basis: bool = False  # AdapterConfig.basis / basis_offset pick its frozen output basis
+    family: str = "QR-LoRA"  # the published family it belongs to (the study groups and colours its rows by it)
+    bases: tuple[str, ...] = ()  # the AdapterConfig.basis kinds it can draw its frozen basis as, its default first
+
+    @property
+    def chooses_basis(self) -> bool:
+        """AdapterConfig.basis / basis_offset / basis_seed pick its frozen basis."""
+        return bool(self.bases)
 
     # ---- initialisation -------------------------------------------------------------------------------
     def initialize(self, weight: torch.Tensor, cfg: AdapterConfig, layer_name: str) -> dict[str, torch.Tensor]:
@@ -208,7 +221,7 @@ class DeltaR(Method):
     basis = ("q", "base_r")
     math_names = {"q": "Q", "base_r": "R", "delta_r": "dR"}
     display_name = "QR-LoRA (deltaR)"
-    chooses_basis = True
+    bases = ("top", "random")
 
     def frozen_basis(self, weight, cfg, layer_name) -> tuple[torch.Tensor, torch.Tensor]:
         """``(Q, R)`` (out x r, r x in): the QR of the top-r core (the paper), or the study's controls."""
@@ -245,10 +258,13 @@ class TriuDeltaR(DeltaR):
     display_name = "QR-LoRA (triu_deltaR)"
 
     def grad_mask(self, name, t):
-        if name != "delta_r":
-            return None
-        r, n = t["base_r"].shape
-        return torch.ones(r, n, dtype=torch.float32, device=t["base_r"].device).triu()
+        return _upper_triangle(t) if name == "delta_r" else None
+
+
+def _upper_triangle(t: Tensors) -> torch.Tensor:
+    """The 0/1 mask ``j >= i`` of ``delta_r``, shaped as the frozen ``base_r`` (r x n): R's own structure."""
+    r, n = t["base_r"].shape
+    return torch.ones(r, n, dtype=torch.float32, device=t["base_r"].device).triu()
 
 
 class QRJoint(Method):
@@ -290,6 +306,49 @@ class QRJoint(Method):
         r = cfg.rank
         return {"q0": (out_features, r), "r0": (r, in_features), "q": (out_features, r), "base_r": (r, in_features)}
 
+
+
+class QRInputFrozen(DeltaR):
+    """The input-frozen transpose of QR-LoRA (issue 32): the QR of the top-r core's transpose, ``C^T = Q R``, gives
+    ``C = R^T Q^T`` with ``Q`` (in x r, orthonormal, spanning the top-r right singular vectors) and ``R`` (r x out);
+    both stay frozen and ``dR`` (r x out) trains, so ``dW = s dR^T Q^T``: the *input* basis is frozen and the output
+    side is learned, as in Orthogonal Adaptation (Po et al., CVPR 2024), with QR-LoRA's parameter count (``r * out``)
+    and its residual ``W - s R^T Q^T``. ``basis_offset`` k uses right singular directions k+1..k+r."""
+
+    name = "qr_input_frozen"
+    math_names = {"q": "Q_in", "base_r": "R_in", "delta_r": "dR_in"}
+    display_name = "QR-LoRA input-frozen"
+    bases = ("top",)
+
+    def frozen_basis(self, weight, cfg, layer_name):
+        svd = _singular_directions(weight, cfg)
+        transposed = decompose.TruncatedSVD(svd.Vh.T, svd.S, svd.U.T)  # C^T = V diag(S) U^T
+        return decompose.qr_of_core(transposed, cfg.scale)  # Q (in x r), R (r x out)
+
+    def output(self, t, x, scale):
+        # (..., in) -> (..., r) -> (..., out)
+        return ((x @ t["q"]) * scale) @ t["delta_r"]
+
+    def lora_factors(self, t, scale):
+        return t["delta_r"].T * scale, t["q"].T  # B (out x r), A (r x in)
+
+    def basis_product(self, t):
+        return t["base_r"].T @ t["q"].T
+
+    def shapes(self, out_features, in_features, cfg):
+        r = cfg.rank
+        return {"q": (in_features, r), "base_r": (r, out_features), "delta_r": (r, out_features)}
+
+
+class TriuQRInputFrozen(QRInputFrozen):
+    """``qr_input_frozen`` with ``dR`` (r x out) kept upper-triangular like ``R``: the exact transpose of
+    ``triu_deltaR`` (the issue's ``triu_deltaQ``), ``dW = s dR^T Q^T`` with ``dR^T`` lower-triangular."""
+
+    name = "triu_qr_input_frozen"
+    display_name = "QR-LoRA input-frozen (triu)"
+
+    def grad_mask(self, name, t):
+        return _upper_triangle(t) if name == "delta_r" else None
 
 
 class SVDCoefficients(DeltaR):
@@ -408,6 +467,7 @@ class LoRA(Method):
     trainable = ("lora_A", "lora_B")
     math_names = {"lora_A": "A", "lora_B": "B"}
     display_name = "LoRA"
+    family = "LoRA"
 
     def initialize(self, weight, cfg, layer_name):
         out_features, in_features = weight.shape
@@ -448,6 +508,41 @@ class LoRAFrozenB(LoRA):
                 "lora_B": lora_b.to(weight.device)}
 
 
+class OrthogonalAdaptation(LoRA):
+    """Orthogonal Adaptation (Po et al., "Orthogonal Adaptation for Modular Customization of Diffusion Models",
+    CVPR 2024): ``dW = s A B^T`` with the input basis ``B`` (in x r) frozen and the output side ``A`` (out x r, zero
+    at init) learned. In this repository's LoRA layout ``lora_A = B^T`` (r x in, frozen) and ``lora_B = A`` (trained).
+
+    The paper gives each concept its own basis, near-orthogonal to the others': with ``basis`` "random" it is
+    columns ``basis_offset + 1 .. basis_offset + r`` of one seeded random orthogonal matrix (``basis_seed``), so two
+    adapters with one seed and offsets ``0`` and ``r`` have exactly orthogonal input bases; "gaussian" is the paper's
+    cheaper option, ``N(0, 1/in)`` entries (near-orthogonal for different seeds in high dimension). Two adapters
+    with the same seed and offset share one basis (the study's control), so independently trained concepts must be
+    given different offsets (or seeds)."""
+
+    name = "ortho_adapt"
+    trainable = ("lora_B",)
+    basis = ("lora_A",)
+    math_names = {"lora_A": "B^T", "lora_B": "A"}
+    display_name = "Orthogonal Adaptation"
+    family = "Orthogonal Adaptation"
+    bases = ("random", "gaussian")
+
+    def initialize(self, weight, cfg, layer_name):
+        out_features, in_features = weight.shape
+        columns = cfg.basis_offset + cfg.rank
+        if cfg.basis == "random" and columns > in_features:
+            raise UserError(f"--qr_basis_offset {cfg.basis_offset} + --rank {cfg.rank} exceeds the {in_features} "
+                            f"orthogonal input directions of layer {layer_name}")
+        gen = torch.Generator(device="cpu").manual_seed(decompose.layer_seed(cfg.basis_seed + 11, layer_name))
+        # (in, offset + r), drawn column by column, so the first columns are the same draw whatever the offset: the
+        # QR of the wider draw starts with the narrower one's basis and goes on orthogonally to it.
+        draw = torch.randn(columns, in_features, generator=gen).T
+        basis = torch.linalg.qr(draw)[0] if cfg.basis == "random" else draw / math.sqrt(in_features)
+        return {"lora_A": basis[:, cfg.basis_offset:].T.contiguous().to(weight.device),  # B^T (r, in)
+                "lora_B": self._coefficients((out_features, cfg.rank), cfg, layer_name, weight.device)}
+
+
 def _singular_directions(weight: torch.Tensor, cfg: AdapterConfig) -> decompose.TruncatedSVD:
     """Singular triplets ``basis_offset + 1 .. basis_offset + r`` of ``W`` (the top r when the offset is 0)."""
     k = cfg.basis_offset
@@ -469,7 +564,8 @@ def _random_basis(weight: torch.Tensor, cfg: AdapterConfig, layer_name: str) -> 
 
 
 METHODS: dict[str, Method] = {m.name: m for m in (DeltaR(), TriuDeltaR(), QRJoint(), SVDCoefficients(), ICA(), FrequencyMoE(), LoRA(),
-                                                  LoRAFrozenB())}
+                                                  LoRAFrozenB(), QRInputFrozen(), TriuQRInputFrozen(),
+                                                  OrthogonalAdaptation())}
 
 
 def get_method(name: str) -> Method:

@@ -258,7 +258,7 @@ def _config_from_metadata(path, meta: Mapping[str, str]) -> AdapterConfig:
         delta_scale=_meta_number(path, meta, "delta_scale", float, 0.01),
         num_experts=_meta_number(path, meta, "num_experts", int, 8),
         seed=_meta_number(path, meta, "seed", int, 0),
-        basis=meta.get("basis", "top"),
+        basis=meta.get("basis"),  # absent: the method's default
         basis_offset=_meta_number(path, meta, "basis_offset", int, 0),
         basis_seed=_meta_number(path, meta, "basis_seed", int, 0),
     )

@@ -14,7 +14,7 @@ import math
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
-from ..core.methods import AdapterConfig
+from ..core.methods import BASES, AdapterConfig
 from ..errors import UserError, seed_problem
 
 
@@ -125,13 +125,15 @@ class TrainSettings:
     delta_scale: float = adapter(ADAPTER_DEFAULTS.delta_scale, "std of the coefficients with --no-use_zero_init")
     moe_num_experts: int = adapter(ADAPTER_DEFAULTS.num_experts,
                                    "experts of --lora_init_method moe (the rank must be a multiple)")
-    qr_basis: str = adapter(
-        ADAPTER_DEFAULTS.basis, "frozen Q basis (deltaR, triu_deltaR, svd): top = the top-r singular directions (the "
-                                "paper); random = a seeded random orthonormal Q, a control of the disentanglement study",
-        choices=("top", "random"))
+    qr_basis: str | None = adapter(
+        None, "frozen basis (default: the method's own). deltaR, triu_deltaR, svd: top = the top-r singular directions "
+              "(the paper), random = a seeded random orthonormal Q (a study control); qr_input_frozen: top; "
+              "ortho_adapt: random = columns of a seeded orthogonal matrix (default), gaussian = N(0, 1/in) directions",
+        choices=BASES)
     qr_basis_offset: int = adapter(ADAPTER_DEFAULTS.basis_offset,
-                                   "use singular directions k+1..k+r instead of the top r (a study control)")
-    qr_basis_seed: int = adapter(ADAPTER_DEFAULTS.basis_seed, "seed of --qr_basis random")
+                                   "use directions k+1..k+r instead of the first r: singular directions, or columns of "
+                                   "ortho_adapt's draw (give each concept its own offset, e.g. 0 and --rank)")
+    qr_basis_seed: int = adapter(ADAPTER_DEFAULTS.basis_seed, "seed of a random or gaussian basis")
     # ---- optimisation
     train_batch_size: int = optimisation(1, "images per micro-batch and process")
     gradient_accumulation_steps: int = optimisation(1, "micro-batches per optimizer update")

@@ -18,6 +18,8 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import torch
 
+from ...core.methods import METHODS
+
 WEIGHT_GRID = (0.5, 0.75, 1.0, 1.25)  # every (content, style) pair of these; (1, 1) is the headline cell
 HEADLINE_SEEDS = 5  # the rows a user reads first get five seeds, the others three
 STYLE_SEED_OFFSET = 100  # the style adapter trains with seed + this (the experiment trained both with one seed)
@@ -47,6 +49,7 @@ class Condition:
     merge: str = "direct"
     shared_seed: bool = False  # both adapters train with the same seed (the experiment's choice)
     headline: bool = False
+    seed_count: int | None = None  # seeds it runs by default (None: 5 for headline rows, 3 for the others)
     group: str = "method"
     note: str = ""
 
@@ -65,10 +68,11 @@ class Condition:
         return out
 
     def seeds(self, requested: list[int] | None = None) -> list[int]:
-        """The seeds this condition runs: the requested ones, or 0..4 for headline rows and 0..2 otherwise."""
+        """The seeds this condition runs: the requested ones, or ``0 .. seed_count - 1`` (by default 0..4 for headline
+        rows and 0..2 otherwise)."""
         if requested is not None:
             return list(requested)
-        return list(range(HEADLINE_SEEDS if self.headline else 3))
+        return list(range(self.seed_count or (HEADLINE_SEEDS if self.headline else 3)))
 
 
 ATTENTION = ("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0",
@@ -78,6 +82,7 @@ CONTEXT_STREAM = ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj", "attn
 ALL_LINEARS = ATTENTION + ("ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2",
                            "norm1.linear", "norm1_context.linear")
 PUBLISHED = dict(learning_rate=1e-4, steps=1000, batch_size=1, accumulation=4)
+FROZEN_SIDE = dict(group="frozen side", seed_count=HEADLINE_SEEDS)  # issue 32: >= 5 seeds in both worlds
 
 
 def _conditions() -> dict[str, Condition]:
@@ -120,6 +125,21 @@ def _conditions() -> dict[str, Condition]:
                   note="content: singular directions 1-4, style: 5-8 (disjoint column spaces)"),
         Condition("lora_frozen_b", method="lora_frozen_b", group="basis",
                   note="LoRA with a frozen random B (different per adapter), trained through A only"),
+        # -- which side is frozen (issue 32): the input side instead of QR-LoRA's output side -----------------
+        Condition("ortho_adapt", method="ortho_adapt", style_overrides=(("qr_basis_offset", 4),), **FROZEN_SIDE,
+                  note="Orthogonal Adaptation: frozen random orthonormal input bases, content columns 1-4 and style "
+                       "5-8 of one orthogonal matrix; learned zero-initialised output side"),
+        Condition("ortho_adapt_shared", method="ortho_adapt", **FROZEN_SIDE,
+                  note="the control: one random orthonormal input basis shared by both adapters"),
+        Condition("ortho_adapt_gaussian", method="ortho_adapt", overrides=(("qr_basis", "gaussian"),),
+                  style_overrides=(("qr_basis_seed", 1),), **FROZEN_SIDE,
+                  note="independent N(0, 1/in) input bases, the paper's cheaper option"),
+        Condition("qr_input_frozen", method="qr_input_frozen", **FROZEN_SIDE,
+                  note="QR of W_r^T: the top-4 right singular basis frozen and shared, dW = s dR^T Q^T learned"),
+        Condition("qr_input_frozen_disjoint", method="qr_input_frozen", style_overrides=(("qr_basis_offset", 4),),
+                  **FROZEN_SIDE, note="content on right singular directions 1-4, style on 5-8"),
+        Condition("triu_qr_input_frozen", method="triu_qr_input_frozen", **FROZEN_SIDE,
+                  note="the exact transpose of triu_deltaR (the issue's triu_deltaQ): dR upper-triangular"),
         # -- merge strategies (reuse the pairs of the rows above) -----------------------------------------
         *(Condition(f"{m}_{s}", method=m, merge=s, group="merge strategy")
           for m in ("triu_deltaR", "lora") for s in ("ziplora", "klora", "ties", "dare")),
@@ -339,6 +359,14 @@ def markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+FAMILY_COLORS = {"QR-LoRA": "tab:blue", "LoRA": "tab:orange", "Orthogonal Adaptation": "tab:green"}
+
+
+def family(method: str) -> str:
+    """The published family of a report row's method (``Method.family``; a method this version lacks: its name)."""
+    return METHODS[method].family if method in METHODS else method
+
+
 def plot(report: dict, path) -> None:
     """Both-correct at (1, 1) and best-per-seed, with 95% intervals, one bar pair per condition."""
     import matplotlib
@@ -352,13 +380,14 @@ def plot(report: dict, path) -> None:
     for offset, key, label in ((-0.2, "both_at_1_1", "both correct at (1, 1)"), (0.2, "best_both", "best cell per seed")):
         r = np.array([row[key]["rate"] for row in rows])
         err = np.array([[row[key]["rate"] - row[key]["ci_low"], row[key]["ci_high"] - row[key]["rate"]] for row in rows]).T
-        colors = ["tab:orange" if row["method"].startswith("lora") else "tab:blue" for row in rows]
+        colors = [FAMILY_COLORS.get(family(row["method"]), "tab:gray") for row in rows]
         ax.bar(x + offset, r, 0.4, yerr=err, capsize=2, color=colors, alpha=1.0 if offset < 0 else 0.5,
                label=label)
     ax.set_xticks(x, [row["name"] for row in rows], rotation=70, ha="right", fontsize=7)
     ax.set_ylim(0, 1)
     ax.set_ylabel("rate (95% Wilson interval)")
-    ax.set_title(f"{report['prompt']}: blue QR-family, orange LoRA family; dark (1, 1), light best per seed", fontsize=9)
+    ax.set_title(f"{report['prompt']}: blue QR-LoRA, orange LoRA, green Orthogonal Adaptation; dark (1, 1), "
+                 "light best per seed", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -409,8 +438,8 @@ def study_summary(report_path) -> str:
     def best(family):
         return max((r for r in rows if family(r)), key=lambda r: r["both_at_1_1"]["rate"], default=None)
 
-    qr = best(lambda r: not r["method"].startswith("lora"))
-    lora = best(lambda r: r["method"].startswith("lora"))
+    qr = best(lambda r: family(r["method"]) == "QR-LoRA")
+    lora = best(lambda r: family(r["method"]) == "LoRA")
     parts = [f"the study ({report_path}, {len(rows)} conditions, weights (1, 1)):"]
     for label, row in (("best QR-family condition", qr), ("best LoRA-family condition", lora)):
         if row is not None:
