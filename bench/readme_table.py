@@ -317,10 +317,13 @@ def replace_block(text: str, block: str, start: str = START, end: str = END, pag
 
 
 def replace_study_block(text: str) -> str:
-    """``text`` with the world study's tables (``qrlora.toy.world.study.readme_block``) replaced."""
-    from qrlora.toy.world.study import README_END, README_START, readme_block
+    """``text`` with the world study's tables (``qrlora.toy.world.study.readme_block``) and its frozen-side tables
+    (``frozen_side_block``) replaced."""
+    from qrlora.toy.world.study import (FROZEN_SIDE_END, FROZEN_SIDE_START, README_END, README_START,
+                                        frozen_side_block, readme_block)
 
-    return replace_block(text, readme_block(REPORTS), README_START, README_END, STUDY_PAGE)
+    text = replace_block(text, readme_block(REPORTS), README_START, README_END, STUDY_PAGE)
+    return replace_block(text, frozen_side_block(REPORTS), FROZEN_SIDE_START, FROZEN_SIDE_END, STUDY_PAGE)
 
 
 def main(argv=None) -> int:

@@ -17,6 +17,7 @@ from ..core.methods import get_method
 from ..merging.strategies import STRATEGIES
 from ..toy.world import data
 from ..toy.world.experiment import LR_FACTOR, Sampler, dw_similarity, markdown, plot
+from ..toy.world.study import QUICK
 from ..toy.world.world import SAMPLE_GUIDANCE, SAMPLE_STEPS
 from ..toy.world.world import World, write_instance_images
 from .arguments import ArgumentParser, number_list, positive, report_name, seed, seed_list
@@ -65,12 +66,17 @@ def main(argv: list[str] | None = None) -> None:
                                       "the mechanism (docs/world.md: Does QR-LoRA disentangle?); resumes where it stopped")
     st.add_argument("--output", required=True, help="study folder (created; run the same command again to resume)")
     st.add_argument("--world", default=None, help="built world folder (default: the shipped assets/world)")
-    st.add_argument("--conditions", default="all",
-                    help="comma list of condition names (qrlora.toy.world.study.CONDITIONS), or 'all' (default)")
+    st.add_argument("--conditions", default=None,
+                    help="comma list of condition names (qrlora.toy.world.study.CONDITIONS), or 'all' (default; "
+                         "with --quick the frozen-side conditions and their two baselines)")
     st.add_argument("--seeds", type=seed_list, default=None,
-                    help="comma list of seeds for every condition (default: 0..4 for headline rows, 0..2 otherwise)")
+                    help="comma list of seeds for every condition (default: each condition's own, 3 or 5; --quick: 0)")
     st.add_argument("--jobs", type=positive(int), default=2, help="processes in parallel, one thread each (default 2)")
-    st.add_argument("--samples", type=positive(int), default=32, help="images per grid cell and seed (default 32)")
+    st.add_argument("--samples", type=positive(int), default=None,
+                    help=f"images per grid cell and seed (default 32; --quick: {QUICK.samples})")
+    st.add_argument("--quick", action="store_true",
+                    help=f"a few minutes' look, not a result: one seed, {QUICK.steps} training steps, weights (1, 1) "
+                         f"only (its folder records these settings, so it never mixes with a full study)")
     st.add_argument("--report_dir", default=None, help="also write the report here, e.g. bench/reports (default: only in the study folder)")
     st.add_argument("--report_name", type=report_name, default="world_study",
                     help="file name of the report, NAME.{json,md,png} (default world_study)")
@@ -164,10 +170,14 @@ def _study(args, command: str) -> None:
     from ..toy.world.world import SHIPPED_WORLD
     from .world_study import run_study
 
-    names = list(CONDITIONS) if args.conditions == "all" else check_choices("--conditions", args.conditions.split(","), list(CONDITIONS))
-    report = run_study(args.world or str(SHIPPED_WORLD), Path(args.output), names, args.seeds, jobs=args.jobs,
-                       samples=args.samples, command=command, report_name=args.report_name,
-                       report_dir=Path(args.report_dir) if args.report_dir else None)
+    conditions = args.conditions or ("all" if not args.quick else ",".join(QUICK.conditions))
+    names = list(CONDITIONS) if conditions == "all" else check_choices("--conditions", conditions.split(","), list(CONDITIONS))
+    quick = dict(grid=QUICK.grid, steps=QUICK.steps) if args.quick else {}
+    seeds = args.seeds if args.seeds is not None or not args.quick else list(QUICK.seeds)
+    samples = args.samples or (QUICK.samples if args.quick else 32)
+    report = run_study(args.world or str(SHIPPED_WORLD), Path(args.output), names, seeds, jobs=args.jobs,
+                       samples=samples, command=command, report_name=args.report_name,
+                       report_dir=Path(args.report_dir) if args.report_dir else None, **quick)
     print(study_markdown(report))
 
 

@@ -127,6 +127,9 @@ class Method:
     math_names: Mapping[str, str] = {}
     display_name: str = ""  # how reports label an adapter of this method
     family: str = "QR-LoRA"  # the published family it belongs to (the study groups and colours its rows by it)
+    # Which side of dW = (output basis) x (input basis) stays frozen: "output" (QR-LoRA's Q), "input" (Orthogonal
+    # Adaptation's B, ICA's mixing), or "neither" (LoRA, qr: both sides learned). The study's frozen-side table reads it.
+    frozen_side: str = "output"
     bases: tuple[str, ...] = ()  # the AdapterConfig.basis kinds it can draw its frozen basis as, its default first
 
     @property
@@ -275,6 +278,7 @@ class QRJoint(Method):
     basis = ("q0", "r0")
     math_names = {"q": "Q", "base_r": "R", "q0": "Q0", "r0": "R0"}
     display_name = "QR-LoRA (qr)"
+    frozen_side = "neither"
 
     def initialize(self, weight, cfg, layer_name):
         q, r = decompose.qr_of_core(decompose.truncated_svd(weight, cfg.rank), cfg.scale)
@@ -318,6 +322,7 @@ class QRInputFrozen(DeltaR):
     name = "qr_input_frozen"
     math_names = {"q": "Q_in", "base_r": "R_in", "delta_r": "dR_in"}
     display_name = "QR-LoRA input-frozen"
+    frozen_side = "input"
     bases = ("top",)
 
     def frozen_basis(self, weight, cfg, layer_name):
@@ -377,6 +382,7 @@ class ICA(Method):
     basis = ("q", "base_r")
     math_names = {"q": "A", "base_r": "S0", "delta_r": "dS"}
     display_name = "QR-LoRA (ica)"
+    frozen_side = "input"  # dW = s dS A^T: the mixing A (in x r) is frozen, the sources' change dS (out x r) trains
     # dW = s dS A^T with |A| ~ S_r / sqrt(out), while Adam moves every dS entry by about lr per step: on the tiny
     # models and the world that makes ICA's effective step ~10x smaller than the other methods'.
     lr_factor = 10.0
@@ -468,6 +474,7 @@ class LoRA(Method):
     math_names = {"lora_A": "A", "lora_B": "B"}
     display_name = "LoRA"
     family = "LoRA"
+    frozen_side = "neither"
 
     def initialize(self, weight, cfg, layer_name):
         out_features, in_features = weight.shape
@@ -498,6 +505,7 @@ class LoRAFrozenB(LoRA):
     trainable = ("lora_A",)
     basis = ("lora_B",)
     display_name = "LoRA (frozen random B)"
+    frozen_side = "output"
 
     def initialize(self, weight, cfg, layer_name):
         out_features, in_features = weight.shape
@@ -526,6 +534,7 @@ class OrthogonalAdaptation(LoRA):
     math_names = {"lora_A": "B^T", "lora_B": "A"}
     display_name = "Orthogonal Adaptation"
     family = "Orthogonal Adaptation"
+    frozen_side = "input"
     bases = ("random", "gaussian")
 
     def initialize(self, weight, cfg, layer_name):
