@@ -164,3 +164,33 @@ def test_every_method_says_which_side_it_freezes():
         same_output, same_input = subspace_overlap(*u) > 0.999, subspace_overlap(*v) > 0.999
         expected = {"output": (True, False), "input": (False, True), "neither": (False, False)}[m.frozen_side]
         assert (same_output, same_input) == expected, name
+
+
+# ---- the sequential control: --base_adapter -----------------------------------------------------------------------
+def test_base_adapter_trains_on_top_of_a_frozen_adapter_and_saves_only_its_own(tiny_sd3, tmp_path):
+    """The style run sees the content adapter (its training differs from the same run without it), saves only its own
+    tensors, records the base adapter, and leaves the base adapter's file as it was."""
+    from qrlora.files.checkpoint import load_adapter, read_safetensors
+
+    content_path = _train(tiny_sd3, tmp_path / "content", "lora")
+    before = read_safetensors(content_path)
+    on_top = load_adapter(_train(tiny_sd3, tmp_path / "on_top", "triu_deltaR", "--base_adapter", str(content_path)))
+    alone = load_adapter(_train(tiny_sd3, tmp_path / "alone", "triu_deltaR"))
+    assert on_top.config.method == "triu_deltaR" and set(on_top.layers) == set(alone.layers)
+    assert on_top.metadata["base_adapter"] == str(content_path) and "base_adapter" not in alone.metadata
+    layer = sorted(alone.layers)[0]
+    assert not torch.equal(on_top.layers[layer]["delta_r"], alone.layers[layer]["delta_r"])  # it saw the base adapter
+    assert torch.equal(on_top.layers[layer]["q"], alone.layers[layer]["q"])  # its basis is still the base model's own
+    after = read_safetensors(content_path)
+    assert before[1] == after[1] and all(torch.equal(before[0][k], after[0][k]) for k in before[0])
+
+
+def test_a_base_adapter_of_another_model_is_one_line_and_leaves_no_folder(tiny_sd3, tiny_flux, tmp_path):
+    flux_adapter = _train(tiny_flux, tmp_path / "flux", "lora", steps=1)
+    for bad, says in ((flux_adapter, "--base_adapter"), (tmp_path / "missing.safetensors", "missing.safetensors")):
+        proc = run_script([sys.executable, "-m", "qrlora.train", "--pretrained_model_name_or_path", str(tiny_sd3),
+                           "--instance_data_dir", str(REPO / "assets/cnt/cat"), "--instance_prompt", "a <c> cat",
+                           "--resolution", "64", "--max_train_steps", "1", "--output_dir", str(tmp_path / "run"),
+                           "--base_adapter", str(bad)], check=False)
+        assert proc.returncode != 0 and "Traceback" not in proc.stderr and says in proc.stderr, proc.stderr[-800:]
+        assert not (tmp_path / "run").exists()

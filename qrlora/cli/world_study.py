@@ -177,6 +177,8 @@ def train_pair(world_path: str, name: str, seed: int, output: str, steps: int | 
             overrides["lora_layers"] = ",".join(condition.targets)
         if role == "style":
             overrides.update(condition.style_overrides)
+            if condition.sequential:  # trained on top of the content adapter, merged in live and frozen
+                overrides["base_adapter"] = str(paths["content"])
         paths[role] = str(train_adapter(world, condition.method, role, folder / role, steps=steps or condition.steps,
                                         lr=condition.learning_rate, rank=condition.rank or world.flux_ratio_rank,
                                         seed=seeds[role],

@@ -134,6 +134,9 @@ class TrainSettings:
                                    "use directions k+1..k+r instead of the first r: singular directions, or columns of "
                                    "ortho_adapt's draw (give each concept its own offset, e.g. 0 and --rank)")
     qr_basis_seed: int = adapter(ADAPTER_DEFAULTS.basis_seed, "seed of a random or gaussian basis")
+    base_adapter: str | None = adapter(
+        None, "an adapter file merged in live and frozen while this one trains, which alone is saved (the study's "
+              "sequential control: the style adapter trained on top of the content adapter); recorded in the file")
     # ---- optimisation
     train_batch_size: int = optimisation(1, "images per micro-batch and process")
     gradient_accumulation_steps: int = optimisation(1, "micro-batches per optimizer update")

@@ -28,7 +28,8 @@ from .blockswap import attach_block_swap, check_blocks_to_swap
 from .buckets import bucket_batches, make_buckets, side_multiple
 from .cache import DiskCache
 from .config_file import write_config
-from ..files.checkpoint import ADAPTER_FILENAME, adapter_from_model, adapter_metadata, base_fingerprint, load_adapter, save_adapter
+from ..files.checkpoint import (ADAPTER_FILENAME, AdapterFile, adapter_from_model, adapter_metadata, base_fingerprint,
+                                fingerprint_difference, load_adapter, save_adapter)
 from .data import DreamBoothDataset, collate, drop_captions
 from .sources import FROM_INSTANCE_PROMPT, CaptionRules, Example, dataset_examples, folder_examples
 from ..core.devices import DTYPES, MIXED_PRECISION_DTYPES
@@ -37,7 +38,7 @@ from ..errors import UserError
 from ..files.export import export_lora, kohya_path
 from ..files.hub import push_run_folder
 from ..files.outputs import atomic_output
-from ..core.inject import inject_adapters, trainable_parameters
+from ..core.inject import attach_adapter, inject_adapters, trainable_parameters
 from .launch import check_launch
 from ..core.layers import adapter_layers, apply_constraints_, cast_base_model_
 from ..core.methods import METHODS
@@ -163,10 +164,12 @@ def train(settings: TrainSettings, command: str) -> Path:
                if settings.enable_bucket else None)
     dataset = DreamBoothDataset(examples, resolution=settings.resolution, center_crop=settings.center_crop,
                                 random_flip=settings.random_flip, repeats=settings.repeats, seed=settings.seed, buckets=buckets)
+    base_adapter = load_base_adapter(settings.base_adapter, backbone)
     metadata = adapter_metadata(config, component=backbone.denoiser_name, backbone=backbone.name,
                                 base_model=settings.pretrained_model_name_or_path, targets=targets,
                                 extra={"lora_blocks": json.dumps(blocks or []),
-                                       "instance_prompt": settings.instance_prompt or most_common_caption(examples)})
+                                       "instance_prompt": settings.instance_prompt or most_common_caption(examples),
+                                       **({"base_adapter": settings.base_adapter} if base_adapter else {})})
     check_prompt_lengths(settings.pretrained_model_name_or_path, max_sequence_length, trained_prompts(examples + held_out_examples),
                          {"--class_prompt": settings.class_prompt, "--validation_prompt": settings.validation_prompt})
     # One run per folder: the main process holds the folder's lock for the whole run (the kernel drops it on exit).
@@ -226,6 +229,8 @@ def train(settings: TrainSettings, command: str) -> Path:
     cast_base_model_(denoiser, model_dtype)
     # Fingerprinted before any weight is swapped out or quantized: it names the base model as loaded.
     metadata["base_fingerprint"] = base_fingerprint({p: layer.base_layer.weight for p, layer in adapter_layers(denoiser)})
+    if base_adapter is not None:  # live and frozen beside the trained adapter; never saved with it
+        attach_base_adapter(denoiser, base_adapter, settings.base_adapter)
     if settings.base_precision in LIBRARIES:  # on the host, on the way to the device: never the whole bf16 base there
         quantize_base_(denoiser, settings.base_precision)
     attach_block_swap(backbone, denoiser, settings.blocks_to_swap, device)  # before .to(device): swapped weights stay on the host
@@ -373,6 +378,41 @@ def train(settings: TrainSettings, command: str) -> Path:
     if run_lock is not None:
         run_lock.release()
     return final
+
+
+BASE_ADAPTER = "base_adapter"  # the adapter name of --base_adapter on every layer it adapts
+
+
+def load_base_adapter(path: str | None, backbone) -> AdapterFile | None:
+    """``--base_adapter``'s file, read and checked before anything heavy loads (None without the flag).
+
+    Raises:
+        UserError: naming the flag and the file when it is unreadable or adapts another backbone's denoiser.
+    """
+    if path is None:
+        return None
+    adapter = load_adapter(path)
+    if adapter.component != backbone.denoiser_name or (adapter.backbone and adapter.backbone != backbone.name):
+        raise UserError(f"--base_adapter {path}: a {adapter.backbone or '?'} adapter of the {adapter.component}; "
+                        f"this model is a {backbone.name} {backbone.denoiser_name}")
+    return adapter
+
+
+def attach_base_adapter(denoiser: torch.nn.Module, adapter: AdapterFile, path: str) -> None:
+    """Attach ``--base_adapter`` at weight 1 with no trainable tensor, after checking it was trained on this base
+    model (its recorded fingerprint against the weights of the layers it adapts)."""
+    weights = {}
+    for layer in adapter.layers:
+        try:
+            weights[layer] = denoiser.get_submodule(layer).weight
+        except AttributeError:
+            raise UserError(f"--base_adapter {path}: layer {layer} does not exist in this model") from None
+    differs = fingerprint_difference(adapter.metadata.get("base_fingerprint"), base_fingerprint(weights))
+    if differs:
+        raise UserError(f"--base_adapter {path} was trained on another base model (the base weight of layer {differs} "
+                        "differs)")
+    attach_adapter(denoiser, adapter.config, adapter.layers, adapter_name=BASE_ADAPTER, trainable=False,
+                   source=f"--base_adapter {path}")
 
 
 def trained_prompts(examples: list[Example]) -> dict[str, str]:

@@ -50,13 +50,14 @@ class Condition:
     shared_seed: bool = False  # both adapters train with the same seed (the experiment's choice)
     headline: bool = False
     seed_count: int | None = None  # seeds it runs by default (None: 5 for headline rows, 3 for the others)
+    sequential: bool = False  # the style adapter trains with the content adapter merged in, frozen (--base_adapter)
     group: str = "method"
     note: str = ""
 
     def training_key(self) -> tuple:
         """What decides the trained pair: conditions that differ only in how they merge share one pair."""
         return (self.method, self.rank, self.learning_rate, self.steps, self.batch_size, self.accumulation,
-                self.targets, self.overrides, self.style_overrides, self.shared_seed)
+                self.targets, self.overrides, self.style_overrides, self.shared_seed) + ((True,) if self.sequential else ())
 
     def settings(self) -> dict:
         """The JSON-able settings of the report (every field but the name)."""
@@ -140,6 +141,12 @@ def _conditions() -> dict[str, Condition]:
                   **FROZEN_SIDE, note="content on right singular directions 1-4, style on 5-8"),
         Condition("triu_qr_input_frozen", method="triu_qr_input_frozen", **FROZEN_SIDE,
                   note="the exact transpose of triu_deltaR (the issue's triu_deltaQ): dR upper-triangular"),
+        # -- the ceiling a merge could reach (issue 32): the style adapter trained on top of the content one --
+        Condition("triu_sequential", sequential=True, group="sequential", seed_count=HEADLINE_SEEDS,
+                  note="the style adapter trains with the content adapter merged in, frozen (--base_adapter); at (1, 1) "
+                       "the merge is the model the style adapter was trained in"),
+        Condition("lora_sequential", method="lora", sequential=True, group="sequential", seed_count=HEADLINE_SEEDS,
+                  note="as triu_sequential, for LoRA"),
         # -- merge strategies (reuse the pairs of the rows above) -----------------------------------------
         *(Condition(f"{m}_{s}", method=m, merge=s, group="merge strategy")
           for m in ("triu_deltaR", "lora") for s in ("ziplora", "klora", "ties", "dare")),
