@@ -16,6 +16,7 @@ Reports are made by (each records its machine, date, load and command):
     bash bench/gpu_flux.sh --output bench/reports/gpu_flux.json        (needs a CUDA GPU)
     python -m bench.flux_memory --output bench/reports/flux_memory.json  (the "FLUX memory" tables, estimated on CPU)
     python -m bench.explorer --output bench/reports/explorer.json --screenshot docs/explorer.png
+    python -m bench.study_throughput --output bench/reports/study_throughput.json
 """
 from __future__ import annotations
 
@@ -156,6 +157,14 @@ def explorer_rows(e: dict) -> list[str]:
                 f"{e['cli_merge_same_image_s']:.1f} s)", "-", "`python -m bench.explorer`")]
 
 
+def study_throughput_rows(t: dict) -> list[str]:
+    ratios = " / ".join(f"{t['over_baseline'][n]:.2f}" for n in t["over_baseline"])
+    return [row("study: seconds per (condition, seed) of the frozen-side conditions vs their family's existing one "
+                f"({' / '.join(t['over_baseline'])} vs {' / '.join(t['baseline'][n] for n in t['over_baseline'])}; "
+                "train the pair, merge, score, mechanism, at the `--quick` settings)", ratios,
+                f"<= {t['goal']:g}", "`python -m bench.study_throughput`")]
+
+
 def gpu_rows(g: dict | None) -> list[str]:
     what = "FLUX.1-dev on one GPU: init time, step time and peak memory at 512 px, triu_deltaR vs PEFT LoRA"
     if g is None:
@@ -284,7 +293,7 @@ def convergence_table(c: dict) -> list[str]:
 
 def render() -> str:
     reports = {name: d for name in ("decompose", "train_step", "merge", "convergence", "flux_memory", "gpu_flux",
-                                    "explorer")
+                                    "explorer", "study_throughput")
                if (d := load(name)) is not None}
     lines = [START, "", row("what", "ratio (ours vs peer)", "target", "command"), row("---", "---", "---", "---")]
     if "decompose" in reports:
@@ -297,6 +306,8 @@ def render() -> str:
     lines += gpu_rows(reports.get("gpu_flux"))
     if "explorer" in reports:
         lines += explorer_rows(reports["explorer"])
+    if "study_throughput" in reports:
+        lines += study_throughput_rows(reports["study_throughput"])
     lines += ["", provenance(reports)]
     if "convergence" in reports:
         lines += ["", "Convergence (`python -m bench.convergence`): fixed-noise evaluation loss on the training image as a "
