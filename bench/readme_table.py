@@ -161,7 +161,8 @@ def study_throughput_rows(t: dict) -> list[str]:
     ratios = " / ".join(f"{t['over_baseline'][n]:.2f}" for n in t["over_baseline"])
     return [row("study: seconds per (condition, seed) of the frozen-side conditions vs their family's existing one "
                 f"({' / '.join(t['over_baseline'])} vs {' / '.join(t['baseline'][n] for n in t['over_baseline'])}; "
-                "train the pair, merge, score, mechanism, at the `--quick` settings)", ratios,
+                "train the pair, merge on the 4 x 4 grid, score, mechanism; best of "
+                f"{t['settings']['rounds']}, interleaved)", ratios,
                 f"<= {t['goal']:g}", "`python -m bench.study_throughput`")]
 
 
