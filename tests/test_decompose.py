@@ -371,8 +371,8 @@ def test_the_stopping_estimates_bound_the_real_iteration_from_above(kind):
 @pytest.mark.parametrize("kind", ["power law", "power law, gap 1.01", "rehearsal"])
 def test_the_goals_at_flux_width(kind):
     """At FLUX.1-dev's 3072 x 3072, rank 64: the benchmark's power law (gap 1.0078: the error goal), the same decay
-    with a gap of exactly 1.01 (where a Ritz ratio taken at face value stops 67 degrees off) and the rehearsal's
-    weights (both goals)."""
+    with a gap of exactly 1.01 (a Ritz ratio taken at face value, with a 1.01 error tolerance, stops there 67
+    degrees off) and the rehearsal's weights (both goals)."""
     from bench.rehearsal import structured_weight
 
     W = {"power law": lambda: decaying_matrix(3072, 3072, seed=3),
