@@ -19,11 +19,16 @@ FLUX.1-dev (and SD3-medium) target set: each distinct shape timed once, multipli
 layers of that shape counted on the real model config built on the meta device.
 
 Spectrum (``--spectrum``): ``power`` (default) ``sigma_i = i^-0.5``, the slow power-law decay of trained
-attention and MLP weights, and the harder case for randomized SVD because the gap at the rank-r cut is tiny;
-``exp``: ``sigma_i = exp(-i / r) + 0.02``, a fast decay onto a noise floor.
+attention and MLP weights, and the harder case for randomized SVD because the gap at the rank-r cut is tiny
+(1.0078 at rank 64: below 1.01, so the top-r subspace is not defined and only the error goal applies);
+``exp``: ``sigma_i = exp(-i / r) + 0.02``, a fast decay onto a noise floor; ``rehearsal``: the real-size
+rehearsal's random weights (``bench.rehearsal.structured_weight``: ``0.1 G / sqrt(in) + A diag(4 * 0.97^i) B`` over
+128 directions, stored in bf16 as the rehearsal stores them), whose gaps at rank 64 are about 1.01-1.05, so the
+angle promise applies; its exact spectrum and subspace come from a dense float64 SVD.
 
     python -m bench.decompose            # full: FLUX + SD3 shapes (several minutes on 2 cores)
     python -m bench.decompose --quick    # SD3 shapes only (~1 minute on 2 cores)
+    python -m bench.decompose --spectrum rehearsal --output bench/reports/decompose_rehearsal.json
 """
 from __future__ import annotations
 
@@ -41,7 +46,9 @@ FLUX_SHAPES = [(3072, 3072), (12288, 3072), (3072, 12288)]
 SD3_SHAPES = [(1536, 1536), (6144, 1536), (1536, 6144)]
 SMOKE_SHAPES = [(256, 256), (1024, 256), (256, 1024)]  # SD3's shapes / 6, for the test suite
 
-TARGETS = {"ours_speedup_min": 25.0, "error_ratio_max": 1.01, "orthogonality_max": 1e-5,
+# Issue 28: ahead of PEFT's fast SVD on the whole FLUX.1-dev set (55x the published algorithm, where PEFT measured
+# 53x), within 1.001 of the optimal error, within 1 degree of the exact subspace wherever the gap defines it.
+TARGETS = {"ours_speedup_min": 55.0, "ours_ahead_of_peft": True, "error_ratio_max": 1.001, "orthogonality_max": 1e-5,
            "angle_max_deg": 1.0, "angle_gap_min": GAP_DEFINED}
 WORLD = Path(__file__).resolve().parent.parent / "assets" / "world"
 WORLD_RANKS = (4, 8, 16)
@@ -72,7 +79,7 @@ def ours_init(W: torch.Tensor, rank: int, scale: float) -> tuple[torch.Tensor, t
 
 def ours_with_power_iterations(n_iter: int):
     """Ours with a fixed ``n_iter`` block Krylov iterations instead of the adaptive default: the speed / error /
-    angle trade-off (``2 n_iter + 2`` products with ``W``, as many as ``n_iter`` power iterations)."""
+    angle trade-off (``2 n_iter + 2`` products with ``W`` of ``default_block(r)`` columns)."""
     def init(W: torch.Tensor, rank: int, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
         return qr_of_core(truncated_svd(W, rank, n_iter=n_iter), scale)
     return init
@@ -91,7 +98,7 @@ def former_default_svd(W: torch.Tensor, rank: int, seed: int = 0) -> TruncatedSV
     return TruncatedSVD(U=Y @ Ub[:, :rank], S=S[:rank], Vh=Vh[:rank])
 
 
-SWEEP = [1, 2, 3, 4]  # fixed Krylov iterations; the default iterates adaptively (until its top-r subspace has converged)
+SWEEP = [3, 4, 5, 6]  # fixed Krylov iterations; the default iterates adaptively (until its goals are met)
 METHODS = {"published": published_init, "peft_pissa_niter_4": peft_pissa_niter_4_init, "ours": ours_init,
            **{f"ours_niter_{k}": ours_with_power_iterations(k) for k in SWEEP}}
 
@@ -99,6 +106,11 @@ METHODS = {"published": published_init, "peft_pissa_niter_4": peft_pissa_niter_4
 # ---------------------------------------------------------------------------------------------------------
 # Test matrices
 # ---------------------------------------------------------------------------------------------------------
+SPECTRA = {"power": "sigma_i = i^-0.5", "exp": "sigma_i = exp(-i/r) + 0.02",
+           "rehearsal": "bench.rehearsal.structured_weight: 0.1 G/sqrt(in) + A diag(4 * 0.97^i) B over 128 "
+                        "directions, stored in bf16"}
+
+
 def spectrum(kind: str, k: int, rank: int) -> torch.Tensor:
     i = torch.arange(1, k + 1, dtype=torch.float64)
     if kind == "power":
@@ -110,9 +122,16 @@ def spectrum(kind: str, k: int, rank: int) -> torch.Tensor:
 
 def spectral_matrix(out_f: int, in_f: int, kind: str, rank: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``W = U diag(sigma) V^T`` (float32) with seeded Haar-random orthonormal U, V and a prescribed spectrum;
-    returns ``W``, ``sigma`` and the exact top-``rank`` left singular vectors ``U[:, :rank]``."""
+    returns ``W``, ``sigma`` and the exact top-``rank`` left singular vectors ``U[:, :rank]``. The ``rehearsal``
+    spectrum is the rehearsal's own random weight instead, its ``sigma`` and ``U`` from a dense float64 SVD."""
     k = min(out_f, in_f)
     gen = torch.Generator().manual_seed(seed)
+    if kind == "rehearsal":
+        from .rehearsal import structured_weight
+
+        W = structured_weight(out_f, in_f, gen).to(torch.bfloat16).float()  # as the rehearsal stores and loads it
+        U, sigma, _ = torch.linalg.svd(W.double(), full_matrices=False)
+        return W.contiguous(), sigma, U[:, :rank].float().contiguous()
     U, _ = torch.linalg.qr(torch.randn(out_f, k, generator=gen))
     V, _ = torch.linalg.qr(torch.randn(in_f, k, generator=gen))
     sigma = spectrum(kind, k, rank)
@@ -220,7 +239,8 @@ def main(argv=None) -> dict:
     size.add_argument("--quick", action="store_true", help="SD3-medium shapes only (~1 minute on 2 CPU cores)")
     size.add_argument("--smoke", action="store_true", help="tiny shapes (SD3's / 6) at rank 16, for the test suite")
     p.add_argument("--rank", type=int, default=None, help="rank (default 64; 16 with --smoke)")
-    p.add_argument("--spectrum", choices=["power", "exp"], default="power")
+    p.add_argument("--spectrum", choices=list(SPECTRA), default="power",
+                   help="singular values of the test matrices (module docstring)")
     p.add_argument("--repeats", type=int, default=None, help="timed runs of ours and PEFT per shape (best of N; default 5, 3 quick)")
     p.add_argument("--published-repeats", type=int, default=None, help="timed runs of the published algorithm (default 2 full, 1 quick)")
     p.add_argument("--seed", type=int, default=0)
@@ -274,6 +294,9 @@ def main(argv=None) -> dict:
     verdict = {
         "speedup_total": flux["speedup_vs_published"]["ours"] if flux else None,
         "speedup_ok": flux["speedup_vs_published"]["ours"] >= TARGETS["ours_speedup_min"] if flux else None,
+        "peft_speedup_total": flux["speedup_vs_published"]["peft_pissa_niter_4"] if flux else None,
+        "ahead_of_peft": (flux["speedup_vs_published"]["ours"] > flux["speedup_vs_published"]["peft_pissa_niter_4"]
+                          if flux else None),
         "worst_error_ratio": worst_err,
         "error_ok": worst_err <= TARGETS["error_ratio_max"],
         "worst_orthogonality": worst_orth,
@@ -287,7 +310,7 @@ def main(argv=None) -> dict:
         "rank": args.rank,
         "alpha": args.rank,
         "spectrum": args.spectrum,
-        "spectrum_definition": {"power": "sigma_i = i^-0.5", "exp": "sigma_i = exp(-i/r) + 0.02"}[args.spectrum],
+        "spectrum_definition": SPECTRA[args.spectrum],
         "timing": f"best of {args.repeats} (published: best of {args.published_repeats}), methods interleaved",
         "machine": info,
         "load_average_at_end": C.load_average(),
@@ -397,7 +420,8 @@ def render(payload: dict) -> str:
                                        "2-iteration randomized mean / worst", "its worst (gap >= 1.01)",
                                        "ours worst err/opt"], wrows))
     v = payload["verdict"]
-    speed = (f"{C.fmt(v['speedup_ok'])} ({v['speedup_total']:.1f}x)" if v["speedup_total"] is not None
+    speed = (f"{C.fmt(v['speedup_ok'])} ({v['speedup_total']:.1f}x; ahead of PEFT's {v['peft_speedup_total']:.1f}x in "
+             f"this run: {C.fmt(v['ahead_of_peft'])})" if v["speedup_total"] is not None
              else "not measured in this mode (it needs the FLUX shapes: run without --quick)")
     lines += ["", f"Targets: speedup >= {TARGETS['ours_speedup_min']:g}x on the whole FLUX.1-dev target set: {speed}; "
               f"error <= {TARGETS['error_ratio_max']} x optimal: {C.fmt(v['error_ok'])} (worst {v['worst_error_ratio']:.5f}); "

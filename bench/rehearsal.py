@@ -118,25 +118,34 @@ def _seed(name: str) -> int:
     return zlib.crc32(name.encode())
 
 
-def fill_random_(model, targets: set[str], device) -> None:
-    """Seeded random weights in place: ``N(0, 1/fan_in)`` for matrices and kernels, ones for norm scales, zeros for
-    biases; the targeted Linears get the structured spectrum of the module docstring."""
+def structured_weight(out_f: int, in_f: int, generator, device="cpu"):
+    """The targeted Linears' random weight (module docstring): ``0.1 G / sqrt(in) + A diag(4 * 0.97^i) B`` over
+    ``SPECTRUM_DIRECTIONS`` directions, ``G``, ``A`` (scaled by ``1 / sqrt(out)``) and ``B`` (by ``1 / sqrt(in)``)
+    Gaussian, drawn in that order from ``generator``; float32. A spike of 128 geometrically decaying directions over a
+    Marchenko-Pastur bulk: ``sigma_64 / sigma_65`` about 1.01-1.05 (defined), ``sigma_1`` about 4. Also the
+    ``rehearsal`` spectrum of ``bench.decompose``."""
     import torch
 
     k = SPECTRUM_DIRECTIONS
     sigma = 4.0 * 0.97 ** torch.arange(k, dtype=torch.float32, device=device)
+    w = torch.randn(out_f, in_f, generator=generator, device=device) / in_f ** 0.5
+    A = torch.randn(out_f, k, generator=generator, device=device) / out_f ** 0.5
+    B = torch.randn(k, in_f, generator=generator, device=device) / in_f ** 0.5
+    return 0.1 * w + (A * sigma) @ B
+
+
+def fill_random_(model, targets: set[str], device) -> None:
+    """Seeded random weights in place: ``N(0, 1/fan_in)`` for matrices and kernels, ones for norm scales, zeros for
+    biases; the targeted Linears get the structured spectrum of the module docstring (``structured_weight``)."""
+    import torch
+
     with torch.no_grad():
         for name, p in model.named_parameters():
             gen = torch.Generator(device=device).manual_seed(_seed(name))
-            if p.dim() >= 2:
-                fan_in = p[0].numel()
-                w = torch.randn(p.shape, generator=gen, device=device) / fan_in ** 0.5
-                if name.removesuffix(".weight") in targets and p.dim() == 2:
-                    out_f, in_f = p.shape
-                    A = torch.randn(out_f, k, generator=gen, device=device) / out_f ** 0.5
-                    B = torch.randn(k, in_f, generator=gen, device=device) / in_f ** 0.5
-                    w = 0.1 * w + (A * sigma) @ B
-                p.copy_(w)
+            if p.dim() == 2 and name.removesuffix(".weight") in targets:
+                p.copy_(structured_weight(*p.shape, gen, device))
+            elif p.dim() >= 2:
+                p.copy_(torch.randn(p.shape, generator=gen, device=device) / p[0].numel() ** 0.5)
             elif name.endswith("bias"):
                 p.zero_()
             else:
