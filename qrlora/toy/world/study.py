@@ -57,7 +57,9 @@ class Condition:
     def training_key(self) -> tuple:
         """What decides the trained pair: conditions that differ only in how they merge share one pair."""
         return (self.method, self.rank, self.learning_rate, self.steps, self.batch_size, self.accumulation,
-                self.targets, self.overrides, self.style_overrides, self.shared_seed) + ((True,) if self.sequential else ())
+                self.targets, self.overrides, self.style_overrides, self.shared_seed) + (
+                    # appended only when set, so every pair trained before the field existed keeps its folder digest
+                    (True,) if self.sequential else ())
 
     def settings(self) -> dict:
         """The JSON-able settings of the report (every field but the name)."""
