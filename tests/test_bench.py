@@ -59,6 +59,20 @@ def test_decompose_smoke(tmp_path):
     assert "| shape (out x in) |" in proc.stdout
 
 
+def test_decompose_sweep_smoke(tmp_path):
+    """The stopping rule on the sweep's 16 seeded weights at 1024 x 768, rank 64 (gaps 1.01-1.05, undefined, clusters,
+    stairs, a dominant sigma_1, Gaussian): no violation of either goal."""
+    out = tmp_path / "sweep.json"
+    proc = _run(["-m", "bench.decompose_sweep", "--smoke", "--output", str(out)])
+    payload = json.loads(out.read_text())
+    assert payload["benchmark"] == "decompose_sweep" and payload["mode"] == "smoke"
+    summary = payload["summary"]
+    assert summary["weights"] == len(payload["weights"]) == 16
+    assert summary["violations"] == [], summary["violations"]
+    assert summary["worst_error_ratio"] <= 1.001 and summary["worst_angle_deg_where_defined"] <= 1.0
+    assert "violations" in proc.stdout
+
+
 def test_train_step_smoke(tmp_path):
     out = tmp_path / "train_step.json"
     proc = _run(["-m", "bench.train_step", "--smoke", "--output", str(out)])

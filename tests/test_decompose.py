@@ -386,36 +386,3 @@ def test_the_goals_at_flux_width(kind):
     else:
         assert svd.gap < decompose.GAP_DEFINED
 
-
-def test_a_gap_probe_settles_an_undefined_gap_in_fewer_iterations(monkeypatch):
-    """The benchmark's power law (gap 1.0078, undefined): once the error goal is met, probes of 8 Ritz directions at
-    the cut settle the gap where a full iteration was needed; the result keeps both goals and says undefined. (SD3's
-    square shape as the benchmark seeds it: whether a probe runs depends on the Ritz ratio once the error goal is met.)"""
-    from bench.decompose import spectral_matrix
-
-    W = spectral_matrix(1536, 1536, "power", 64, seed=1536 * 8)[0]
-    svd = decompose.truncated_svd(W, 64)
-    error, _, gap, _ = _check_goals(W, 64)
-    assert gap < decompose.GAP_DEFINED and svd.gap < decompose.GAP_DEFINED and error <= 1.001
-    assert svd.probes >= 1
-    monkeypatch.setattr(decompose, "GAP_PROBE_MAX", 0)
-    without = decompose.truncated_svd(W, 64)
-    assert without.probes == 0 and without.iterations > svd.iterations
-
-
-@pytest.mark.parametrize("gap", [1.01, 1.011, 1.013])
-def test_a_gap_probe_never_takes_a_defined_gap_for_undefined(gap):
-    """The same decay with a defined gap just above 1.01: the probes run (the Ritz ratio is below GAP_PROBE_BELOW),
-    find the gap defined, are dropped, and full iterations bring the subspace within 1 degree."""
-    W = power_law_with_gap(1536, 1536, 64, gap, seed=4)
-    error, angle, exact_gap, svd = _check_goals(W, 64)
-    assert exact_gap >= decompose.GAP_DEFINED * (1 - 1e-6)
-    assert svd.probes >= 1, "the probe did not run: this test no longer exercises it"
-    assert error <= 1.001 and angle <= 1.0 and svd.gap >= decompose.GAP_DEFINED * (1 - 1e-4)
-
-
-def test_the_gap_lower_bound_mirrors_the_upper():
-    """``_gap_lower_bound``: below the true gap on a superlinear climb of ``lambda_(r+1)``, 1 with no rate yet."""
-    lambdas_r1 = [1.0 * (1 - 0.01 ** (k * k)) for k in range(1, 4)]  # sigma_(r+1)^2 climbing to 1
-    assert decompose._gap_lower_bound(lambdas_r1, 1.0201, 4.0) <= 1.01
-    assert decompose._gap_lower_bound(lambdas_r1[:2], 1.0201, 4.0) == 1.0
