@@ -386,3 +386,30 @@ def test_the_goals_at_flux_width(kind):
     else:
         assert svd.gap < decompose.GAP_DEFINED
 
+
+def test_the_gap_estimate_is_trusted_only_once_the_error_is_within_a_quarter_of_the_promise(monkeypatch):
+    """A slow decay with a gap of exactly 1.01 at rank 16 (3072 x 1024): with the gap estimate trusted as soon as the
+    error goal (1.0005) is met, the 4th iteration takes the gap for undefined and stops 42 degrees off; trusted from
+    GAP_TRUST_ERROR (1.00025) the iteration goes on to the 1-degree goal."""
+    from bench.decompose_sweep import gapped, with_spectrum
+
+    sigma = gapped(1.0 / (1.0 + 0.02 * torch.arange(1, 1025, dtype=torch.float64)), 16, 1.01)
+    W = with_spectrum(3072, 1024, sigma, 3)
+    error, angle, gap, svd = _check_goals(W, 16)
+    assert gap >= decompose.GAP_DEFINED * (1 - 1e-9) and error <= 1.001 and angle <= 1.0
+    monkeypatch.setattr(decompose, "GAP_TRUST_ERROR", decompose.ERROR_TOLERANCE)
+    _, early_angle, _, early = _check_goals(W, 16)
+    assert early.iterations < svd.iterations and early_angle > 1.0  # the failure the trust threshold prevents
+
+
+def test_a_last_move_over_a_degree_with_a_fast_rate_is_converged(monkeypatch):
+    """The rehearsal's weight at 3072 x 1024, rank 64: the 4th iteration moved more than a degree from the 3rd but is
+    hundredths of a degree from the exact subspace; the move guard at MOVE_MAX_DEG stops there, at 1 degree one
+    iteration later."""
+    from bench.decompose_sweep import rehearsal_weight
+
+    W = rehearsal_weight(3072, 1024)
+    error, angle, gap, svd = _check_goals(W, 64)
+    assert gap >= decompose.GAP_DEFINED and error <= 1.001 and angle <= 0.25
+    monkeypatch.setattr(decompose, "MOVE_MAX_DEG", 1.0)
+    assert decompose.truncated_svd(W, 64).iterations == svd.iterations + 1

@@ -47,7 +47,7 @@ GAP_DEFINED = 1.01
 ERROR_TOLERANCE = 1.0005
 #: The gap estimate of a full iteration (``_gap_upper_bound`` on its ``S_r^2`` history) decides "undefined" on its
 #: own only once the error estimate is within this factor (a quarter of the promise): earlier, ``S_r`` is still
-#: climbing fast and its extrapolation is not to be trusted (a seeded sweep of 250 weights: at 1.0005 a gap of 1.01
+#: climbing fast and its extrapolation is not to be trusted (a seeded sweep of about 200 weights: at 1.0005 a gap of 1.01
 #: was taken for undefined, and the iteration stopped 42 degrees off; no violation at 1.00025).
 GAP_TRUST_ERROR = 1.00025
 #: ... and, unless the gap is known to be below ``GAP_DEFINED``, once its top-r subspace is estimated to lie within this
@@ -329,7 +329,7 @@ def _angle_converged(moves: list[float], energy_rate: float) -> bool:
     of the rate of the top-r Ritz energy (an energy deficit shrinks as the sine squared of the angles that cause it).
     The last move itself must be under ``MOVE_MAX_DEG``: a guard on a rate read from one move and the energy's. (It was
     the 1-degree promise; but the move between iterations q-1 and q is how far q-1 was, not q: on the rehearsal's
-    3072 x 3072 weight a move of 1.1 degrees left the 4th iterate 0.02 degrees off, and the 250-weight sweep,
+    3072 x 3072 weight a move of 1.1 degrees left the 4th iterate 0.02 degrees off, and the 201-weight sweep,
     ``bench.decompose_sweep``, meets both goals at 3, worst angle 0.28 degree where the gap is defined.)
     """
     rates = [math.sqrt(energy_rate)]
