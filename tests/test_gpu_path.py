@@ -76,19 +76,29 @@ def test_residual_of_a_bf16_checkpoint_equals_the_float32_load(bf16_flux, tmp_pa
     assert all(torch.equal(saved[k], upcast[k]) for k in saved)
 
 
-@pytest.mark.parametrize("backbone", ["sd3", "flux"])
-def test_validation_runs_with_a_bf16_base_and_no_mixed_precision(backbone, tiny_sd3, tiny_flux, tmp_path):
-    """Issue 28: the first validation died with a dtype mismatch (fp32 prompt embeddings into a bf16 base)."""
+@pytest.mark.parametrize("backbone,method", [("sd3", "triu_deltaR"), ("flux", "triu_deltaR"),
+                                            ("flux", "qr_input_frozen"), ("sd3", "ortho_adapt")])
+def test_validation_runs_with_a_bf16_base_and_no_mixed_precision(backbone, method, tiny_sd3, tiny_flux, tmp_path):
+    """Issue 28: the first validation died with a dtype mismatch (fp32 prompt embeddings into a bf16 base). The
+    input-frozen methods of issue 32 (their frozen side on the input, ``dW = s dR^T Q^T`` / ``lora_B lora_A``) take the
+    same bf16 path: trained, validated, and saved with finite float32 tensors whose trained side moved."""
+    from safetensors.torch import load_file
+
     from qrlora.cli.train import main
 
     model = {"sd3": tiny_sd3, "flux": tiny_flux}[backbone]
     out = tmp_path / "run"
-    main(["--pretrained_model_name_or_path", str(model), "--instance_data_dir", str(REPO / "assets/cnt/cat"),
-          "--instance_prompt", "a photo of a <c> cat", "--resolution", "32", "--max_train_steps", "2",
-          "--output_dir", str(out), "--base_precision", "bf16", "--mixed_precision", "no",
-          "--validation_prompt", "a <c> cat", "--num_validation_images", "1", "--validation_inference_steps", "2"])
+    saved = main(["--pretrained_model_name_or_path", str(model), "--instance_data_dir", str(REPO / "assets/cnt/cat"),
+                  "--instance_prompt", "a photo of a <c> cat", "--resolution", "32", "--max_train_steps", "2",
+                  "--output_dir", str(out), "--base_precision", "bf16", "--mixed_precision", "no",
+                  "--lora_init_method", method, "--learning_rate", "1e-2",
+                  "--validation_prompt", "a <c> cat", "--num_validation_images", "1", "--validation_inference_steps", "2"])
     images = sorted((out / "validation").glob("*.png"))
     assert images  # the final validation rendered (it used to die at the first one)
+    tensors = load_file(str(saved))
+    assert tensors and all(t.dtype == torch.float32 and bool(torch.isfinite(t).all()) for t in tensors.values())
+    trained = {"triu_deltaR": ".delta_r.", "qr_input_frozen": ".delta_r.", "ortho_adapt": ".lora_B."}[method]  # zero-init
+    assert any(trained in k and float(t.abs().max()) > 0 for k, t in tensors.items()), sorted(tensors)[:4]
 
 
 @pytest.mark.parametrize("strategy", ["direct", "ties"])
