@@ -110,14 +110,17 @@ def test_torchrun_on_cpu_is_refused_in_every_process(tiny_sd3, tmp_path):
     Each process refuses with the one line naming its rank, unless torchrun ended it first: once one worker has
     exited non-zero the agent sends SIGTERM (then SIGKILL) to the rest, so on a loaded machine the slower process
     may be stopped before it reaches the check, or after it printed the line but before it exited. Every rank must be
-    accounted for by one of the two, the first to fail with the UserError exit code, and no run folder may appear."""
+    accounted for by a refusal line, the UserError exit code or torchrun's signal, the first to fail with the UserError
+    exit code, and no run folder may appear."""
     proc = run_script([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
                        "--master_port", str(free_port()), "-m", "qrlora.train",
                        *args(tiny_sd3, tmp_path / "out")], check=False)
     assert proc.returncode != 0
-    lines = error_lines(proc.stderr)
-    assert lines and all("runs it as a single process" in line for line in lines), proc.stderr[-2000:]
-    refused = {int(re.search(r"rank (\d+) of WORLD_SIZE=2", line).group(1)) for line in lines}
+    # both workers share torchrun's stderr, so one worker's line can land mid-way through the other's output: read
+    # every "error:" message wherever it starts, not only at the start of a line
+    messages = re.findall(r"error: (.*?)(?=error: |\n|$)", proc.stderr)
+    assert messages and all("runs it as a single process" in m for m in messages), proc.stderr[-2000:]
+    refused = {int(re.search(r"rank (\d+) of WORLD_SIZE=2", m).group(1)) for m in messages}
     # torchrun's failure report: "rank : R (local_rank: R)" then "exitcode : C" for every failed worker
     exits = {int(rank): int(code) for rank, code in
              re.findall(r"rank\s*:\s*(\d+) \(local_rank: \d+\)\s+exitcode\s*:\s*(-?\d+)", proc.stderr)}
@@ -126,7 +129,10 @@ def test_torchrun_on_cpu_is_refused_in_every_process(tiny_sd3, tmp_path):
     # the first to fail (torchrun's root cause) is always a refusal that exited 2
     assert all(exits.get(rank) in (2, *stopped) for rank in refused) and 2 in exits.values(), proc.stderr[-2000:]
     terminated = {rank for rank, code in exits.items() if code in stopped}
-    assert refused | terminated == {0, 1} and refused, proc.stderr[-2000:]
+    # a rank that exited with the UserError code stopped at a refusal too, even where its line is not readable in
+    # the shared stream (seen once in CI: rank 0 exited 2 as torchrun's root cause, no rank-0 line was found)
+    refused_by_code = {rank for rank, code in exits.items() if code == 2}
+    assert refused | terminated | refused_by_code == {0, 1} and refused, proc.stderr[-4000:]
     assert not (tmp_path / "out").exists()
 
 
