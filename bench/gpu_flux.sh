@@ -15,7 +15,7 @@
 # On a machine without an NVIDIA GPU it says so and exits 0.
 set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
-python="${PYTHON:-python}"
+python="${PYTHON:-$(command -v python3 || command -v python)}"  # the GPU image has python3 only
 
 if ! command -v nvidia-smi >/dev/null 2>&1 || ! nvidia-smi -L >/dev/null 2>&1; then
     echo "bench/gpu_flux.sh: no NVIDIA GPU found (nvidia-smi missing or sees no device); skipping the FLUX GPU benchmark."
@@ -26,6 +26,7 @@ if ! "$python" -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() el
     exit 0
 fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+source "$here/gpu_site.sh"  # the wheels the GPU image lacks, from bench/gpu_wheels/ (no network)
 # bench is a package (python -m bench.gpu_flux): the repository root on PYTHONPATH finds it from any folder,
 # with the in-tree qrlora, while relative paths in the arguments keep meaning the caller's folder.
 PYTHONPATH="$(dirname "$here")${PYTHONPATH:+:$PYTHONPATH}" exec "$python" -m bench.gpu_flux "$@"

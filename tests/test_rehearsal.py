@@ -29,13 +29,18 @@ def check_report(report: dict) -> None:
 
 @pytest.mark.slow
 def test_the_gpu_check_runs_its_code_on_the_cpu(tmp_path):
-    proc = subprocess.run(["bash", "bench/gpu_check.sh", "--cpu-dry-run", "--output", str(tmp_path)], cwd=REPO,
-                          capture_output=True, text=True, timeout=1800)
+    out, work = tmp_path / "out", tmp_path / "work"
+    proc = subprocess.run(["bash", "bench/gpu_check.sh", "--cpu-dry-run", "--output", str(out), "--workdir", str(work)],
+                          cwd=REPO, capture_output=True, text=True, timeout=1800)
     assert proc.returncode == 0, proc.stderr[-3000:]
     for backbone in ("sd3", "sdxl", "flux"):
-        report = json.loads((tmp_path / f"rehearsal_{backbone}.json").read_text())
+        report = json.loads((out / f"rehearsal_{backbone}.json").read_text())
         assert report["dry_run"] and report["backbone"] == backbone
         check_report(report)
+        assert (work / f"work_{backbone}").is_dir()
+    # The output folder holds the reports alone (a GPU machine sends back a few small files; the run folders with
+    # their full-size checkpoints stay in --workdir).
+    assert sorted(p.name for p in out.iterdir()) == [f"rehearsal_{b}.json" for b in ("flux", "sd3", "sdxl")]
 
 
 # The real-size runs committed so far (each takes 20-60 minutes on 2 shared cores; see docs/real-size.md).
