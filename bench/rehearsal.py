@@ -55,6 +55,8 @@ from . import _common as C
 
 PARTS = ("build", "decompose", "train", "resume", "estimate", "merge_export")
 RANK = 64
+#: Under this many seconds before ``--deadline`` a part is not started (a process start and a model load take more).
+MIN_PART_S = 15
 SPECTRUM_DIRECTIONS = 128
 # FLUX at full width but cut in depth on a 24 GB host (every targeted layer kind present at its real shape).
 FLUX_CUT = {"num_layers": 2, "num_single_layers": 4}
@@ -598,7 +600,17 @@ def parse(argv=None):
     p.add_argument("--every-layer", action="store_true", help="decompose part: time every targeted layer, not one per shape")
     p.add_argument("--part", help=argparse.SUPPRESS)  # internal: run one part in this process
     p.add_argument("--timeout", type=int, default=3600, help="seconds one part may take")
+    p.add_argument("--deadline", type=float, default=None,
+                   help="a Unix time no part may run past (bench/gpu_check.sh: one call's budget); a part that "
+                        f"would have under {MIN_PART_S} s is recorded as not started")
     return p.parse_args(argv)
+
+
+def part_timeout(timeout: float, deadline: float | None, now: float) -> float | None:
+    """Seconds the next part may run: ``timeout``, cut to what is left before ``deadline``; None when under
+    ``MIN_PART_S`` is left (the part is not started)."""
+    left = timeout if deadline is None else min(timeout, deadline - now)
+    return left if left >= MIN_PART_S else None
 
 
 def main(argv=None) -> dict:
@@ -634,15 +646,24 @@ def main(argv=None) -> dict:
         child = [sys.executable, "-m", "bench.rehearsal", "--part", part, "--backbone", args.backbone, "--workdir",
                  args.workdir, "--device", args.device, "--resolution", str(args.resolution), "--rank", str(args.rank)]
         child += ["--full-depth"] * args.full_depth + ["--cpu-dry-run"] * args.dry_run + ["--every-layer"] * args.every_layer
+        limit = part_timeout(args.timeout, args.deadline, time.time())
+        if limit is None:  # the call's budget is spent: say so for this part and every later one, run none
+            for late in parts[parts.index(part):]:
+                report["parts"][late] = {"part": late, "failed": True, "not_started": True,
+                                         "error": f"not started: under {MIN_PART_S} s left before --deadline"}
+            print(f"[rehearsal {args.backbone}] {part}: not started, the deadline is near", flush=True)
+            report["summary"] = summary(report["parts"])
+            C.write_json(output, report)
+            break
         print(f"[rehearsal {args.backbone}] {part} ...", flush=True)
         start = time.perf_counter()
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(C.REPO_ROOT), os.environ.get("PYTHONPATH")]))}
         try:
-            proc = subprocess.run(child, env=env, timeout=args.timeout, capture_output=True, text=True)
+            proc = subprocess.run(child, env=env, timeout=limit, capture_output=True, text=True)
             ok = proc.returncode == 0
             tail = (proc.stderr or "")[-1500:]
         except subprocess.TimeoutExpired:
-            ok, tail = False, f"killed after {args.timeout} s"
+            ok, tail = False, f"killed after {limit:.0f} s"
         result_file = Path(args.workdir) / f"part_{part}.json"
         if ok and result_file.exists():
             report["parts"][part] = json.loads(result_file.read_text())

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import sys
 
 import pytest
 
@@ -71,3 +72,33 @@ def test_the_docs_table_is_the_committed_reports():
     reports = {b: json.loads(p.read_text()) for b in ("sd3", "sdxl", "flux")
                if (p := REPO / "bench" / "reports" / f"rehearsal_{b}.json").exists()}
     assert block == rehearsal.render_table(reports).strip(), "run python -m bench.rehearsal --table"
+
+
+def test_a_part_never_runs_past_the_deadline():
+    from bench.rehearsal import MIN_PART_S, part_timeout
+
+    assert part_timeout(140, None, 1000.0) == 140
+    assert part_timeout(140, 1000.0 + 60, 1000.0) == 60  # cut to what is left
+    assert part_timeout(140, 1000.0 + 500, 1000.0) == 140
+    assert part_timeout(140, 1000.0 + MIN_PART_S - 1, 1000.0) is None  # too little left: not started
+
+
+def test_a_rehearsal_past_its_deadline_records_every_part_as_not_started(tmp_path):
+    import time
+
+    out = tmp_path / "r.json"
+    proc = subprocess.run([sys.executable, "-m", "bench.rehearsal", "--backbone", "sd3", "--cpu-dry-run",
+                           "--workdir", str(tmp_path / "w"), "--output", str(out), "--deadline", str(time.time())],
+                          cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    parts = json.loads(out.read_text())["parts"]
+    assert list(parts) == ["build", "decompose", "train", "resume", "estimate", "merge_export"]
+    assert all(p["not_started"] and p["failed"] for p in parts.values())
+    assert not (tmp_path / "w" / "pipeline").exists()  # nothing was built
+
+
+def test_the_gpu_check_refuses_a_budget_that_is_not_seconds(tmp_path):
+    proc = subprocess.run(["bash", "bench/gpu_check.sh", "--cpu-dry-run", "--budget", "8m", "--output", str(tmp_path)],
+                          cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
+        "bench/gpu_check.sh: --budget takes whole seconds, not '8m'"]
