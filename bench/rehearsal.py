@@ -486,7 +486,10 @@ def merge_export_part(args) -> dict:
     second = load_adapter(second_path)
     objective = backbone.objective(backbone.load_scheduler(folder))
     cond, latents = step_inputs(backbone, folder, args.resolution)  # one fixed denoiser call at t = 500
-    timesteps = torch.tensor([500.0])
+    # The denoiser calls run on --device: on a GPU host FLUX at full depth is 12 B parameters, minutes a call on its CPU.
+    device = torch.device(args.device)
+    cond = {k: v.to(device) for k, v in cond.items()}
+    latents, timesteps = latents.to(device), torch.tensor([500.0], device=device)
     out: dict = {}
 
     def call(model, dtype=torch.bfloat16):
@@ -495,7 +498,7 @@ def merge_export_part(args) -> dict:
             return backbone.predict(model, latents.to(dtype), timesteps, c, objective).float()
 
     # Merge: both adapters into the bf16 model (live on bf16 layers) against both attached live.
-    model = backbone.load_denoiser(folder).eval()
+    model = backbone.load_denoiser(folder).eval().to(device)
     base_out = call(model)
     merger = Merger(model, [first, second])
     start = time.perf_counter()
@@ -511,7 +514,7 @@ def merge_export_part(args) -> dict:
     # The float32 truth of the pair (the bf16 checkpoint upcast exactly), against which the bf16 merge and the bf16
     # live pair are both measured, relative to the pair's change: the merge is right when its error is the live
     # pair's own (bf16 rounding), not more.
-    model = backbone.load_denoiser(folder, torch.float32).eval()
+    model = backbone.load_denoiser(folder, torch.float32).eval().to(device)
     base32 = call(model, torch.float32)
     attach_adapter(model, first.config, first.layers, adapter_name="a", weight=1.0)
     attach_adapter(model, second.config, second.layers, adapter_name="b", weight=0.8)
@@ -531,7 +534,7 @@ def merge_export_part(args) -> dict:
     def loaded_back(path: Path) -> float:
         pipe = backbone.pipeline_cls().from_pretrained(folder, torch_dtype=torch.float32)
         pipe.load_lora_weights(str(path))
-        got = call(getattr(pipe, backbone.denoiser_name), torch.float32)
+        got = call(getattr(pipe, backbone.denoiser_name).to(device), torch.float32)
         del pipe
         return norm_ratio(got - ours, ours - base32)  # relative to the adapter's change, not to the output
 
