@@ -3,7 +3,7 @@
 # network: the real-size rehearsal (bench/rehearsal.py) of FLUX.1-dev with every block first (the 24 GB recipe rests
 # on its estimate), then SD3-medium and SDXL, random weights built and decomposed on the GPU,
 # torch.cuda.max_memory_allocated of the training phase beside the fake-tensor estimate; then FLUX's step time against
-# PEFT LoRA (bench/gpu_flux.py's train part). Every part gets at most --part-limit seconds and none runs past the
+# PEFT LoRA (bench/gpu_flux.py's train part). Every part gets at most 140 s (600 dry) and none runs past the
 # call's --budget (a part that would start too late is recorded as not started); each writes its JSON as it ends, so
 # a part cut at a limit loses only itself. Reports go to --output (default bench/results/gpu_check).
 #
